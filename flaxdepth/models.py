@@ -1,0 +1,186 @@
+"""Flax modules for every variant of the notebook. Architecture only: no training, data or I/O.
+
+Layout: activations are NHWC (Flax's convention). Parameters are named after the notebook's
+modules (`stage{s}` for `conv_stages.{s}`, `fc` / `fc1..fc3`); `flaxdepth.interop` maps them to
+and from the torch state_dict.
+
+A stage is its first conv (C_in -> C_out, never residual) plus k // 3 - 1 same-shape layers.
+Those are one `nn.scan`, so the traced program does not grow with depth: k = 300 compiles
+about as fast as k = 30. Their parameters carry a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from flaxdepth import registry
+
+ACTIVATIONS = {"tanh": jnp.tanh, "elu": nn.elu}
+
+
+def torch_linear_init(fan_in: int):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch.nn.Linear's default for weight and bias.
+
+    Flax's Dense default (lecun_normal weight, zero bias) has about three times the variance,
+    which moves the trainability boundary.
+    """
+    bound = fan_in**-0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class TorchBatchNorm(nn.Module):
+    """BatchNorm2d with torch's semantics, which flax.linen.BatchNorm does not have.
+
+    Train mode normalizes with the batch's biased variance but stores the *unbiased* one
+    (n / (n - 1), n = N * H * W) in the running variance, with torch's momentum convention
+    (new = (1 - momentum) * old + momentum * batch). Eval mode uses the running statistics.
+    The variance is computed in two passes (E[(x - mean)^2]) for precision.
+    `num_batches_tracked` is kept so that a torch state_dict round-trips exactly.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+        batches_tracked = self.variable(
+            "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
+        )
+        if train:
+            reduce_axes = tuple(range(x.ndim - 1))
+            mean = x.mean(reduce_axes)
+            var = jnp.square(x - mean).mean(reduce_axes)
+            if not self.is_initializing():
+                n = x.size // features
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * var * (n / (n - 1))
+                batches_tracked.value = batches_tracked.value + 1
+        else:
+            mean, var = running_mean.value, running_var.value
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class ConvLayer(nn.Module):
+    """conv 3x3 (pad 1) -> [BatchNorm] -> activation [+ input]; (carry, None) form for nn.scan."""
+
+    features: int
+    init_std: float
+    activation: str
+    batchnorm: bool
+    residual: bool
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None):
+        # padding=1 with a 3x3 kernel, as the notebook's Conv2d(..., 3, 1, 1); written out
+        # rather than relying on 'SAME' giving the same result.
+        y = nn.Conv(
+            self.features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            kernel_init=nn.initializers.normal(stddev=self.init_std),
+            bias_init=nn.initializers.zeros,
+            name="conv",
+        )(x)
+        if self.batchnorm:
+            y = TorchBatchNorm(name="bn")(y, self.train)
+        y = ACTIVATIONS[self.activation](y)
+        if self.residual:
+            y = y + x
+        return y, None
+
+
+class Stage(nn.Module):
+    """One stage: the channel-changing first layer, the scanned same-shape layers, 2x2 avg pool."""
+
+    variant: registry.Variant
+    stage: int
+    num_layers: int
+    fan: str
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        v = self.variant
+        channels_in, channels_out = registry.stage_channels(self.stage)
+
+        def layer(std, residual, **kwargs):
+            return dict(
+                features=channels_out, init_std=std, activation=v.activation,
+                batchnorm=v.batchnorm, residual=residual, train=self.train, **kwargs,
+            )
+
+        first_std = registry.conv_init_std(v, channels_in, channels_out, self.fan)
+        x, _ = ConvLayer(**layer(first_std, residual=False, name="first"))(x)
+        if self.num_layers > 1:
+            same_std = registry.conv_init_std(v, channels_out, channels_out, self.fan)
+            scanned = nn.scan(
+                ConvLayer,
+                variable_axes={"params": 0, "batch_stats": 0},
+                split_rngs={"params": True},
+                length=self.num_layers - 1,
+            )
+            x, _ = scanned(**layer(same_std, residual=v.residual, name="layers"))(x, None)
+        # torch's AvgPool2d(2, 2) floors 7x7 to 3x3; Flax needs the stride and VALID spelled out.
+        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def flatten_like_torch(x: jax.Array) -> jax.Array:
+    """Flatten NHWC features in torch's NCHW order, so `fc` weights are torch's, transposed."""
+    return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+
+
+class DepthCNN(nn.Module):
+    """Every variant of the notebook: 3 stages of k // 3 conv layers (4, 8, 16 channels) and a
+    Linear head; `elu_multihead` adds heads after stages 1 and 2 and returns three logit arrays.
+
+    `fan` picks the Glorot-style sigma: "out" (the notebook's choice) or "in".
+    """
+
+    variant: registry.Variant
+    depth: int
+    fan: str = "out"
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False):
+        layers = registry.layers_per_stage(self.depth)
+        x = images
+        logits = []
+        for stage in range(registry.NUM_STAGES):
+            x = Stage(self.variant, stage, layers, self.fan, train, name=f"stage{stage}")(x)
+            last = stage == registry.NUM_STAGES - 1
+            if self.variant.multihead or last:
+                features = flatten_like_torch(x)
+                init = torch_linear_init(features.shape[-1])
+                name = f"fc{stage + 1}" if self.variant.multihead else "fc"
+                logits.append(
+                    nn.Dense(registry.NUM_CLASSES, kernel_init=init, bias_init=init, name=name)(features)
+                )
+        return tuple(logits) if self.variant.multihead else logits[0]
+
+
+def build_model(variant: str, depth: int, fan: str = "out") -> DepthCNN:
+    """The Flax model of a registered variant at depth k (validated)."""
+    spec = registry.get_variant(variant)
+    registry.check_depth(depth)
+    if fan not in registry.GLOROT_FANS:
+        raise ValueError(f"fan must be one of {registry.GLOROT_FANS}, got {fan!r}")
+    return DepthCNN(spec, depth, fan)
+
+
+def init_variables(model: DepthCNN, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Fresh variables ({'params'[, 'batch_stats']}) drawn from the notebook's distributions."""
+    sample = jnp.zeros((1, 28, 28, 1), dtype)
+    return dict(model.init(key, sample, train=False))
