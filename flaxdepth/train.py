@@ -1,0 +1,233 @@
+"""The training engine: the notebook's protocol as pure, jitted JAX functions.
+
+- `train_step(model, state, images, labels, bn_train)` is one SGD-momentum step.
+- An epoch is a `lax.scan` over the full batches of a device-side permutation, plus one step
+  for the partial last batch (60000 = 234 x 256 + 96, kept as the notebook's DataLoader keeps it).
+- The dataset lives on the device as uint8 and is normalized there.
+- Independent runs (seeds x learning rates) form a leading replica axis under `jax.vmap`, so one
+  compiled program trains them all; depth changes the program, so each depth compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import time
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxdepth import models, objective, registry
+from flaxdepth.data import MNIST_MEAN, MNIST_STD, Dataset
+
+MOMENTUM = 0.9
+
+
+@flax.struct.dataclass
+class TrainState:
+    """One model's training state (or R models', with a leading replica axis)."""
+
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class DeviceData:
+    """The dataset as uint8 device arrays (normalized only inside the jitted step)."""
+
+    train_images: jax.Array
+    train_labels: jax.Array
+    test_images: jax.Array
+    test_labels: jax.Array
+
+    @classmethod
+    def put(cls, dataset: Dataset) -> "DeviceData":
+        return cls(*(jax.device_put(np.asarray(a)) for a in (
+            dataset.train_images, dataset.train_labels.astype(np.int32),
+            dataset.test_images, dataset.test_labels.astype(np.int32))))
+
+
+def normalize(images_u8: jax.Array, dtype=None) -> jax.Array:
+    """uint8 (N, 28, 28) -> NHWC floats, as torchvision's ToTensor + Normalize compute them."""
+    dtype = dtype or jnp.result_type(float)  # float64 under jax_enable_x64, else float32
+    x = images_u8.astype(dtype) / 255
+    return ((x - MNIST_MEAN) / MNIST_STD)[..., None]
+
+
+def optimizer() -> optax.GradientTransformation:
+    """torch.optim.SGD(lr, momentum=0.9): trace then scale; lr lives in the state, per replica."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=MOMENTUM)
+
+
+def init_state(model: models.DepthCNN, key: jax.Array, learning_rate: jax.Array) -> TrainState:
+    variables = models.init_variables(model, key, jnp.result_type(float))
+    params = variables["params"]
+    opt_state = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=learning_rate, momentum=MOMENTUM).init(params)
+    return TrainState(params, variables.get("batch_stats", {}), opt_state)
+
+
+def train_step(model: models.DepthCNN, state: TrainState, images_u8: jax.Array, labels: jax.Array,
+               bn_train: bool) -> tuple[TrainState, dict]:
+    """One SGD step; metrics are the loss and the correct count of the outputs before the update.
+
+    `bn_train=False` reproduces the notebook's missing `model.train()`: BatchNorm normalizes
+    with its running statistics and leaves them unchanged.
+    """
+    x = normalize(images_u8)
+    update_stats = bn_train and model.variant.batchnorm
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if update_stats:
+            outputs, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
+        else:
+            outputs, batch_stats = model.apply(variables, x, train=bn_train), state.batch_stats
+        return objective.cross_entropy(outputs, labels), (outputs, batch_stats)
+
+    (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer().update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "correct": objective.correct_count(outputs, labels)}
+    return TrainState(params, batch_stats, opt_state), metrics
+
+
+def train_epoch(model: models.DepthCNN, state: TrainState, order: jax.Array, data: DeviceData,
+                batch_size: int, bn_train: bool) -> tuple[TrainState, dict]:
+    """One pass over the training set in the given (shuffled) order; train error accumulated
+    batch by batch, as the notebook's train_epoch does."""
+    n = data.train_images.shape[0]
+    full_batches = n // batch_size
+
+    def step(state, batch_indices):
+        return train_step(model, state, data.train_images[batch_indices],
+                          data.train_labels[batch_indices], bn_train)
+
+    state, metrics = jax.lax.scan(step, state, order[: full_batches * batch_size].reshape(full_batches, -1))
+    correct, finite = metrics["correct"].sum(), jnp.isfinite(metrics["loss"]).all()
+    if n % batch_size:  # the partial last batch is a step of its own shape
+        state, last = step(state, order[full_batches * batch_size:])
+        correct, finite = correct + last["correct"], finite & jnp.isfinite(last["loss"])
+    return state, {"train_error": 1 - correct / n, "finite": finite}
+
+
+def test_error(model: models.DepthCNN, state: TrainState, data: DeviceData, batch_size: int) -> jax.Array:
+    """Error on the test set in eval mode (running BatchNorm statistics), as the notebook's test()."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def correct(images_u8, labels):
+        return objective.correct_count(model.apply(variables, normalize(images_u8), train=False), labels)
+
+    n = data.test_images.shape[0]
+    full = n // batch_size * batch_size
+    images = data.test_images[:full].reshape(-1, batch_size, *data.test_images.shape[1:])
+    labels = data.test_labels[:full].reshape(-1, batch_size)
+    total = jax.lax.map(lambda batch: correct(*batch), (images, labels)).sum()
+    if n > full:
+        total = total + correct(data.test_images[full:], data.test_labels[full:])
+    return 1 - total / n
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What one replica (one seed, one learning rate) reached."""
+
+    seed: int
+    lr: float
+    train_errors: list[float]
+    test_errors: list[float]
+    finite: bool  # False once the loss became NaN or infinite: recorded as untrainable
+
+    def trainable(self, threshold: float) -> bool:
+        """The notebook's criterion: train or test error under the threshold after the last epoch."""
+        return self.finite and min(self.train_errors[-1], self.test_errors[-1]) < threshold
+
+
+def bn_train_mode(epoch: int, notebook_quirks: bool, variant: registry.Variant) -> bool:
+    """Whether BatchNorm runs in train mode in this epoch.
+
+    The notebook's train_epoch has `model.train()` commented out and test() calls `model.eval()`,
+    so from the second epoch on the single-head models train in eval mode; its multihead loop does
+    call `model.train()`.
+    """
+    return not (notebook_quirks and epoch > 0 and not variant.multihead)
+
+
+# Initialization runs once per depth: compile it without optimization. XLA's optimizing CPU
+# compile of the threefry random-bit generator alone takes seconds per parameter here.
+_UNOPTIMIZED = {"xla_backend_optimization_level": 0}
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "out"):
+    """Jitted, replica-vmapped (model, init, {bn_train: epoch}, test) for one variant and depth."""
+    model = models.build_model(variant, depth, fan)
+    init = jax.jit(jax.vmap(functools.partial(init_state, model)), compiler_options=_UNOPTIMIZED)
+    epochs = {
+        mode: jax.jit(jax.vmap(
+            lambda state, order, data, mode=mode: train_epoch(model, state, order, data, batch_size, mode),
+            in_axes=(0, 0, None)))
+        for mode in (True, False)
+    }
+    test = jax.jit(jax.vmap(lambda state, data: test_error(model, state, data, batch_size), in_axes=(0, None)))
+    return model, init, epochs, test
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def shuffled_orders(keys: jax.Array, n: int) -> jax.Array:
+    """One permutation of range(n) per replica key. Depth-independent, so compiled once."""
+    return jax.vmap(lambda key: jax.random.permutation(key, n))(keys)
+
+
+def replica_grid(seeds: Sequence[int], lrs: Sequence[float]) -> list[tuple[int, float]]:
+    """Replica order: every lr of the first seed, then of the next seed, ..."""
+    return list(itertools.product(seeds, lrs))
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, shuffle key) of a seed: the same seed gives the same weights and batch order."""
+    init_key, shuffle_key = jax.random.split(jax.random.key(seed))
+    return init_key, shuffle_key
+
+
+def train_replicas(variant: str, depth: int, data: DeviceData, seeds: Sequence[int], lrs: Sequence[float],
+                   epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
+                   on_epoch: Callable[[int, list[RunResult]], None] | None = None) -> list[RunResult]:
+    """Train one model per (seed, lr) side by side with the notebook's protocol."""
+    spec = registry.get_variant(variant)
+    model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan)
+    grid = replica_grid(seeds, lrs)
+    keys = [seed_keys(seed) for seed, _ in grid]
+    init_keys = jnp.stack([k for k, _ in keys])
+    shuffle_keys = jnp.stack([k for _, k in keys])
+    state = init(init_keys, jnp.asarray([lr for _, lr in grid], jnp.result_type(float)))
+    train_errors, test_errors = [], []
+    finite = np.ones(len(grid), bool)
+    for epoch in range(epochs):
+        epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(shuffle_keys, epoch)
+        orders = shuffled_orders(epoch_keys, data.train_images.shape[0])
+        state, metrics = epoch_fns[bn_train_mode(epoch, notebook_quirks, spec)](state, orders, data)
+        train_errors.append(np.asarray(metrics["train_error"], np.float64))
+        test_errors.append(np.asarray(test(state, data), np.float64))
+        finite &= np.asarray(metrics["finite"])
+        results = [
+            RunResult(seed, lr, [float(e[r]) for e in train_errors], [float(e[r]) for e in test_errors],
+                      bool(finite[r]))
+            for r, (seed, lr) in enumerate(grid)
+        ]
+        if on_epoch is not None:
+            on_epoch(epoch, results)
+    return results
+
+
+def notebook_log_line(epoch: int, epochs: int, train_error: float, test_error: float) -> str:
+    """The notebook's own per-epoch log line."""
+    return "Epoch {:03d}/{:03d}, Train Error {:.2f}% || Test Error {:.2f}%".format(
+        epoch, epochs, train_error * 100, test_error * 100)
