@@ -65,12 +65,16 @@ def optimizer() -> optax.GradientTransformation:
     return optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=MOMENTUM)
 
 
+def optimizer_init(params: dict, learning_rate) -> optax.OptState:
+    """The optimizer state of `optimizer()` with this model's learning rate in it."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=MOMENTUM).init(params)
+
+
 def init_state(model: models.DepthCNN, key: jax.Array, learning_rate: jax.Array) -> TrainState:
+    """Fresh weights from the notebook's distributions and a zero momentum buffer."""
     variables = models.init_variables(model, key, jnp.result_type(float))
     params = variables["params"]
-    opt_state = optax.inject_hyperparams(optax.sgd)(
-        learning_rate=learning_rate, momentum=MOMENTUM).init(params)
-    return TrainState(params, variables.get("batch_stats", {}), opt_state)
+    return TrainState(params, variables.get("batch_stats", {}), optimizer_init(params, learning_rate))
 
 
 def train_step(model: models.DepthCNN, state: TrainState, images_u8: jax.Array, labels: jax.Array,

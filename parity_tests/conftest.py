@@ -1,0 +1,159 @@
+"""Shared fixtures of the parity suite: precision modes, MNIST batches, torch models with
+non-trivial BatchNorm state, and comparison helpers with documented tolerances."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import torch_ref
+from flaxdepth import data
+
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
+
+#: Depths every parity check runs at: 3, 6, 9, a deeper one (>= 30), and 31, not a multiple of 3
+#: (the notebook builds k // 3 = 10 layers per stage for it).
+PARITY_DEPTHS = (3, 6, 9, 31, 33)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A dtype and the relative tolerance that float rounding allows in it.
+
+    float64: the two frameworks sum in different orders; with ~1e-16 unit rounding, errors
+    stay near 1e-13 even through 33 layers and 20 SGD steps, so 1e-10 catches any real bug.
+    float32: unit rounding is 6e-8; through up to 33 layers, a 784-wide fc, BatchNorm's division
+    by small variances and 20 momentum steps the measured worst case is a few 1e-6 (see the
+    issue note), so 1e-4 leaves margin without hiding a wrong layout or formula (those give O(1)).
+    """
+
+    name: str
+    numpy_dtype: type
+    torch_dtype: torch.dtype
+    rtol: float
+
+    @contextlib.contextmanager
+    def active(self):
+        """JAX's x64 mode on or off to match, and torch's default dtype set accordingly."""
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.torch_dtype)
+        try:
+            with jax.enable_x64(self.numpy_dtype == np.float64):
+                yield self
+        finally:
+            torch.set_default_dtype(previous)
+
+
+FLOAT64 = Precision("float64", np.float64, torch.float64, 1e-10)
+FLOAT32 = Precision("float32", np.float32, torch.float32, 1e-4)
+
+
+@pytest.fixture(params=[FLOAT64, FLOAT32], ids=lambda p: p.name)
+def precision(request):
+    with request.param.active() as p:
+        yield p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Two torch threads on this 2-core machine, beside XLA's own pool, made small steps ~50x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def mnist() -> data.Dataset:
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"MNIST not found at {SHARED_MNIST}")
+    return data.load_dataset("mnist", SHARED_MNIST)
+
+
+@pytest.fixture(scope="session")
+def mnist_batches(mnist):
+    """Twenty distinct batches of 16 real training digits (uint8) with their labels."""
+    images = mnist.train_images[: 20 * 16].reshape(20, 16, 28, 28)
+    labels = mnist.train_labels[: 20 * 16].reshape(20, 16).astype(np.int64)
+    return images, labels
+
+
+def torch_model(variant: str, depth: int, precision: Precision, seed: int = 0) -> torch.nn.Module:
+    """A torch_ref model with the notebook's init, and BatchNorm affine parameters and running
+    statistics moved away from their defaults so that every BatchNorm term is exercised."""
+    torch.manual_seed(seed)
+    model = torch_ref.build(variant, depth).to(precision.torch_dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(c, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+                module.num_batches_tracked.fill_(7)
+    return model
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def relative_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| over a whole tensor (0 when both are zero)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.linalg.norm(expected)
+    diff = np.linalg.norm(actual - expected)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def assert_close(actual, expected, rtol: float, what: str) -> float:
+    error = relative_error(actual, expected)
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+    return error
+
+
+#: Tensors much smaller than the rest of their state dict are compared against this fraction of
+#: its global norm instead of their own: a conv bias followed by BatchNorm has a mathematically
+#: zero gradient, so both frameworks hold rounding noise there whose ratio means nothing (measured:
+#: 4e-7 of the global norm in float32). A wholly wrong tensor still fails unless it is smaller
+#: than rtol * NOISE_FLOOR of the global norm.
+NOISE_FLOOR = 0.1
+
+
+def assert_state_dicts_close(actual: dict, expected: dict, rtol: float, what: str) -> float:
+    """The largest per-tensor relative error, each tensor scaled by max(its own norm, the floor)."""
+    assert list(actual) == list(expected), f"{what}: keys differ"
+    floating = [k for k in expected if np.issubdtype(np.asarray(expected[k]).dtype, np.floating)]
+    floor = NOISE_FLOOR * np.sqrt(sum(np.sum(np.square(expected[k], dtype=np.float64)) for k in floating))
+    worst = 0.0
+    for key in expected:
+        a, e = np.asarray(actual[key], np.float64), np.asarray(expected[key], np.float64)
+        error = float(np.linalg.norm(a - e) / max(np.linalg.norm(e), floor, np.finfo(float).tiny))
+        assert error <= rtol, f"{what} {key}: relative error {error:.3g} > {rtol:g}"
+        worst = max(worst, error)
+    return worst
+
+
+#: Largest relative error measured per (variant, precision), printed at the end of the run.
+MEASURED: dict[tuple[str, str], float] = {}
+
+
+def record(variant: str, precision: Precision, error: float) -> None:
+    key = (variant, precision.name)
+    MEASURED[key] = max(MEASURED.get(key, 0.0), error)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not MEASURED:
+        return
+    terminalreporter.section("largest relative error flaxdepth vs torch_ref")
+    for (variant, precision), error in sorted(MEASURED.items()):
+        terminalreporter.write_line(f"{variant:16s} {precision:8s} {error:.3g}")
