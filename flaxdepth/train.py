@@ -201,22 +201,25 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, shuffle_key
 
 
-def train_replicas(variant: str, depth: int, data: DeviceData, seeds: Sequence[int], lrs: Sequence[float],
+def epoch_orders(seeds: Sequence[int], epoch: int, n: int) -> jax.Array:
+    """The batch order of each seed's run in this epoch, (len(seeds), n) on the device."""
+    keys = jnp.stack([jax.random.fold_in(seed_keys(seed)[1], epoch) for seed in seeds])
+    return shuffled_orders(keys, n)
+
+
+def train_replicas(variant: str, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
                    epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
                    on_epoch: Callable[[int, list[RunResult]], None] | None = None) -> list[RunResult]:
-    """Train one model per (seed, lr) side by side with the notebook's protocol."""
+    """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol."""
     spec = registry.get_variant(variant)
     model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan)
-    grid = replica_grid(seeds, lrs)
-    keys = [seed_keys(seed) for seed, _ in grid]
-    init_keys = jnp.stack([k for k, _ in keys])
-    shuffle_keys = jnp.stack([k for _, k in keys])
-    state = init(init_keys, jnp.asarray([lr for _, lr in grid], jnp.result_type(float)))
+    seeds = [seed for seed, _ in runs]
+    init_keys = jnp.stack([seed_keys(seed)[0] for seed in seeds])
+    state = init(init_keys, jnp.asarray([lr for _, lr in runs], jnp.result_type(float)))
     train_errors, test_errors = [], []
-    finite = np.ones(len(grid), bool)
+    finite = np.ones(len(runs), bool)
     for epoch in range(epochs):
-        epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(shuffle_keys, epoch)
-        orders = shuffled_orders(epoch_keys, data.train_images.shape[0])
+        orders = epoch_orders(seeds, epoch, data.train_images.shape[0])
         state, metrics = epoch_fns[bn_train_mode(epoch, notebook_quirks, spec)](state, orders, data)
         train_errors.append(np.asarray(metrics["train_error"], np.float64))
         test_errors.append(np.asarray(test(state, data), np.float64))
@@ -224,7 +227,7 @@ def train_replicas(variant: str, depth: int, data: DeviceData, seeds: Sequence[i
         results = [
             RunResult(seed, lr, [float(e[r]) for e in train_errors], [float(e[r]) for e in test_errors],
                       bool(finite[r]))
-            for r, (seed, lr) in enumerate(grid)
+            for r, (seed, lr) in enumerate(runs)
         ]
         if on_epoch is not None:
             on_epoch(epoch, results)

@@ -1,0 +1,305 @@
+"""Sweeps: train seeds x learning rates at each depth, find the deepest trainable depth, keep the
+evidence. `python -m flaxdepth.sweep` is the command-line front of `run_sweep`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+from flaxdepth import registry, train
+from flaxdepth.data import DATASETS
+from flaxdepth.results import ResultsFile, final_error, plot
+
+FRAMEWORKS = ("jax", "torch")
+DEFAULT_OUT = Path("experiments/results")
+
+
+class ConfigError(ValueError):
+    """Bad input, reported in one line before any training starts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Everything that defines a sweep; stored with every result row."""
+
+    variant: str
+    lrs: tuple[float, ...] | None = None  # None: the notebook's lr of the variant
+    seeds: int = 3
+    first_seed: int = 0
+    depths: tuple[int, ...] | None = None  # None: search for the boundary
+    max_depth: int = 768
+    epochs: int = 3
+    batch_size: int = 256
+    threshold: float = 0.2
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    out: str = str(DEFAULT_OUT)
+    limit_train: int | None = None
+    limit_test: int | None = None
+    notebook_quirks: bool = False
+    framework: str = "jax"
+    fan: str = "out"
+    skip_parity: bool = False
+
+    def validate(self) -> "SweepConfig":
+        registry.get_variant(self.variant)  # UnknownVariantError lists the valid names
+        if self.lrs is not None and (not self.lrs or any(not lr > 0 for lr in self.lrs)):
+            raise ConfigError(f"learning rates must be positive numbers, got {list(self.lrs)}")
+        for name in ("seeds", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.depths is not None:
+            bad = [d for d in self.depths if d < 3 or d % 3]
+            if bad or not self.depths:
+                raise ConfigError(f"--depths must be positive multiples of 3 (3, 6, 9, ...), got {bad or 'none'}")
+        if self.max_depth < 3:
+            raise ConfigError(f"--max-depth must be at least 3, got {self.max_depth}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"--threshold is an error rate in (0, 1], got {self.threshold}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.framework not in FRAMEWORKS:
+            raise ConfigError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
+        if self.fan not in registry.GLOROT_FANS:
+            raise ConfigError(f"--fan must be one of {', '.join(registry.GLOROT_FANS)}, got {self.fan!r}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"--data-dir {self.data_dir} is not a folder; point it at the folder "
+                              f"holding the four IDX files")
+        return self
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        return self.lrs or (registry.get_variant(self.variant).lr,)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
+
+    @property
+    def protocol(self) -> str:
+        return "faithful" if self.notebook_quirks else "corrected"
+
+    def results_path(self) -> Path:
+        """One file per protocol: reruns, more seeds or lrs and other depths all add to it."""
+        parts = [self.variant, self.framework, self.protocol, f"e{self.epochs}", f"b{self.batch_size}", self.dataset]
+        if self.limit_train:
+            parts.append(f"train{self.limit_train}")
+        if self.limit_test:
+            parts.append(f"test{self.limit_test}")
+        if self.fan != "out":
+            parts.append(f"fan{self.fan}")
+        return Path(self.out) / ("_".join(parts) + ".jsonl")
+
+
+def environment() -> dict:
+    """Device and library versions, stored with every row."""
+    import jax
+
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    device = jax.devices()[0]
+    return {"device": f"{device.platform}:{device.device_kind}", "device_count": jax.device_count(),
+            "host": platform.node(), "versions": versions}
+
+
+@dataclasses.dataclass
+class DepthOutcome:
+    depth: int
+    rows: list[dict]
+
+    def trainable_count(self, lr: float) -> int:
+        return sum(row["trainable"] for row in self.rows if row["lr"] == lr)
+
+    def trains(self, lr: float) -> bool:
+        """Most seeds train at this lr."""
+        runs = [row for row in self.rows if row["lr"] == lr]
+        return 2 * self.trainable_count(lr) > len(runs)
+
+
+@dataclasses.dataclass
+class SweepReport:
+    config: SweepConfig
+    outcomes: dict[int, DepthOutcome]
+    path: Path
+    plot_path: Path
+
+    def boundary(self, lr: float | None = None) -> tuple[int | None, int | None]:
+        """(deepest depth where most seeds train, shallowest deeper depth where they don't); with
+        `lr` None a depth counts as trainable when most seeds train at any of the lrs."""
+        def trains(outcome):
+            lrs = self.config.learning_rates if lr is None else (lr,)
+            return any(outcome.trains(x) for x in lrs)
+
+        depths = sorted(self.outcomes)
+        passing = [d for d in depths if trains(self.outcomes[d])]
+        deepest = max(passing) if passing else None
+        failing = [d for d in depths if not trains(self.outcomes[d]) and (deepest is None or d > deepest)]
+        return deepest, (min(failing) if failing else None)
+
+    def table(self) -> str:
+        lines = []
+        seeds = self.config.seed_list
+        header = f"{'k':>5} {'lr':>7}  " + "  ".join(f"seed {s:<3} final error" for s in seeds) + "  trainable"
+        lines.append(header)
+        for depth in sorted(self.outcomes):
+            outcome = self.outcomes[depth]
+            for lr in self.config.learning_rates:
+                cells = []
+                for seed in seeds:
+                    row = next((r for r in outcome.rows if r["seed"] == seed and r["lr"] == lr), None)
+                    cells.append("-".rjust(20) if row is None else
+                                 f"{100 * final_error(row):6.2f}% {'yes' if row['trainable'] else 'no':>3}".rjust(20)
+                                 + ("" if row["finite"] else " NaN"))
+                runs = sum(1 for r in outcome.rows if r["lr"] == lr)
+                lines.append(f"{depth:>5} {lr:>7g}  " + "  ".join(cells)
+                             + f"  {outcome.trainable_count(lr)}/{runs}")
+        deepest, shallowest = self.boundary()
+        lines.append(self.boundary_sentence(deepest, shallowest))
+        return "\n".join(lines)
+
+    def boundary_sentence(self, deepest, shallowest) -> str:
+        c = self.config
+        where = f"{c.variant} ({c.protocol}, {c.framework}, lr {', '.join(f'{x:g}' for x in c.learning_rates)})"
+        if deepest is None:
+            return f"{where}: no evaluated depth trains for most seeds" + (
+                f" (shallowest tried k={shallowest})" if shallowest else "")
+        if shallowest is None:
+            return f"{where}: deepest trainable k={deepest}; no deeper depth was tried, or all trained"
+        return f"{where}: deepest trainable k={deepest}, shallowest untrainable k={shallowest}"
+
+
+class Sweep:
+    """Trains what a sweep needs, reusing every finished run in its results file."""
+
+    def __init__(self, config: SweepConfig, dataset, log: Callable[[str], None] = print, progress=None):
+        self.config = config
+        self.dataset = dataset
+        self.log = log
+        self.progress = progress  # a tqdm-like factory, or None
+        self.file = ResultsFile(config.results_path())
+        self.env = environment()
+        self.outcomes: dict[int, DepthOutcome] = {}
+        self._device_data = None
+
+    def _finished(self, depth: int) -> dict[tuple[int, float], dict]:
+        return {(row["seed"], row["lr"]): row for row in self.file.rows() if row["depth"] == depth}
+
+    def _row(self, depth: int, result, wall_s: float, replicas: int) -> dict:
+        c = self.config
+        return {
+            "variant": c.variant, "depth": depth, "lr": result.lr, "seed": result.seed,
+            "framework": c.framework, "protocol": c.protocol,
+            "train_errors": result.train_errors, "test_errors": result.test_errors,
+            "finite": result.finite, "trainable": result.trainable(c.threshold),
+            "wall_s": wall_s, "replicas_trained_together": replicas,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **self.env, "config": dataclasses.asdict(c),
+        }
+
+    def _train(self, depth: int, runs: list[tuple[int, float]]) -> list[train.RunResult]:
+        c = self.config
+        # jax trains the runs side by side (a bar step per epoch); torch one after the other.
+        steps = c.epochs if c.framework == "jax" else c.epochs * len(runs)
+        bar = self.progress(total=steps, desc=f"{c.variant} k={depth} ({len(runs)} runs)", unit="epoch",
+                            leave=False) if self.progress else None
+
+        def log_epoch(line: str) -> None:
+            if bar is not None:
+                bar.update(1)
+            self.log(line)
+
+        def on_epoch(epoch, results):
+            log_epoch("\n".join(f"  k={depth} seed={r.seed} lr={r.lr:g}  " + train.notebook_log_line(
+                epoch, c.epochs, r.train_errors[epoch], r.test_errors[epoch]) for r in results))
+
+        try:
+            if c.framework == "jax":
+                if self._device_data is None:
+                    self._device_data = train.DeviceData.put(self.dataset)
+                return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,
+                                            c.notebook_quirks, c.fan, on_epoch)
+            from flaxdepth import torch_runner
+
+            return torch_runner.train_torch_runs(c.variant, depth, self.dataset, runs, c.epochs, c.batch_size,
+                                                 c.notebook_quirks, c.fan, log=lambda line: log_epoch(f"  k={depth} {line}"))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def evaluate(self, depth: int) -> DepthOutcome:
+        """All (seed, lr) runs at this depth: finished ones read back, the others trained now."""
+        c = self.config
+        finished = self._finished(depth)
+        wanted = [(s, lr) for s in c.seed_list for lr in c.learning_rates]
+        missing = [run for run in wanted if run not in finished]
+        if missing:
+            start = time.perf_counter()
+            results = self._train(depth, missing)
+            wall = time.perf_counter() - start
+            rows = [self._row(depth, r, wall / len(results), len(results)) for r in results]
+            self.file.append(rows)
+            finished.update({(r["seed"], r["lr"]): r for r in rows})
+        else:
+            self.log(f"  k={depth}: all {len(wanted)} runs already in {self.file.path}, reused")
+        # The verdict is recomputed, so a rerun with another --threshold judges the same errors.
+        rows = [dict(finished[run], trainable=finished[run]["finite"] and final_error(finished[run]) < c.threshold)
+                for run in wanted]
+        outcome = DepthOutcome(depth, rows)
+        self.outcomes[depth] = outcome
+        return outcome
+
+    def trains(self, depth: int) -> bool:
+        outcome = self.outcomes.get(depth) or self.evaluate(depth)
+        return any(outcome.trains(lr) for lr in self.config.learning_rates)
+
+    def search(self) -> None:
+        """Grow k geometrically (3, 6, 12, ...) until most seeds fail, then bisect on multiples of 3."""
+        deepest_pass, shallowest_fail = None, None
+        depth = 3
+        while depth <= self.config.max_depth:
+            if self.trains(depth):
+                deepest_pass = depth
+                depth *= 2
+            else:
+                shallowest_fail = depth
+                break
+        if deepest_pass is None or shallowest_fail is None:
+            return
+        low, high = deepest_pass // 3, shallowest_fail // 3  # in units of 3 layers
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.trains(3 * middle):
+                low = middle
+            else:
+                high = middle
+
+    def run(self) -> SweepReport:
+        if self.config.depths is None:
+            self.search()
+        else:
+            for depth in self.config.depths:
+                self.evaluate(depth)
+        path = self.file.path
+        plot_path = path.with_suffix(".png")
+        report = SweepReport(self.config, self.outcomes, path, plot_path)
+        rows = [row for outcome in self.outcomes.values() for row in outcome.rows]
+        c = self.config
+        plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs",
+             c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
+        return report
+
+
+def run_sweep(config: SweepConfig, dataset, log=print, progress=None) -> SweepReport:
+    """Run (or resume) one variant's sweep and write its results file and plot."""
+    return Sweep(config.validate(), dataset, log, progress).run()

@@ -1,0 +1,74 @@
+"""Train torch_ref models under flaxdepth's protocol, for `--framework torch` and for comparing
+frameworks: the same initial weights (flaxdepth's init for the seed, through the interop API),
+the same batch order per epoch, the notebook's own training loop, the same result format."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+import torch
+
+import torch_ref
+from torch_ref import training
+from flaxdepth import interop, registry, train
+from flaxdepth.data import Dataset
+
+
+class EpochOrderLoader:
+    """Re-iterable loader: its i-th iteration yields the batches of the i-th epoch's order."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, orders: Sequence[np.ndarray], batch_size: int):
+        self.images, self.labels, self.orders, self.batch_size = images, labels, orders, batch_size
+        self.epoch = 0
+
+    def __iter__(self):
+        order = self.orders[self.epoch]
+        self.epoch += 1
+        return training.batches(self.images, self.labels, order, self.batch_size)
+
+
+def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out") -> dict[str, np.ndarray]:
+    """flaxdepth's initial weights of a seed, as a torch state_dict."""
+    _, init, _, _ = train.compiled_functions(variant, depth, 1, fan)
+    state = init(train.seed_keys(seed)[0][None], np.zeros(1, np.float32))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if not registry.get_variant(variant).batchnorm:
+        variables.pop("batch_stats")
+    return interop.to_torch(variant, depth, jax.tree.map(lambda a: a[0], variables))
+
+
+def train_torch_runs(variant: str, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
+                     epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
+                     log: Callable[[str], None] | None = None, device: str | None = None) -> list[train.RunResult]:
+    """Train each (seed, lr) with torch_ref's notebook loop, one after the other; `log` gets the
+    notebook's per-epoch lines, prefixed with the seed and lr."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = registry.get_variant(variant)
+    train_images = training.normalize(dataset.train_images)
+    test_images = training.normalize(dataset.test_images)
+    n = len(dataset.train_labels)
+    test_loader = list(training.batches(test_images, dataset.test_labels, np.arange(len(dataset.test_labels)),
+                                        batch_size))
+    results = []
+    for seed, lr in runs:
+        model = torch_ref.build(variant, depth, fan=fan)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                               initial_state_dict(variant, depth, seed, fan).items()})
+        model.to(device)
+        orders = [np.asarray(train.epoch_orders([seed], epoch, n)[0]) for epoch in range(epochs)]
+        loader = EpochOrderLoader(train_images, dataset.train_labels, orders, batch_size)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=train.MOMENTUM)
+        criterion = torch.nn.CrossEntropyLoss()
+        run_log = None if log is None else (lambda line, seed=seed, lr=lr: log(f"seed={seed} lr={lr:g}  {line}"))
+        if spec.multihead:  # the notebook's multihead loop always calls model.train()
+            train_errors, test_errors = training.train_multihead(
+                epochs, model, criterion, optimizer, loader, test_loader, log=run_log)
+        else:
+            train_errors, test_errors = training.train(
+                epochs, model, criterion, optimizer, loader, test_loader,
+                notebook_quirks=notebook_quirks, log=run_log)
+        finite = all(torch.isfinite(p).all().item() for p in model.parameters())
+        results.append(train.RunResult(seed, lr, list(train_errors), list(test_errors), finite))
+    return results
