@@ -1,0 +1,227 @@
+"""python -m flaxdepth.bench: flaxdepth against torch_ref, measured side by side in one run.
+
+Default: ms per training step (forward, backward, SGD-momentum update) of both frameworks on the
+same batch size and device, after warm-up, in interleaved rounds (median of the rounds), plus the
+per-model step time with R vmapped replicas, and compile time of the epoch program against depth.
+`--full-run`: wall time of a whole training run, the notebook's loop (its DataLoader included)
+against flaxdepth's scanned epochs with R replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import torch_ref
+from torch_ref import training as torch_training
+from flaxdepth import models, registry, train
+
+PROG = "python -m flaxdepth.bench"
+
+
+def synthetic_batch(batch_size: int, seed: int = 0):
+    """uint8 digits-like noise and labels: step time does not depend on pixel values."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (batch_size, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, batch_size).astype(np.int32))
+
+
+def _time(fn, steps: int) -> float:
+    start = time.perf_counter()
+    fn(steps)
+    return (time.perf_counter() - start) * 1000 / steps
+
+
+def torch_stepper(variant: str, depth: int, images_u8, labels, device: str):
+    """A closure running n notebook training steps of torch_ref on one fixed batch."""
+    model = torch_ref.build(variant, depth).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=registry.get_variant(variant).lr, momentum=0.9)
+    x = torch_training.normalize(images_u8).to(device)
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
+
+    def run(n):
+        for _ in range(n):
+            out = model(x)
+            heads = out if isinstance(out, tuple) else (out,)
+            loss = sum(torch.nn.functional.cross_entropy(h, y) for h in heads) / len(heads)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        else:
+            loss.item()
+    return run
+
+
+def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int):
+    """A closure running n jitted flaxdepth steps, R replicas vmapped (each its own weights)."""
+    model, init, _, _ = train.compiled_functions(variant, depth, len(labels))
+    lr = registry.get_variant(variant).lr
+    state = init(jnp.stack([train.seed_keys(s)[0] for s in range(replicas)]), jnp.full((replicas,), lr))
+    step = jax.jit(jax.vmap(lambda s, x, y: train.train_step(model, s, x, y, True), in_axes=(0, None, None)),
+                   donate_argnums=0)
+    x, y = jnp.asarray(images_u8), jnp.asarray(labels)
+    holder = [state]
+
+    def run(n):
+        for _ in range(n):
+            holder[0], metrics = step(holder[0], x, y)
+        jax.block_until_ready(metrics)
+    return run
+
+
+def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, steps: int, rounds: int,
+                   device: str) -> dict:
+    images, labels = synthetic_batch(batch_size)
+    runners = {"torch": torch_stepper(variant, depth, images, labels, device),
+               "jax": jax_stepper(variant, depth, images, labels, 1)}
+    if replicas > 1:
+        runners["jax_replicas"] = jax_stepper(variant, depth, images, labels, replicas)
+    for run in runners.values():  # warm-up: compilation, allocator, caches
+        run(2)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):  # interleaved, so load on a shared machine hits all alike
+        for name, run in runners.items():
+            times[name].append(_time(run, steps))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "variant": variant, "depth": depth, "batch_size": batch_size, "steps_per_round": steps, "rounds": rounds,
+        "torch_ms_per_step": med["torch"], "jax_ms_per_step": med["jax"], "speedup": med["torch"] / med["jax"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    if replicas > 1:
+        per_model = med["jax_replicas"] / replicas
+        result.update(replicas=replicas, jax_ms_per_step_replicas=med["jax_replicas"],
+                      jax_ms_per_model_step_replicas=per_model, speedup_replicas=med["torch"] / per_model)
+    return result
+
+
+def compile_benchmark(variant: str, depths: list[int], batch_size: int) -> dict[int, float]:
+    """Seconds to compile the epoch program (scan over batches + partial batch) at each depth."""
+    images, labels = synthetic_batch(2 * batch_size + 8)
+    data = train.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(images[:64]),
+                            jnp.asarray(labels[:64]))
+    seconds = {}
+    for depth in depths:
+        _, init, epochs, _ = train.compiled_functions(variant, depth, batch_size)
+        state = init(train.seed_keys(0)[0][None], jnp.full((1,), 0.05))
+        orders = jnp.arange(len(labels))[None]
+        start = time.perf_counter()
+        epochs[True].lower(state, orders, data).compile()
+        seconds[depth] = time.perf_counter() - start
+    return seconds
+
+
+def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, device: str,
+                       data_dir: str | None, limit_train: int | None) -> dict:
+    """A whole run: the notebook's loop with a shuffling DataLoader over per-sample transforms,
+    against flaxdepth's engine training `replicas` models at once (compile included and not)."""
+    from flaxdepth import data as data_module
+
+    dataset = data_module.subset(data_module.load_dataset("mnist", data_dir), limit_train, None)
+
+    class NotebookMNIST(torch.utils.data.Dataset):
+        """Like torchvision's MNIST with ToTensor + Normalize: one transform per sample."""
+
+        def __init__(self, images, labels):
+            self.images, self.labels = images, labels
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return torch_training.normalize(self.images[i][None])[0], int(self.labels[i])
+
+    train_loader = torch.utils.data.DataLoader(NotebookMNIST(dataset.train_images, dataset.train_labels),
+                                               batch_size=256, shuffle=True)
+    test_loader = torch.utils.data.DataLoader(NotebookMNIST(dataset.test_images, dataset.test_labels),
+                                              batch_size=256, shuffle=False)
+    spec = registry.get_variant(variant)
+    model = torch_ref.build(variant, depth).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
+    start = time.perf_counter()
+    loop = torch_training.train_multihead if spec.multihead else torch_training.train
+    loop(epochs, model, torch.nn.CrossEntropyLoss(), optimizer, train_loader, test_loader, log=None)
+    torch_s = time.perf_counter() - start
+
+    device_data = train.DeviceData.put(dataset)
+    runs = [(seed, spec.lr) for seed in range(replicas)]
+    start = time.perf_counter()
+    train.train_replicas(variant, depth, device_data, runs, epochs)
+    jax_first_s = time.perf_counter() - start  # compilation included
+    start = time.perf_counter()
+    train.train_replicas(variant, depth, device_data, runs, epochs)
+    jax_s = time.perf_counter() - start
+    return {"variant": variant, "depth": depth, "epochs": epochs, "replicas": replicas,
+            "train_images": len(dataset.train_labels), "torch_notebook_loop_s": torch_s,
+            "jax_run_s": jax_s, "jax_run_with_compile_s": jax_first_s,
+            "speedup_per_model": torch_s / (jax_s / replicas),
+            "speedup_per_model_with_compile": torch_s / (jax_first_s / replicas)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--variant", default="elu_bn", choices=registry.VARIANT_NAMES)
+    p.add_argument("--depth", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--replicas", type=int, default=1, help="also time R vmapped replicas (per-model figure)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--compile-depths", default="30,300",
+                   help="depths to time the epoch program's compilation at ('' to skip)")
+    p.add_argument("--full-run", action="store_true", help="time whole training runs instead of steps")
+    p.add_argument("--epochs", type=int, default=3, help="with --full-run")
+    p.add_argument("--data-dir", default=None, help="with --full-run: MNIST folder")
+    p.add_argument("--limit-train", type=int, default=None, help="with --full-run: first N training images")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    try:
+        registry.check_depth(args.depth)
+        args.compile_depths = [registry.check_depth(int(d)) for d in args.compile_depths.split(",") if d.strip()]
+    except ValueError as error:
+        p.error(str(error))
+    for name in ("batch_size", "replicas", "steps", "rounds", "epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    jax_device = jax.devices()[0]
+    result = {"jax_device": f"{jax_device.platform}:{jax_device.device_kind}", "torch_device": device,
+              "versions": {"jax": jax.__version__, "torch": torch.__version__}}
+    if args.full_run:
+        result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
+                                         args.data_dir, args.limit_train))
+    else:
+        result.update(step_benchmark(args.variant, args.depth, args.batch_size, args.replicas, args.steps,
+                                     args.rounds, device))
+        if args.compile_depths:
+            seconds = compile_benchmark(args.variant, args.compile_depths, args.batch_size)
+            result["compile_s"] = {str(k): v for k, v in seconds.items()}
+            first, last = args.compile_depths[0], args.compile_depths[-1]
+            result["compile_ratio"] = seconds[last] / seconds[first]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            shown = f"{value:.4g}" if isinstance(value, float) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
