@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -149,6 +150,19 @@ MEASURED: dict[tuple[str, str], float] = {}
 def record(variant: str, precision: Precision, error: float) -> None:
     key = (variant, precision.name)
     MEASURED[key] = max(MEASURED.get(key, 0.0), error)
+
+
+def pytest_sessionfinish(session):
+    # Under pytest-xdist each worker measures its share: hand it to the controller.
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity_errors"] = json.dumps(
+            [[variant, precision, error] for (variant, precision), error in MEASURED.items()])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for variant, precision, value in json.loads(node.workeroutput.get("parity_errors", "[]")):
+        MEASURED[(variant, precision)] = max(MEASURED.get((variant, precision), 0.0), value)
 
 
 def pytest_terminal_summary(terminalreporter):
