@@ -2,7 +2,8 @@
 
 The notebook's classes are quoted verbatim in notebook_models.py. Loading is strict, and both
 models then compute bit-identical outputs, gradients and BatchNorm updates (same weights, same
-ops, so exact equality, not a tolerance).
+ops, so exact equality, not a tolerance). The last test takes the same kind of checkpoint on
+through flaxdepth.interop into Flax, which must agree with torch_ref to float32 rounding.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 import torch
 
 import torch_ref
-from flaxdepth import registry
+from conftest import FLOAT32, assert_close, assert_state_dicts_close, record, state_dict_numpy
+from flaxdepth import interop, registry
+from flaxdepth.data import normalize
 
 VARIANTS = registry.VARIANT_NAMES
 # 7 and 32 are not multiples of 3; 32 also gives every stage ten residual blocks.
@@ -108,3 +113,59 @@ def test_same_seed_draws_the_notebooks_weights(variant, k, notebook):
     torch.manual_seed(3)
     ours = torch_ref.build(variant, k)
     _assert_same_state(theirs, ours)
+
+
+# ---- the same checkpoint through flaxdepth.interop into Flax ----
+
+# 7 is not a multiple of 3 (k // 3 = 2 layers per stage, as for 6); each depth is its own program.
+FLAX_DEPTHS = (6, 7)
+
+
+@pytest.fixture(scope="module")
+def digits(request):
+    """16 real MNIST training digits, normalized as the notebook feeds them (NCHW float32);
+    random pixels where MNIST is not available, so that the test still runs."""
+    try:
+        images = request.getfixturevalue("mnist").train_images[:16]
+    except pytest.skip.Exception:
+        images = np.random.default_rng(0).integers(0, 256, (16, 28, 28), dtype=np.uint8)
+    return normalize(images, np.float32)
+
+
+@pytest.mark.parametrize("k", FLAX_DEPTHS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_notebook_checkpoint_gives_the_same_logits_in_flax(variant, k, notebook, digits, tmp_path):
+    torch.manual_seed(4)
+    theirs = _notebook_model(notebook, variant, k)
+    x = torch.from_numpy(digits)
+    with torch.no_grad():
+        # As after training: BatchNorm affine weights and running statistics off their defaults
+        # (one train-mode forward sets the statistics and num_batches_tracked the notebook's way).
+        for module in theirs.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+        theirs.train()
+        theirs(x)
+    path = tmp_path / f"{variant}_{k}.pt"
+    torch.save(theirs.state_dict(), path)
+
+    ours = torch_ref.build(variant, k)
+    ours.load_state_dict(torch.load(path), strict=True)
+    with jax.enable_x64(False):  # float32 on both sides, whatever the session's JAX mode
+        variables = interop.from_torch(variant, k, torch.load(path))
+        modes = (False, True) if registry.VARIANTS[variant].batchnorm else (False,)
+        for train_mode in modes:
+            ours.train(train_mode)
+            with torch.no_grad():
+                expected = _outputs(ours, x)
+            logits, new_variables = interop.apply(variant, k, variables, digits, train=train_mode)
+            logits = logits if isinstance(logits, tuple) else (logits,)
+            assert len(logits) == len(expected)
+            for head, (a, e) in enumerate(zip(logits, expected)):
+                record(variant, FLOAT32, assert_close(
+                    a, e.numpy(), FLOAT32.rtol, f"{variant} k={k} train={train_mode} head {head}"))
+            if train_mode:  # and the running statistics move the same way
+                record(variant, FLOAT32, assert_state_dicts_close(
+                    interop.to_torch(variant, k, new_variables), state_dict_numpy(ours),
+                    FLOAT32.rtol, f"{variant} k={k} state after train forward"))
