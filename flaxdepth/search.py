@@ -56,9 +56,11 @@ class SweepConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.depths is not None:
-            bad = [d for d in self.depths if d < 3 or d % 3]
+            # The command line asks for multiples of 3; the library also takes the notebook's
+            # k = 139 and 142 (k // 3 layers per stage).
+            bad = [d for d in self.depths if d < 3]
             if bad or not self.depths:
-                raise ConfigError(f"--depths must be positive multiples of 3 (3, 6, 9, ...), got {bad or 'none'}")
+                raise ConfigError(f"depths must be at least 3, got {bad or 'none'}")
         if self.max_depth < 3:
             raise ConfigError(f"--max-depth must be at least 3, got {self.max_depth}")
         if not 0 < self.threshold <= 1:
@@ -264,13 +266,18 @@ class Sweep:
         return any(outcome.trains(lr) for lr in self.config.learning_rates)
 
     def search(self) -> None:
-        """Grow k geometrically (3, 6, 12, ...) until most seeds fail, then bisect on multiples of 3."""
+        """Grow k geometrically (3, 6, 12, ...) until most seeds fail, then bisect on multiples of 3.
+        Growth is capped at the largest multiple of 3 within --max-depth, which is itself tried;
+        with --max-depth 150 the search goes 96, 150 and bisects, rather than stop at 96."""
         deepest_pass, shallowest_fail = None, None
+        top = self.config.max_depth // 3 * 3
         depth = 3
-        while depth <= self.config.max_depth:
+        while True:
             if self.trains(depth):
                 deepest_pass = depth
-                depth *= 2
+                if depth >= top:
+                    break
+                depth = min(2 * depth, top)
             else:
                 shallowest_fail = depth
                 break

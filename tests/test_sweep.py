@@ -1,0 +1,560 @@
+"""Tests of the sweep: its command line (flaxdepth.sweep), the boundary search, resuming, kill
+safety of the results file (flaxdepth.search, flaxdepth.results), and two tiny real runs.
+
+The search logic runs against a fake trainer (`Sweep._train` replaced by a function of depth,
+seed and lr), so those tests compile nothing; only the end-to-end tests train for real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flaxdepth import parity_check, results, search, sweep, torch_runner, train
+from flaxdepth.results import ResultsFile
+from flaxdepth.search import SweepConfig, run_sweep
+from flaxdepth.train import RunResult
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+PROG_ERROR = "python -m flaxdepth.sweep: error: "
+ROW_FIELDS = {"variant", "depth", "lr", "seed", "framework", "protocol", "train_errors", "test_errors", "finite",
+              "trainable", "wall_s", "replicas_trained_together", "finished_at", "device", "device_count", "host",
+              "versions", "config"}
+
+needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                 reason=f"the project's MNIST copy is absent ({SHARED_MNIST})")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+class FakeTrainer:
+    """Stands in for Sweep._train: `error(depth, seed, lr)` is the final error of a run."""
+
+    def __init__(self, error):
+        self.error = error
+        self.calls: list[tuple[int, list[tuple[int, float]]]] = []
+
+    def __call__(self, depth, runs):  # a class attribute that is no function: called unbound
+        self.calls.append((depth, list(runs)))
+        return [RunResult(seed, lr, [0.9, self.error(depth, seed, lr)], [0.9, self.error(depth, seed, lr) + 0.01],
+                          True) for seed, lr in runs]
+
+    @property
+    def depths(self) -> list[int]:
+        return [depth for depth, _ in self.calls]
+
+
+def boundary_at(b: int, good: float = 0.05, bad: float = 0.9):
+    """Every run trains up to depth b and none beyond."""
+    return lambda depth, seed, lr: good if depth <= b else bad
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Install a FakeTrainer (replacing the previous one); plots are skipped unless a test wants one."""
+    monkeypatch.setattr(search, "plot", lambda *args, **kwargs: None)
+
+    def install(error) -> FakeTrainer:
+        trainer = FakeTrainer(error)
+        monkeypatch.setattr(search.Sweep, "_train", trainer)
+        return trainer
+    return install
+
+
+def never_train(monkeypatch):
+    """Make every way to train (and the parity check) fail loudly, to prove none is reached."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started")
+
+    for target, name in ((train, "train_replicas"), (torch_runner, "train_torch_runs"), (search.Sweep, "_train"),
+                         (search, "run_sweep"), (parity_check, "quick_parity")):
+        monkeypatch.setattr(target, name, forbidden)
+
+
+def make_config(tmp_path, **kwargs) -> SweepConfig:
+    return SweepConfig(**{"variant": "tanh", "epochs": 2, "out": str(tmp_path / "out"), **kwargs})
+
+
+def sweep_quietly(config, log=None):
+    return run_sweep(config, None, log=log if log is not None else (lambda line: None))
+
+
+def file_rows(config) -> list[dict]:
+    """The results file, every line parsed strictly."""
+    text = config.results_path().read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+BAD_INPUT = {
+    "unknown variant": (["--variant", "nope"], "unknown variant 'nope'"),
+    "depth not a multiple of 3": (["--variant", "tanh", "--depths", "3,4"], "--depths must be positive multiples of 3"),
+    "depth zero": (["--variant", "tanh", "--depths", "0"], "--depths must be positive multiples of 3"),
+    "depth negative": (["--variant", "tanh", "--depths=-3"], "--depths must be positive multiples of 3"),
+    "negative lr": (["--variant", "tanh", "--lr=-0.1"], "learning rates must be positive"),
+    "zero lr among others": (["--variant", "tanh", "--lr", "0.05,0"], "learning rates must be positive"),
+    "seeds 0": (["--variant", "tanh", "--seeds", "0"], "--seeds must be at least 1"),
+    "seeds 0 for all variants": (["--variant", "all", "--seeds", "0"], "--seeds must be at least 1"),
+    "missing data folder": (["--variant", "tanh", "--data-dir", "{tmp}/no-such-folder"], "is not a folder"),
+    "data folder without the files": (["--variant", "tanh", "--data-dir", "{tmp}"], "is missing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line_before_training(case, tmp_path, monkeypatch, capsys):
+    never_train(monkeypatch)
+    argv, message = BAD_INPUT[case]
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(out)]
+    assert sweep.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(PROG_ERROR) and message in lines[0]
+    assert "Traceback" not in captured.err
+    assert not out.exists()  # nothing written either
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    """The same through `python -m`: exit status 2, one line on stderr, no traceback, nothing else."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "flaxdepth.sweep", "--variant", "tanh", "--depths", "4",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"{PROG_ERROR}--depths must be positive multiples of 3 (3, 6, 9, ...), got [4]"]
+    assert not out.exists()
+
+
+def test_config_validation_in_the_library(tmp_path):
+    """run_sweep checks its config too (a library caller has no CLI in front of it)."""
+    for bad in (dict(variant="nope"), dict(depths=(3, 5)), dict(depths=()), dict(lrs=(-1.0,)), dict(lrs=()),
+                dict(seeds=0), dict(threshold=0.0), dict(threshold=float("nan")), dict(max_depth=2)):
+        with pytest.raises(ValueError):  # ConfigError and UnknownVariantError are ValueErrors
+            run_sweep(make_config(tmp_path, **bad), None)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def test_search_path_geometric_then_bisection(tmp_path, fake):
+    trainer = fake(boundary_at(21))
+    report = sweep_quietly(make_config(tmp_path))
+    assert trainer.depths == [3, 6, 12, 24, 18, 21]  # grow until 24 fails, then bisect (12, 24)
+    assert report.boundary() == (21, 24)
+    assert "deepest trainable k=21, shallowest untrainable k=24" in report.table()
+
+
+def expected_path(b: int, max_depth: int = 768) -> list[int]:
+    """The path the search should take, written out independently of search.py."""
+    top, path, depth = max_depth // 3 * 3, [], 3
+    while True:
+        path.append(depth)
+        if depth > b:
+            low, high = path[-2] // 3 if len(path) > 1 else None, depth // 3
+            break
+        if depth >= top:
+            return path
+        depth = min(2 * depth, top)
+    while low is not None and high - low > 1:
+        middle = (low + high) // 2
+        path.append(3 * middle)
+        low, high = (middle, high) if 3 * middle <= b else (low, middle)
+    return path
+
+
+@pytest.mark.parametrize("b", [3, 6, 9, 15, 45, 48, 63, 102, 138, 381, 765])
+def test_search_finds_the_exact_boundary_with_few_evaluations(b, tmp_path, fake):
+    trainer = fake(boundary_at(b))
+    report = sweep_quietly(make_config(tmp_path))
+    assert report.boundary() == (b, b + 3)
+    assert trainer.depths == expected_path(b)
+    assert len(set(trainer.depths)) == len(trainer.depths)  # no depth trained twice
+    assert all(d % 3 == 0 for d in trainer.depths)
+    # geometric growth plus bisection: about 2 log2(b / 3) evaluations, not b / 3
+    assert len(trainer.depths) <= 2 * (b // 3).bit_length() + 1
+
+
+def test_search_when_depth_3_fails(tmp_path, fake):
+    trainer = fake(boundary_at(0))
+    report = sweep_quietly(make_config(tmp_path))
+    assert trainer.depths == [3]
+    assert report.boundary() == (None, 3)
+    assert "no evaluated depth trains for most seeds (shallowest tried k=3)" in report.table()
+
+
+@pytest.mark.parametrize("max_depth, path", [
+    (48, [3, 6, 12, 24, 48]),
+    (50, [3, 6, 12, 24, 48]),
+    # Growth is capped at --max-depth, not stopped short of it (it used to end at 96 here).
+    (100, [3, 6, 12, 24, 48, 96, 99]),
+    (4, [3]),
+])
+def test_search_stops_at_max_depth(max_depth, path, tmp_path, fake):
+    trainer = fake(boundary_at(10_000))
+    report = sweep_quietly(make_config(tmp_path, max_depth=max_depth))
+    assert trainer.depths == path
+    assert report.boundary() == (path[-1], None)
+    assert f"deepest trainable k={path[-1]}; no deeper depth was tried, or all trained" in report.table()
+
+
+def test_search_bisects_below_a_capped_max_depth(tmp_path, fake):
+    trainer = fake(boundary_at(138))
+    report = sweep_quietly(make_config(tmp_path, max_depth=150))
+    assert trainer.depths[:7] == [3, 6, 12, 24, 48, 96, 150]
+    assert max(trainer.depths) == 150
+    assert report.boundary() == (138, 141)
+
+
+def test_majority_of_seeds_decides(tmp_path, fake):
+    """Seed 0 trains up to 21, seed 1 up to 9, seed 2 up to 45: two of three train up to 21."""
+    limits = {0: 21, 1: 9, 2: 45}
+    trainer = fake(lambda depth, seed, lr: 0.05 if depth <= limits[seed] else 0.9)
+    report = sweep_quietly(make_config(tmp_path, seeds=3))
+    assert report.boundary() == (21, 24)
+    assert [(s, lr) for s, lr in trainer.calls[0][1]] == [(0, 0.05), (1, 0.05), (2, 0.05)]  # one call per depth
+    assert report.outcomes[12].trainable_count(0.05) == 2 and report.outcomes[12].trains(0.05)
+    assert report.outcomes[24].trainable_count(0.05) == 1 and not report.outcomes[24].trains(0.05)
+
+
+def test_two_seeds_need_both(tmp_path, fake):
+    """Most seeds means more than half: 1 of 2 is not enough."""
+    fake(lambda depth, seed, lr: 0.05 if depth <= (21 if seed == 0 else 9) else 0.9)
+    report = sweep_quietly(make_config(tmp_path, seeds=2))
+    assert report.boundary() == (9, 12)
+
+
+def test_several_learning_rates(tmp_path, fake):
+    """A depth trains when most seeds train at any lr; each lr keeps its own boundary."""
+    trainer = fake(lambda depth, seed, lr: 0.05 if depth <= {0.05: 12, 0.01: 30}[lr] else 0.9)
+    report = sweep_quietly(make_config(tmp_path, lrs=(0.05, 0.01), seeds=2))
+    assert trainer.depths == [3, 6, 12, 24, 48, 36, 30, 33]
+    assert trainer.calls[0][1] == [(0, 0.05), (0, 0.01), (1, 0.05), (1, 0.01)]  # trained side by side
+    assert report.boundary() == (30, 33)
+    assert report.boundary(0.05) == (12, 24)
+    assert report.boundary(0.01) == (30, 33)
+    rows = file_rows(report.config)
+    assert len(rows) == 4 * len(trainer.depths)
+    assert {row["lr"] for row in rows} == {0.05, 0.01}
+
+
+def test_explicit_depths_are_evaluated_as_given(tmp_path, fake):
+    trainer = fake(boundary_at(6))
+    report = sweep_quietly(make_config(tmp_path, depths=(9, 3, 6)))
+    assert trainer.depths == [9, 3, 6]
+    assert report.boundary() == (6, 9)
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def test_rerun_reuses_every_finished_row(tmp_path, fake):
+    fake(boundary_at(21))
+    config = make_config(tmp_path)
+    first = sweep_quietly(config)
+    rows_before = file_rows(config)
+    again = fake(boundary_at(21))
+    logs = []
+    second = sweep_quietly(config, log=logs.append)
+    assert again.calls == []  # nothing trained
+    assert file_rows(config) == rows_before  # nothing appended
+    assert second.boundary() == first.boundary() == (21, 24)
+    assert sorted(second.outcomes) == sorted(first.outcomes)
+    assert second.table() == first.table()
+    assert len(logs) == 6 and all("already in" in line and "reused" in line for line in logs)
+
+
+def test_adding_a_seed_trains_only_the_missing_runs(tmp_path, fake):
+    fake(boundary_at(21))
+    sweep_quietly(make_config(tmp_path, seeds=3))
+    trainer = fake(boundary_at(21))
+    report = sweep_quietly(make_config(tmp_path, seeds=4))
+    assert trainer.calls and all(runs == [(3, 0.05)] for _, runs in trainer.calls)
+    assert trainer.depths == [3, 6, 12, 24, 18, 21]
+    assert report.boundary() == (21, 24)
+    rows = file_rows(report.config)
+    assert sorted((r["depth"], r["seed"]) for r in rows) == sorted((d, s) for d in trainer.depths for s in range(4))
+
+
+def test_a_new_lr_is_trained_the_old_one_reused(tmp_path, fake):
+    fake(boundary_at(21))
+    sweep_quietly(make_config(tmp_path, seeds=2, depths=(3, 6)))
+    trainer = fake(boundary_at(21))
+    sweep_quietly(make_config(tmp_path, seeds=2, depths=(3, 6), lrs=(0.05, 0.1)))
+    assert trainer.calls == [(3, [(0, 0.1), (1, 0.1)]), (6, [(0, 0.1), (1, 0.1)])]
+
+
+def test_threshold_change_on_rerun_recomputes_verdicts(tmp_path, fake):
+    """Final errors depth / 100: under 0.2 up to k=18, under 0.1 up to k=9."""
+    trainer = fake(lambda depth, seed, lr: depth / 100)
+    first = sweep_quietly(make_config(tmp_path, threshold=0.2))
+    assert trainer.depths == [3, 6, 12, 24, 18, 21]
+    assert first.boundary() == (18, 21)
+    trainer = fake(lambda depth, seed, lr: depth / 100)
+    second = sweep_quietly(make_config(tmp_path, threshold=0.1))
+    assert trainer.depths == [9]  # 3, 6 and 12 read back and judged again; only 9 is new
+    assert second.boundary() == (9, 12)
+    assert all(not row["trainable"] for row in second.outcomes[12].rows)
+    line_12 = second.table().splitlines()[4]  # header, then k = 3, 6, 9, 12
+    assert line_12.split()[0] == "12" and line_12.endswith("0/3")
+    # the file keeps what each run's own sweep decided; only the report is judged again
+    stored = {(r["depth"], r["seed"]): r["trainable"] for r in file_rows(second.config)}
+    assert stored[(12, 0)] is True and stored[(9, 0)] is True
+
+
+def test_diverged_runs_never_count_as_trainable(tmp_path, fake, monkeypatch):
+    """A run whose loss went NaN is untrainable even with a low error count, on every rerun."""
+    def diverging(self, depth, runs):
+        return [RunResult(seed, lr, [0.05], [0.05], seed != 1) for seed, lr in runs]
+
+    monkeypatch.setattr(search.Sweep, "_train", diverging)
+    config = make_config(tmp_path, seeds=2, depths=(3,))
+    for _ in range(2):  # trained, then read back and judged again
+        report = sweep_quietly(config)
+        assert [row["trainable"] for row in report.outcomes[3].rows] == [True, False]
+        assert report.boundary() == (None, 3)  # 1 of 2 is no majority
+        assert report.table().splitlines()[1].endswith("NaN  1/2")
+    assert [row["finite"] for row in file_rows(config)] == [True, False]
+
+
+def test_table_lists_every_run(tmp_path, fake):
+    fake(lambda depth, seed, lr: 0.05 if depth <= 6 or seed == 0 else 0.9)
+    report = sweep_quietly(make_config(tmp_path, seeds=2, depths=(3, 6, 9)))
+    lines = report.table().splitlines()
+    assert "seed 0" in lines[0] and "seed 1" in lines[0] and "trainable" in lines[0]
+    assert lines[1].split()[:2] == ["3", "0.05"] and lines[1].endswith("2/2")
+    assert lines[3].split()[:2] == ["9", "0.05"] and lines[3].endswith("1/2")
+    assert lines[-1].endswith("deepest trainable k=6, shallowest untrainable k=9")
+
+
+def test_plot_is_written(tmp_path, monkeypatch):
+    trainer = FakeTrainer(boundary_at(9))
+    monkeypatch.setattr(search.Sweep, "_train", trainer)
+    report = sweep_quietly(make_config(tmp_path, seeds=2, lrs=(0.05, 0.01)))
+    assert report.plot_path == report.path.with_suffix(".png")
+    assert report.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.plot_path.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------ kill safety
+
+
+def test_crash_while_replacing_the_file_keeps_complete_rows(tmp_path, fake, monkeypatch):
+    """The second write of a sweep fails at its os.replace: the file keeps the first depth's rows,
+    no temporary file is left, and a rerun trains only what is missing."""
+    fake(boundary_at(21))
+    real_replace, calls = os.replace, []
+
+    def crashing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", crashing_replace)
+    config = make_config(tmp_path)
+    with pytest.raises(OSError, match="simulated crash"):
+        sweep_quietly(config)
+    monkeypatch.setattr(results.os, "replace", real_replace)
+    rows = file_rows(config)
+    assert [(r["depth"], r["seed"]) for r in rows] == [(3, 0), (3, 1), (3, 2)]
+    assert all(ROW_FIELDS <= set(r) for r in rows)
+    assert os.listdir(config.results_path().parent) == [config.results_path().name]
+    trainer = fake(boundary_at(21))
+    report = sweep_quietly(config)
+    assert trainer.depths == [6, 12, 24, 18, 21]
+    assert report.boundary() == (21, 24)
+    assert len(file_rows(config)) == 3 * 6
+
+
+def test_crash_in_the_middle_of_writing_rows_keeps_the_old_file(tmp_path, fake, monkeypatch):
+    """json.dumps fails on the 5th row written, half-way through the second write (3 old rows,
+    then the new ones): the half-written temporary file never becomes the results file."""
+    fake(boundary_at(21))
+    dumped = []
+
+    class CrashingJson:
+        loads = staticmethod(json.loads)
+        JSONDecodeError = json.JSONDecodeError
+
+        @staticmethod
+        def dumps(obj, **kwargs):
+            dumped.append(obj)
+            if len(dumped) == 5:
+                raise RuntimeError("simulated crash")
+            return json.dumps(obj, **kwargs)
+
+    monkeypatch.setattr(results, "json", CrashingJson)
+    config = make_config(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sweep_quietly(config)
+    monkeypatch.setattr(results, "json", json)
+    assert [r["depth"] for r in file_rows(config)] == [3, 3, 3]
+    assert os.listdir(config.results_path().parent) == [config.results_path().name]
+    trainer = fake(boundary_at(21))
+    assert sweep_quietly(config).boundary() == (21, 24)
+    assert trainer.depths == [6, 12, 24, 18, 21]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from flaxdepth.results import ResultsFile
+
+    f = ResultsFile(sys.argv[1])
+    for batch in range(100000):  # each write rewrites the whole, growing file, row by row
+        f.append([{"i": i, "payload": "x" * 100} for i in range(1000 * batch, 1000 * (batch + 1))])
+""")
+
+
+def test_sigkill_at_any_moment_leaves_complete_rows(tmp_path):
+    """Kill a process appending batches of 1000 rows with SIGKILL at several moments: each time
+    the file is valid JSON lines of complete batches (rows 0, 1, ..., n-1), and appending
+    afterwards works. (A writer that truncates and rewrites in place fails this: most of each
+    write's time goes into the row-by-row loop, where a kill leaves a cut file.)"""
+    path = tmp_path / "runs.jsonl"
+    counts = []
+    for delay in (0.4, 0.6, 0.8, 1.0, 1.2, 1.5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [row["i"] for row in rows] == list(range(len(rows)))
+        assert len(rows) % 1000 == 0 and all(row["payload"] == "x" * 100 for row in rows)
+        counts.append(len(rows))
+        path.unlink()  # the next round starts over, so the file stays small
+    assert counts, "no kill landed after the first write; lengthen the delays"
+    for leftover in tmp_path.glob(".runs.jsonl.*.tmp"):  # SIGKILL cannot clean up; harmless
+        leftover.unlink()
+    ResultsFile(path).append([{"i": 0}])
+    assert ResultsFile(path).rows() == [{"i": 0}]
+
+
+SWEEPER = textwrap.dedent("""
+    import sys, time
+    from flaxdepth import search, train
+
+    def slow_fake(self, depth, runs):
+        time.sleep(0.5)
+        return [train.RunResult(s, lr, [0.05 if depth <= 21 else 0.9], [0.5], True) for s, lr in runs]
+
+    search.Sweep._train = slow_fake
+    search.plot = lambda *args, **kwargs: None
+    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1])
+    search.run_sweep(config, None, log=lambda line: None)
+    print("finished")
+""")
+
+
+def test_sweep_killed_mid_search_resumes(tmp_path, fake):
+    """SIGKILL a sweep process once two depths are written; a rerun keeps their rows and trains
+    only the rest of the search."""
+    config = make_config(tmp_path, epochs=1)
+    proc = subprocess.Popen([sys.executable, "-c", SWEEPER, config.out], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            path = config.results_path()
+            if path.exists() and len(path.read_text().splitlines()) >= 6:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        else:
+            pytest.fail("the sweep wrote nothing in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "finished" not in out
+    written = sorted({r["depth"] for r in file_rows(config)})
+    assert written[:2] == [3, 6] and len(file_rows(config)) == 3 * len(written)
+    trainer = fake(lambda depth, seed, lr: 0.05 if depth <= 21 else 0.9)
+    report = sweep_quietly(config)
+    assert report.boundary() == (21, 24)
+    assert not set(trainer.depths) & set(written)
+    assert sorted(set(trainer.depths) | set(written)) == [3, 6, 12, 18, 21, 24]
+
+
+# ------------------------------------------------------------------------------ real runs
+
+
+REAL_ARGV = ["--variant", "tanh", "--depths", "3", "--seeds", "2", "--epochs", "1", "--limit-train", "512",
+             "--limit-test", "256", "--data-dir", str(SHARED_MNIST)]
+
+
+def check_real_rows(rows: list[dict], framework: str, out: Path) -> None:
+    assert [(r["depth"], r["seed"], r["lr"]) for r in rows] == [(3, 0, 0.05), (3, 1, 0.05)]
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["variant"] == "tanh" and row["framework"] == framework and row["protocol"] == "corrected"
+        assert len(row["train_errors"]) == len(row["test_errors"]) == 1
+        assert all(0 <= e <= 1 for e in row["train_errors"] + row["test_errors"])
+        # errors are counts over the subset sizes
+        assert row["train_errors"][0] * 512 == pytest.approx(round(row["train_errors"][0] * 512), abs=1e-3)
+        assert row["test_errors"][0] * 256 == pytest.approx(round(row["test_errors"][0] * 256), abs=1e-3)
+        assert row["trainable"] == (row["finite"] and min(row["train_errors"][-1], row["test_errors"][-1]) < 0.2)
+        assert row["wall_s"] > 0 and row["replicas_trained_together"] == 2
+        assert isinstance(row["device"], str) and ":" in row["device"]
+        assert row["versions"]["jax"] and row["versions"]["torch"]
+        expected = dataclasses.asdict(SweepConfig(
+            variant="tanh", depths=(3,), seeds=2, epochs=1, limit_train=512, limit_test=256,
+            data_dir=str(SHARED_MNIST), out=str(out), framework=framework, skip_parity=framework == "torch"))
+        assert row["config"] == json.loads(json.dumps(expected))
+
+
+def check_printed_table(stdout: str, framework: str) -> Path:
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["k", "lr"])
+    assert "seed 0" in lines[header] and "seed 1" in lines[header]
+    assert lines[header + 1].split()[:2] == ["3", "0.05"] and re.search(r" [012]/2$", lines[header + 1])
+    assert lines[header + 2].startswith(f"tanh (corrected, {framework}, lr 0.05): ")
+    results_line = next(line for line in lines if line.startswith("results: "))
+    plot_line = next(line for line in lines if line.startswith("plot: "))
+    path = Path(results_line.split(maxsplit=1)[1])
+    assert Path(plot_line.split(maxsplit=1)[1]).read_bytes()[:4] == b"\x89PNG"
+    return path
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_real_cli_run_jax_with_parity_check(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert sweep.main([*REAL_ARGV, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.splitlines()[0].startswith("parity tanh k=6, 3 SGD steps: relative error")
+    path = check_printed_table(stdout, "jax")
+    assert path == out / "tanh_jax_corrected_e1_b256_mnist_train512_test256.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    check_real_rows(rows, "jax", out)
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_real_cli_run_torch_gives_the_same_row_format(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert sweep.main([*REAL_ARGV, "--out", str(out), "--framework", "torch", "--skip-parity"]) == 0
+    stdout = capsys.readouterr().out
+    assert "parity" not in stdout
+    path = check_printed_table(stdout, "torch")
+    assert path == out / "tanh_torch_corrected_e1_b256_mnist_train512_test256.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    check_real_rows(rows, "torch", out)
