@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs(args) -> list[SweepConfig]:
+    bad = [d for d in args.depths or () if d < 3 or d % 3]
+    if bad:
+        raise ConfigError(f"--depths must be positive multiples of 3 (3, 6, 9, ...), got {bad}")
     names = registry.VARIANT_NAMES if args.variant == "all" else (args.variant,)
     return [SweepConfig(
         variant=name, lrs=args.lr, seeds=args.seeds, first_seed=args.first_seed, depths=args.depths,
