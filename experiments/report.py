@@ -1,0 +1,342 @@
+"""Rebuild experiments/REPORT.md and experiments/figures/*.png from experiments/results/*.jsonl.
+
+    python experiments/report.py [--results DIR] [--out DIR]
+
+Nothing is trained here: every number in the report is computed from the results files, and
+whatever has no rows is shown as "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
+
+from flaxdepth import registry  # noqa: E402
+from flaxdepth.results import final_error  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PROTOCOLS = ("faithful", "corrected")
+COLOR, MARKER = {"faithful": "tab:blue", "corrected": "tab:orange"}, {"faithful": "o", "corrected": "s"}
+NOT_RUN = "not run"
+# The notebook's setup; rows of other setups (smoke tests, other lrs) are listed but not tabulated.
+STANDARD = {"epochs": 3, "batch_size": 256, "dataset": "mnist", "limit_train": None, "limit_test": None, "fan": "out"}
+INTRO = """\
+The notebook trains each CNN variant once, unseeded, and reports a pair of depths k: the deepest
+that trains (under {pct}% error after {epochs} epochs) and the next one that does not. flaxdepth trains
+every depth with several seeds, under two protocols: *faithful* keeps the notebook's quirk
+(BatchNorm in eval mode from epoch 2 on), *corrected* calls `model.train()` every epoch (the two
+differ only for variants with BatchNorm). A depth counts as trainable when most seeds train."""
+QUIRK = ("{name} at k={k} (faithful): {c}/{n} seeds reach {f0:.1f}-{f1:.1f}% test error after epoch 1, then "
+         "{l0:.1f}-{l1:.1f}% after the later epochs. Corrected protocol at this depth: {corr}.")
+
+
+def load(results_dir: Path) -> dict[str, list[dict]]:
+    """Every results file's rows by file name, verdicts recomputed with the row's own threshold."""
+    files = {}
+    for path in sorted(Path(results_dir).glob("*.jsonl")):
+        files[path.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for row in files[path.name]:
+            row["trainable"] = bool(row["finite"]) and final_error(row) < row["config"]["threshold"]
+    return files
+
+
+def standard_rows(files: dict[str, list[dict]]) -> list[dict]:
+    """Rows of the notebook's setup at the variant's lr, one per run (the last written wins)."""
+    keep = {}
+    for r in (r for rows in files.values() for r in rows):
+        v = registry.VARIANTS.get(r["variant"])
+        if v and r["lr"] == v.lr and all(r["config"].get(k) == x for k, x in STANDARD.items()):
+            keep[r["variant"], r["framework"], r["protocol"], r["depth"], r["seed"]] = r
+    return list(keep.values())
+
+
+def pick(rows, variant, protocol=None, framework="jax", depth=None) -> list[dict]:
+    """The rows of one variant, optionally of one protocol, framework and depth, by seed."""
+    return sorted((r for r in rows if r["variant"] == variant and r["framework"] == framework
+                   and protocol in (None, r["protocol"]) and depth in (None, r["depth"])), key=lambda r: r["seed"])
+
+
+def rate(rows) -> tuple[int, int, str]:
+    """(runs that train, runs, 'k/n seeds' or 'not run')."""
+    k, n = sum(r["trainable"] for r in rows), len(rows)
+    return k, n, f"{k}/{n} seeds" if n else NOT_RUN
+
+
+def boundary(rows, variant, protocol):
+    """flaxdepth's (deepest trainable k, shallowest untrainable k above it), a depth trainable when
+    most seeds train; None where no depth beyond the notebook's pair was evaluated (no search)."""
+    by_depth = defaultdict(list)
+    for r in pick(rows, variant, protocol):
+        by_depth[r["depth"]].append(r)
+    if not set(by_depth) - set(registry.get_variant(variant).notebook_pair):
+        return None
+    trains = {d: 2 * rate(rs)[0] > len(rs) for d, rs in by_depth.items()}
+    deepest = max((d for d, t in trains.items() if t), default=None)
+    return deepest, min((d for d, t in trains.items() if not t and (deepest is None or d > deepest)), default=None)
+
+
+def boundary_text(b) -> str:
+    """'k=D / k=S' for a boundary from `boundary`, 'not run' for None."""
+    if b is None:
+        return NOT_RUN
+    return (f"k={b[0]}" if b[0] else "none trains") + " / " + (f"k={b[1]}" if b[1] else "none fails")
+
+
+def torch_agreement(rows, variant) -> str:
+    """Torch rows against the jax rows of the same protocol, depth and seed: agreeing verdicts and
+    the max |per-epoch train or test error difference| in percentage points."""
+    jax = {(r["protocol"], r["depth"], r["seed"]): r for r in pick(rows, variant)}
+    pairs = [(t, jax[key]) for t in pick(rows, variant, framework="torch")
+             if (key := (t["protocol"], t["depth"], t["seed"])) in jax]
+    if not pairs:
+        return NOT_RUN
+    diff = max(abs(a - b) for t, j in pairs for e in ("train_errors", "test_errors") for a, b in zip(t[e], j[e]))
+    return f"verdicts agree {sum(t['trainable'] == j['trainable'] for t, j in pairs)}/{len(pairs)}, " \
+           f"max diff {100 * diff:.2f} pp"
+
+
+def table(rows) -> str:
+    """The markdown table: one row per variant in registry order."""
+    lines = ["| variant | lr | notebook: trainable k / untrainable k | faithful at trainable k | faithful at "
+             "untrainable k | corrected at trainable k | corrected at untrainable k | flaxdepth boundary, "
+             "faithful | flaxdepth boundary, corrected | torch vs jax |", "|" + " --- |" * 10]
+    for v in registry.VARIANTS.values():
+        cells = [v.name, f"{v.lr:g}", "{} / {}".format(*v.notebook_pair)]
+        cells += [rate(pick(rows, v.name, "faithful", depth=k))[2] for k in v.notebook_pair]
+        cells += [rate(pick(rows, v.name, "corrected", depth=k))[2] if v.batchnorm else "same (no BatchNorm)"
+                  for k in v.notebook_pair]
+        cells += [boundary_text(boundary(rows, v.name, "faithful")),
+                  boundary_text(boundary(rows, v.name, "corrected")) if v.batchnorm else "same"]
+        lines.append("| " + " | ".join(cells + [torch_agreement(rows, v.name)]) + " |")
+    return "\n".join(lines)
+
+
+def pair_finding(rows, v, protocol) -> str | None:
+    """One line on a variant's verdicts at the notebook's pair under one protocol; None without data."""
+    (kt, ku), search = v.notebook_pair, boundary_text(boundary(rows, v.name, protocol))
+    (a, n, at), (b, m, au) = (rate(pick(rows, v.name, protocol, depth=k)) for k in (kt, ku))
+    if n + m == 0 and search == NOT_RUN:
+        return None
+    differs = ([f"the notebook trained k={kt}, here {at} train"] if n and 2 * a <= n else []) + \
+              ([f"the notebook failed at k={ku}, here {au} train"] if m and 2 * b > m else [])
+    notes = [f"the deeper k={ku} trains more often than k={kt}: at these depths trainability depends on the "
+             "seed more than on k"] if n and m and b * n > a * m else []
+    notes += [f"its own search puts the boundary at {search}"] if search != NOT_RUN else []
+    verdict = "differs from the notebook: " + "; ".join(differs) if differs else "agrees with the notebook"
+    return f"- **{v.name}** ({protocol}; k={kt}: {at}, k={ku}: {au}) {verdict}" + "".join(f"; {s}" for s in notes) + "."
+
+
+def quirk_finding(rows, v, k, pct: float) -> str | None:
+    """The eval-mode collapse (under the threshold after epoch 1, over it at the end) of a BatchNorm
+    variant at depth k under the faithful protocol; None where no run shows it."""
+    rs = pick(rows, v.name, "faithful", depth=k)
+    fell = [r for r in rs if r["test_errors"][0] < pct / 100 <= r["test_errors"][-1]]
+    if not fell:
+        return None
+    first, later = [100 * r["test_errors"][0] for r in fell], [100 * e for r in fell for e in r["test_errors"][1:]]
+    return QUIRK.format(name=v.name, k=k, c=len(fell), n=len(rs), f0=min(first), f1=max(first), l0=min(later),
+                        l1=max(later), corr=rate(pick(rows, v.name, "corrected", depth=k))[2])
+
+
+def interpretation(rows, pct: float) -> str:
+    """Conditional text: where flaxdepth's verdicts differ from the notebook's, and the known causes."""
+    lines = [pair_finding(rows, v, p) for v in registry.VARIANTS.values() for p in PROTOCOLS[:1 + v.batchnorm]]
+    if not any(lines):
+        return "No results yet: every cell of the table is \"not run\"."
+    quirks = [quirk_finding(rows, v, k, pct) for v in registry.VARIANTS.values() if v.batchnorm
+              for k in v.notebook_pair]
+    torch = [f"- torch_ref vs flaxdepth, {v.name}: {agree}." for v in registry.VARIANTS.values()
+             if (agree := torch_agreement(rows, v.name)) != NOT_RUN]
+    multi = registry.get_variant("elu_multihead")
+    causes = ["", "Known reasons the notebook's numbers can differ from flaxdepth's:", "",
+              "- Each notebook row is a single unseeded run; flaxdepth trains several seeds (other initial weights "
+              "and batch orders). Near the boundary one run can land either way.",
+              "- The faithful protocol's eval-mode quirk, for BatchNorm variants: from epoch 2 on BatchNorm normalizes "
+              "with running statistics and stops updating them, which can undo what epoch 1 learned."]
+    causes += [f"  - {q}" for q in quirks if q] or ["  - No run here shows that collapse yet."]
+    causes.append(f"- The multihead cells' `l = 0.05` typo: the notebook trained elu_multihead with lr {multi.lr:g}, "
+                  f"and so does flaxdepth (so far: {rate(pick(rows, 'elu_multihead'))[2]}).")
+    return "\n".join(line for line in lines + torch + causes if line is not None)
+
+
+def what_was_run(files, results_link: str) -> str:
+    """The results files with their row counts, and which sweeps.toml entries have results."""
+    rows = standard_rows(files)
+    used = {id(r) for r in rows}
+    lines = ["| results file | rows | in table | framework | protocol | depths | seeds |", "|" + " --- |" * 7]
+    for name, rs in files.items():
+        col = lambda key: ", ".join(str(x) for x in sorted({r[key] for r in rs}))  # noqa: E731
+        lines.append(f"| [{name}]({results_link}/{name}) | {len(rs)} | {sum(id(r) in used for r in rs)} | "
+                     f"{col('framework')} | {col('protocol')} | {col('depth')} | {col('seed')} |")
+    lines += ["", "Sweeps of `experiments/sweeps.toml` (variants with results / variants in the sweep):", ""]
+    for e in tomllib.loads((HERE / "sweeps.toml").read_text())["sweep"]:
+        names = registry.VARIANT_NAMES if e["variants"] == "all" else e["variants"]
+        protocol, pair = "faithful" if e.get("notebook_quirks") else "corrected", e["depths"] == "notebook_pair"
+        done = [n for n in names if any((r["depth"] in registry.get_variant(n).notebook_pair) == pair
+                                        for r in pick(rows, n, protocol, e.get("framework", "jax")))]
+        lines.append(f"- `{e['name']}`: {len(done)}/{len(names)}" + (f" ({', '.join(done)})" if done else ""))
+    return "\n".join(lines)
+
+
+def hardware(files) -> str:
+    """Per sweep (one results file): device, versions, wall time as the sum of wall_s over its runs."""
+    lines = ["| sweep (results file) | runs | device | devices | runs trained together | wall time | finished | "
+             "versions |", "|" + " --- |" * 8]
+    for name, rs in files.items():
+        col = lambda key: ", ".join(sorted({str(r[key]) for r in rs}))  # noqa: E731
+        versions = {", ".join(f"{k} {x}" for k, x in sorted(r["versions"].items()) if x) for r in rs}
+        done = sorted(r["finished_at"][:16] for r in rs)
+        lines.append(f"| {name} | {len(rs)} | {col('device')} | {col('device_count')} | "
+                     f"{col('replicas_trained_together')} | {sum(r['wall_s'] for r in rs):.1f} s | "
+                     f"{done[0]} to {done[-1]} | {'; '.join(sorted(versions))} |")
+    total = sum(r["wall_s"] for rs in files.values() for r in rs)
+    return "\n".join(lines) + f"\n\nTotal: {sum(map(len, files.values()))} runs, {total:.1f} s of training."
+
+
+def _not_run(ax, rs) -> None:
+    """Write 'not run' across an axis without data."""
+    if not rs:
+        ax.text(0.5, 0.5, NOT_RUN, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=12)
+
+
+def fig_error_vs_depth(rows, path: Path, pct: float) -> None:
+    """Final error against depth per variant: a marker per seed, colour/shape per protocol, torch hollow."""
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.6), sharey=True)
+    for ax, v in zip(axes.flat, registry.VARIANTS.values()):
+        rs = [r for r in rows if r["variant"] == v.name]
+        depths = [r["depth"] for r in rs] + list(v.notebook_pair)
+        pad = 0.15 * (max(depths) - min(depths)) + 3
+        ax.set(xlim=(min(depths) - pad, max(depths) + pad), ylim=(-3, 103), title=f"{v.name} (lr {v.lr:g})")
+        ax.axvline(v.notebook_pair[0], color="tab:green", ls="--", lw=1.2)
+        ax.axvline(v.notebook_pair[1], color="tab:red", ls=":", lw=1.2)
+        ax.axhline(pct, color="k", ls="--", lw=0.8)
+        for r in rs:
+            shift = offset_copy(ax.transData, fig=fig, x=6 * (r["seed"] % 3 - 1), units="points")
+            ax.scatter(r["depth"], 100 * final_error(r), transform=shift, marker=MARKER[r["protocol"]], s=34,
+                       facecolors="none" if r["framework"] == "torch" else COLOR[r["protocol"]],
+                       edgecolors=COLOR[r["protocol"]])
+        _not_run(ax, rs)
+        ax.grid(alpha=0.3)
+    [ax.set_xlabel("depth k") for ax in axes[1]]
+    [ax.set_ylabel("final error, min(train, test) [%]") for ax in axes[:, 0]]
+    handles = [plt.Line2D([], [], ls="", marker=MARKER[p], color=COLOR[p], mfc=mfc, label=f"{p}, {fw}")
+               for p in PROTOCOLS for fw, mfc in (("jax", COLOR[p]), ("torch", "none"))]
+    handles += [plt.Line2D([], [], color="k", ls="--", lw=0.8, label=f"threshold {pct:g}%"),
+                plt.Line2D([], [], color="tab:green", ls="--", label="notebook: deepest trainable k"),
+                plt.Line2D([], [], color="tab:red", ls=":", label="notebook: shallowest untrainable k")]
+    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=9, frameon=False)
+    fig.suptitle("Final error against depth, one marker per seed (seeds side by side)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig_boundaries(rows, path: Path) -> None:
+    """Deepest trainable k per variant: the notebook's (grey), flaxdepth's search per protocol (solid),
+    or, with only the pair evaluated, the deepest pair depth where most seeds train (hatched)."""
+    fig, ax = plt.subplots(figsize=(12, 8))
+    n = len(registry.VARIANTS)
+    for i, v in enumerate(registry.VARIANTS.values()):
+        y, (kt, ku) = n - 1 - i, v.notebook_pair
+        ax.barh(y + 0.27, kt, height=0.25, color="0.6")
+        ax.text(kt + 2, y + 0.27, f"notebook: k={kt} trains, k={ku} fails", va="center", fontsize=7.5)
+        for yy, p in ((y, "faithful"), (y - 0.27, "corrected")):
+            rates, end = {k: rate(pick(rows, v.name, p, depth=k)) for k in (kt, ku)}, 0
+            if p == "corrected" and not v.batchnorm:
+                label = "corrected: same as faithful (no BatchNorm)"
+            elif (found := boundary(rows, v.name, p)) is not None:
+                end = found[0] or 0
+                ax.barh(yy, end, height=0.25, color=COLOR[p])
+                label = f"{p} search: {boundary_text(found)}"
+            else:
+                end = max((k for k, (a, m, _) in rates.items() if m and 2 * a > m), default=0)
+                ax.barh(yy, end, height=0.25, color="none", edgecolor=COLOR[p], hatch="///")
+                ran = [f"k={k} {cell}" for k, (_, m, cell) in rates.items() if m]
+                label = f"{p}: " + (", ".join(ran) + " (pair only, no search)" if ran else NOT_RUN)
+            ax.text(end + 2, yy, label, va="center", fontsize=7.5, color=COLOR[p])
+    ax.set_yticks(range(n), list(reversed(registry.VARIANT_NAMES)))
+    right = 1.6 * max(v.notebook_pair[1] for v in registry.VARIANTS.values())
+    ax.set(xlabel="deepest trainable depth k", xlim=(0, right),
+           title="Boundaries: notebook vs flaxdepth (a depth trains when most seeds do)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=text) for c, text in (
+        ("0.6", "notebook (one unseeded run)"), (COLOR["faithful"], "flaxdepth search, faithful"),
+        (COLOR["corrected"], "flaxdepth search, corrected"))]
+    handles.append(plt.Rectangle((0, 0), 1, 1, fc="none", ec="k", hatch="///",
+                                 label="pair only: deepest pair depth where most seeds train"))
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig_epoch_curves(rows, path: Path, pct: float) -> None:
+    """Per-epoch test error at the notebook's pair for BatchNorm variants, both protocols."""
+    bn = [v for v in registry.VARIANTS.values() if v.batchnorm]
+    fig, axes = plt.subplots(1, len(bn), figsize=(5.2 * len(bn), 4.4), sharey=True)
+    for ax, v in zip(axes, bn):
+        rs = []
+        for p in PROTOCOLS:
+            for k, ls, fill in zip(v.notebook_pair, ("-", "--"), (COLOR[p], "white")):
+                for j, r in enumerate(pick(rows, v.name, p, depth=k)):
+                    rs.append(r)
+                    ax.plot(range(1, len(r["test_errors"]) + 1), [100 * e for e in r["test_errors"]], ls=ls,
+                            marker=MARKER[p], mfc=fill, color=COLOR[p], alpha=0.8, label=None if j else f"{p}, k={k}")
+        ax.axhline(pct, color="k", ls=":", lw=0.8)
+        _not_run(ax, rs)
+        epochs = max((len(r["test_errors"]) for r in rs), default=3)
+        ax.set(title=f"{v.name}, notebook pair k={v.notebook_pair[0]}/{v.notebook_pair[1]}", xlabel="epoch",
+               ylim=(-3, 103), xlim=(0.8, epochs + 0.2), xticks=range(1, epochs + 1))
+        ax.grid(alpha=0.3)
+        if rs:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("test error [%] (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """Read the results, write the figures and REPORT.md."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=HERE / "results", help="folder of *.jsonl results files")
+    p.add_argument("--out", type=Path, default=HERE, help="folder for REPORT.md and figures/")
+    args = p.parse_args(argv)
+    files = load(args.results)
+    rows = standard_rows(files)
+    pct = 100 * max((r["config"]["threshold"] for r in rows), default=0.2)
+    (args.out / "figures").mkdir(parents=True, exist_ok=True)
+    fig_error_vs_depth(rows, args.out / "figures/error_vs_depth.png", pct)
+    fig_boundaries(rows, args.out / "figures/boundaries.png")
+    fig_epoch_curves(rows, args.out / "figures/epoch_curves.png", pct)
+    link = Path(os.path.relpath(args.results.resolve(), args.out.resolve())).as_posix()
+    (args.out / "REPORT.md").write_text("\n\n".join([
+        "# flaxdepth: trainability against depth, results",
+        f"_Generated by `python experiments/report.py` from `{link}/*.jsonl`; edit report.py, not this file._",
+        INTRO.format(pct=f"{pct:g}", epochs=STANDARD["epochs"]),
+        "## Verdicts at the notebook's depth pairs", table(rows),
+        "Cells: seeds that train (final error, the smaller of the last train and test errors, under the "
+        "threshold). *flaxdepth boundary*: deepest depth where most seeds train / shallowest untrainable depth "
+        "above it, from a search (depths beyond the notebook's pair). *torch vs jax*: torch_ref runs against "
+        "jax runs of the same protocol, depth and seed; max diff over per-epoch train and test errors.",
+        "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
+        "## Interpretation", interpretation(rows, pct), "![per-epoch test error](figures/epoch_curves.png)",
+        "## What was run", what_was_run(files, link),
+        "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
+    print(f"wrote {args.out / 'REPORT.md'} and 3 figures in {args.out / 'figures'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Tests of experiments/report.py on a tiny synthetic results folder (nothing is trained)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("error_vs_depth.png", "boundaries.png", "epoch_curves.png")
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(variant, depth, seed, train, test, framework="jax", protocol="faithful", lr=0.05, **config):
+    """One results row in the sweep's format; `trainable` deliberately wrong, the report recomputes it."""
+    return {"variant": variant, "depth": depth, "lr": lr, "seed": seed, "framework": framework, "protocol": protocol,
+            "train_errors": train, "test_errors": test, "finite": True, "trainable": "stale", "wall_s": 2.5,
+            "replicas_trained_together": 3, "device": "gpu:Fake GPU", "device_count": 1,
+            "versions": {"jax": "0.0.1", "torch": None}, "finished_at": "2026-01-02T03:04:05+0000",
+            "config": {"epochs": 3, "batch_size": 256, "threshold": 0.2, "dataset": "mnist", "limit_train": None,
+                       "limit_test": None, "fan": "out", "notebook_quirks": protocol == "faithful", **config}}
+
+
+GOOD, BAD = [0.5, 0.1, 0.05], [0.9, 0.9, 0.9]
+COLLAPSE_TEST = [0.03, 0.9, 0.9]
+
+
+def write(folder: Path, name: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def results(tmp_path):
+    folder = tmp_path / "results"
+    write(folder, "tanh_jax_faithful_e3_b256_mnist.jsonl",
+          [row("tanh", 6, s, GOOD, GOOD) for s in range(3)] + [row("tanh", 9, s, BAD, BAD) for s in range(2)]
+          + [row("tanh", 9, 2, BAD, [0.9, 0.9, 0.1])]  # min(train, test) counts: this seed trains
+          + [row("tanh", 12, s, BAD, BAD) for s in range(3)])
+    write(folder, "tanh_torch_faithful_e3_b256_mnist.jsonl",
+          [row("tanh", 6, 0, [0.5, 0.1, 0.06], GOOD, framework="torch")])
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist.jsonl", [row("elu_bn", 63, 0, [0.2, 0.9, 0.9], COLLAPSE_TEST)])
+    write(folder, "elu_bn_jax_corrected_e3_b256_mnist.jsonl",
+          [row("elu_bn", 63, 0, GOOD, GOOD, protocol="corrected")])
+    write(folder, "elu_jax_faithful_e3_b256_mnist_train100.jsonl",  # a smoke test: listed, not tabulated
+          [row("elu", 39, 0, GOOD, GOOD, limit_train=100)])
+    return folder
+
+
+def table_row(text: str, variant: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {variant} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_report_from_synthetic_results(report, results, tmp_path):
+    out = tmp_path / "out"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+
+    tanh = table_row(text, "tanh")
+    assert tanh[:5] == ["tanh", "0.05", "6 / 9", "3/3 seeds", "1/3 seeds"]
+    assert tanh[5:8] == ["same (no BatchNorm)", "same (no BatchNorm)", "k=6 / k=9"]  # a search: depth 12 too
+    assert tanh[8] == "same"
+    assert tanh[9] == "verdicts agree 1/1, max diff 1.00 pp"
+
+    elu_bn = table_row(text, "elu_bn")
+    assert elu_bn[3:10] == ["0/1 seeds", "not run", "1/1 seeds", "not run", "not run", "not run", "not run"]
+    assert table_row(text, "elu")[3:5] == ["not run", "not run"]  # the smoke-test row is not tabulated
+    assert set(table_row(text, "resnet")[3:]) == {"not run"}
+
+    assert "**tanh** (faithful; k=6: 3/3 seeds, k=9: 1/3 seeds) agrees with the notebook" in text
+    assert "its own search puts the boundary at k=6 / k=9" in text
+    assert "**elu_bn** (faithful; k=63: 0/1 seeds, k=66: not run) differs from the notebook" in text
+    assert "**elu_bn** (corrected; k=63: 1/1 seeds, k=66: not run) agrees with the notebook" in text
+    assert "elu_bn at k=63 (faithful): 1/1 seeds reach 3.0-3.0% test error after epoch 1, then 90.0-90.0%" in text
+    assert "Corrected protocol at this depth: 1/1 seeds." in text
+
+    assert "| [elu_jax_faithful_e3_b256_mnist_train100.jsonl](../results/elu_jax_faithful_e3_b256_mnist_train100" \
+           ".jsonl) | 1 | 0 |" in text
+    assert "| tanh_jax_faithful_e3_b256_mnist.jsonl | 9 | gpu:Fake GPU | 1 | 3 | 22.5 s |" in text
+    assert "jax 0.0.1 |" in text and "torch None" not in text
+    assert "Total: 13 runs, 32.5 s of training." in text
+    for name in FIGURES:
+        assert f"](figures/{name})" in text
+        assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_without_results(report, tmp_path):
+    out = tmp_path / "out"
+    assert report.main(["--results", str(tmp_path / "none"), "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    for variant in ("tanh", "elu_multihead"):
+        assert set(table_row(text, variant)[3:]) - {"same", "same (no BatchNorm)"} == {"not run"}
+    assert 'No results yet: every cell of the table is "not run".' in text
+    assert all((out / "figures" / name).stat().st_size > 0 for name in FIGURES)
+
+
+def test_verdicts_are_recomputed_with_the_rows_threshold(report, tmp_path):
+    folder = tmp_path / "results"
+    write(folder, "tanh.jsonl", [row("tanh", 6, 0, [0.3, 0.3, 0.3], [0.3, 0.3, 0.3], threshold=0.5),
+                                 row("tanh", 6, 1, [0.3, 0.3, 0.3], [0.3, 0.3, 0.3])])
+    rows = report.standard_rows(report.load(folder))
+    assert [r["trainable"] for r in sorted(rows, key=lambda r: r["seed"])] == [True, False]
