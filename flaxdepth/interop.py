@@ -127,8 +127,9 @@ def _describe(names: list[str], limit: int = 8) -> str:
 
 
 def _check_keys(what: str, expected: list[str], given: list[str]) -> None:
-    missing = [k for k in expected if k not in set(given)]
-    extra = [k for k in given if k not in set(expected)]
+    given_set, expected_set = set(given), set(expected)
+    missing = [k for k in expected if k not in given_set]
+    extra = [k for k in given if k not in expected_set]
     problems = []
     if missing:
         problems.append(f"missing {_describe(missing)}")
