@@ -129,18 +129,24 @@ def assert_close(actual, expected, rtol: float, what: str) -> float:
 NOISE_FLOOR = 0.1
 
 
-def assert_state_dicts_close(actual: dict, expected: dict, rtol: float, what: str) -> float:
+def state_dict_error(actual: dict, expected: dict) -> float:
     """The largest per-tensor relative error, each tensor scaled by max(its own norm, the floor)."""
-    assert list(actual) == list(expected), f"{what}: keys differ"
+    assert list(actual) == list(expected), "keys differ"
     floating = [k for k in expected if np.issubdtype(np.asarray(expected[k]).dtype, np.floating)]
     floor = NOISE_FLOOR * np.sqrt(sum(np.sum(np.square(expected[k], dtype=np.float64)) for k in floating))
     worst = 0.0
     for key in expected:
         a, e = np.asarray(actual[key], np.float64), np.asarray(expected[key], np.float64)
-        error = float(np.linalg.norm(a - e) / max(np.linalg.norm(e), floor, np.finfo(float).tiny))
-        assert error <= rtol, f"{what} {key}: relative error {error:.3g} > {rtol:g}"
-        worst = max(worst, error)
+        worst = max(worst, float(np.linalg.norm(a - e) / max(np.linalg.norm(e), floor, np.finfo(float).tiny)))
     return worst
+
+
+def assert_state_dicts_close(actual: dict, expected: dict, rtol: float, what: str) -> float:
+    error = state_dict_error(actual, expected)
+    if not error <= rtol:  # also catches NaN
+        worst = max(expected, key=lambda k: state_dict_error({k: actual[k]}, {k: expected[k]}))
+        raise AssertionError(f"{what} relative error {error:.3g} > {rtol:g} (worst tensor {worst})")
+    return error
 
 
 #: Largest relative error measured per (variant, precision), printed at the end of the run.
