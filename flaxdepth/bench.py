@@ -22,7 +22,7 @@ import torch
 
 import torch_ref
 from torch_ref import training as torch_training
-from flaxdepth import models, registry, train
+from flaxdepth import registry, train
 
 PROG = "python -m flaxdepth.bench"
 

@@ -23,7 +23,6 @@ Bad input exits with status 2 and one line on stderr; outputs are replaced atomi
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import secrets
 import sys

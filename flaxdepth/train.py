@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import time
 from typing import Callable, Sequence
 
 import flax.struct

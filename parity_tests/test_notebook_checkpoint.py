@@ -26,16 +26,6 @@ VARIANTS = registry.VARIANT_NAMES
 DEPTHS = (3, 7, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These models are tiny; on a busy 2-core machine two intra-op threads spin on each other
-    # and made a forward + backward ~50x slower than one thread. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def notebook():
     # Loaded by path, so that this works whether or not parity_tests/ becomes a package.

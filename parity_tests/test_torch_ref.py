@@ -26,16 +26,6 @@ DEPTHS = (3, 6, 9, 31)
 BN_VARIANTS = tuple(n for n in VARIANTS if registry.VARIANTS[n].batchnorm)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These models are tiny; on a busy 2-core machine two intra-op threads spin on each other
-    # and made a forward + backward ~50x slower than one thread. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _load_notebook_module():
     # By path, so that this works whether or not parity_tests/ becomes a package.
     path = Path(__file__).with_name("notebook_models.py")
