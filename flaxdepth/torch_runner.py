@@ -24,9 +24,11 @@ class EpochOrderLoader:
         self.epoch = 0
 
     def __iter__(self):
+        # A generator: the epoch advances when iteration starts, not when iter() is called, since
+        # torch_ref.training calls iter() once up front to reject one-shot loaders.
         order = self.orders[self.epoch]
         self.epoch += 1
-        return training.batches(self.images, self.labels, order, self.batch_size)
+        yield from training.batches(self.images, self.labels, order, self.batch_size)
 
 
 def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out") -> dict[str, np.ndarray]:
@@ -41,23 +43,25 @@ def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out") ->
 
 def train_torch_runs(variant: str, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
                      epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
-                     log: Callable[[str], None] | None = None, device: str | None = None) -> list[train.RunResult]:
+                     log: Callable[[str], None] | None = None, device: str | None = None,
+                     dtype: torch.dtype = torch.float32) -> list[train.RunResult]:
     """Train each (seed, lr) with torch_ref's notebook loop, one after the other; `log` gets the
-    notebook's per-epoch lines, prefixed with the seed and lr."""
+    notebook's per-epoch lines, prefixed with the seed and lr. `dtype=torch.float64` runs model
+    and inputs in double precision (for parity checks; pair it with JAX's x64 mode)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = registry.get_variant(variant)
-    train_images = training.normalize(dataset.train_images)
-    test_images = training.normalize(dataset.test_images)
+    train_images = training.normalize(dataset.train_images, dtype)
+    test_images = training.normalize(dataset.test_images, dtype)
     n = len(dataset.train_labels)
     test_loader = list(training.batches(test_images, dataset.test_labels, np.arange(len(dataset.test_labels)),
                                         batch_size))
     results = []
     for seed, lr in runs:
-        model = torch_ref.build(variant, depth, fan=fan)
+        # Cast before loading, so that float64 initial weights are not rounded through float32.
+        model = torch_ref.build(variant, depth, fan=fan).to(device=device, dtype=dtype)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
                                initial_state_dict(variant, depth, seed, fan).items()})
-        model.to(device)
-        orders = [np.asarray(train.epoch_orders([seed], epoch, n)[0]) for epoch in range(epochs)]
+        orders = [np.array(train.epoch_orders([seed], epoch, n)[0]) for epoch in range(epochs)]  # writable, for torch
         loader = EpochOrderLoader(train_images, dataset.train_labels, orders, batch_size)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=train.MOMENTUM)
         criterion = torch.nn.CrossEntropyLoss()
