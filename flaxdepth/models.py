@@ -181,6 +181,9 @@ def build_model(variant: str, depth: int, fan: str = "out") -> DepthCNN:
 
 
 def init_variables(model: DepthCNN, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Fresh variables ({'params'[, 'batch_stats']}) drawn from the notebook's distributions."""
-    sample = jnp.zeros((1, 28, 28, 1), dtype)
-    return dict(model.init(key, sample, train=False))
+    """Fresh variables ({'params'[, 'batch_stats']}) drawn from the notebook's distributions,
+    every floating array in `dtype` (Flax creates Conv and Dense parameters in float32 even
+    under jax_enable_x64)."""
+    variables = model.init(key, jnp.zeros((1, 28, 28, 1), dtype), train=False)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        dict(variables))

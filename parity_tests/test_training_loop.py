@@ -43,18 +43,9 @@ SEED = 0
 #: Allowed argmax flips per error figure in float32 (see the module docstring).
 FLOAT32_FLIPS = 3
 
-#: A known engine bug: under jax_enable_x64 flax keeps Conv and Dense parameters in float32 (its
-#: default param_dtype), so train_replicas silently trains them in float32 (variants without
-#: BatchNorm) or fails with a TypeError in the epoch scan (BatchNorm variants, whose float64
-#: BatchNorm parameters make optax hold the momentum, hence its trace, in float64). The float64
-#: cases check this premise first and are expected to fail on it, and only on it, until
-#: train.init_state casts the floating variables to jnp.result_type(float); then they XPASS
-#: (strict) and this mark must go.
-ENGINE_NOT_X64 = "train_replicas under jax_enable_x64 keeps conv/Dense parameters in float32"
-
-
 class NotFloat64(Exception):
-    """The engine's training state is not all float64 in x64 mode."""
+    """The engine's training state is not all float64 in x64 mode (flax creates Conv and Dense
+    parameters in float32 unless models.init_variables casts them)."""
 
 
 CASES = [
@@ -65,8 +56,7 @@ CASES = [
     for quirks in ((True, False) if registry.get_variant(v).batchnorm else (False,))
 ]
 PRECISIONS = [
-    pytest.param(FLOAT64, id="float64",
-                 marks=pytest.mark.xfail(raises=NotFloat64, strict=True, reason=ENGINE_NOT_X64)),
+    pytest.param(FLOAT64, id="float64"),
     pytest.param(FLOAT32, id="float32"),
 ]
 
