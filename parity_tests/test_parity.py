@@ -107,6 +107,9 @@ CHAOS_FACTOR = 100
 #: Once two torch runs a rounding unit apart differ by this much, the trajectory is no longer
 #: determined to float precision (resnet_nobn's activations near overflow): comparison stops.
 UNPREDICTABLE = 1e-2
+#: Chance level is ln 10 = 2.3; resnet_nobn at k >= 31 reaches 1e3 at step 0 and 6e269 by step 4
+#: in float64 (torch), where the two frameworks overflow at different steps.
+DIVERGED_LOSS = 1e4
 TRAJECTORY_LR = 1e-3  # small enough that most variants stay well conditioned over 20 steps
 
 
@@ -154,9 +157,8 @@ def test_sgd_momentum_trajectory(variant, depth, precision, mnist_batches):
     with jax.default_matmul_precision("highest"):
         for i, ((loss, expected), (noisy_loss, noisy)) in enumerate(zip(reference, noise_run)):
             state, metrics = step(state, jnp.asarray(images[i]), jnp.asarray(labels[i]))
-            if not np.isfinite(loss):  # the dynamics overflowed: flaxdepth must overflow too
-                assert not np.isfinite(float(metrics["loss"])), f"torch diverged at step {i}, flaxdepth did not"
-                break
+            if not loss < DIVERGED_LOSS:
+                break  # diverged (resnet_nobn at k >= 31): what follows is overflow, not arithmetic
             noise = state_dict_error(noisy, expected)
             if not (np.isfinite(noisy_loss) and noise < UNPREDICTABLE):
                 break  # rounding alone changes everything from here on (resnet_nobn at k >= 31)
