@@ -4,11 +4,16 @@ evidence. `python -m flaxdepth.sweep` is the command-line front of `run_sweep`."
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import platform
 import time
 from pathlib import Path
 from typing import Callable
+
+import jax
+import numpy as np
 
 from flaxdepth import registry, train
 from flaxdepth.data import DATASETS
@@ -102,8 +107,6 @@ class SweepConfig:
 
 def environment() -> dict:
     """Device and library versions, stored with every row."""
-    import jax
-
     versions = {}
     for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
         try:
@@ -112,7 +115,7 @@ def environment() -> dict:
             versions[package] = None
     device = jax.devices()[0]
     return {"device": f"{device.platform}:{device.device_kind}", "device_count": jax.device_count(),
-            "host": platform.node(), "versions": versions}
+            "process_count": jax.process_count(), "host": platform.node(), "versions": versions}
 
 
 @dataclasses.dataclass
@@ -182,20 +185,41 @@ class SweepReport:
 
 
 class Sweep:
-    """Trains what a sweep needs, reusing every finished run in its results file."""
+    """Trains what a sweep needs, reusing every finished run in its results file.
+
+    JAX runs are split over every device of every process (`train.replica_mesh`). Under
+    `jax.distributed` every process runs the same sweep in lockstep; only process 0 writes the
+    results file and the plot, and logs."""
 
     def __init__(self, config: SweepConfig, dataset, log: Callable[[str], None] = print, progress=None):
         self.config = config
         self.dataset = dataset
-        self.log = log
-        self.progress = progress  # a tqdm-like factory, or None
+        self.writer = jax.process_index() == 0
+        self.log = log if self.writer else (lambda line: None)
+        self.progress = progress if self.writer else None  # a tqdm-like factory, or None
         self.file = ResultsFile(config.results_path())
+        # Read once: every process must decide the same runs to train, and later rows are the ones
+        # this sweep appends itself (results are identical on every process).
+        self.rows = self.file.rows()
+        self._check_same_rows_everywhere()
         self.env = environment()
         self.outcomes: dict[int, DepthOutcome] = {}
+        self.mesh = train.replica_mesh() if config.framework == "jax" else None
         self._device_data = None
 
+    def _check_same_rows_everywhere(self) -> None:
+        if jax.process_count() == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        digest = hashlib.sha256(json.dumps(self.rows, sort_keys=True).encode()).digest()
+        digests = multihost_utils.process_allgather(np.frombuffer(digest[:8], np.int64))
+        if len(np.unique(digests)) > 1:  # every process sees every digest, so all of them stop
+            raise ConfigError(f"the processes read different contents of {self.file.path}; --out must be a "
+                              f"folder that every process shares") from None
+
     def _finished(self, depth: int) -> dict[tuple[int, float], dict]:
-        return {(row["seed"], row["lr"]): row for row in self.file.rows() if row["depth"] == depth}
+        return {(row["seed"], row["lr"]): row for row in self.rows if row["depth"] == depth}
 
     def _row(self, depth: int, result, wall_s: float, replicas: int) -> dict:
         c = self.config
@@ -228,9 +252,9 @@ class Sweep:
         try:
             if c.framework == "jax":
                 if self._device_data is None:
-                    self._device_data = train.DeviceData.put(self.dataset)
+                    self._device_data = train.DeviceData.put(self.dataset, self.mesh)
                 return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,
-                                            c.notebook_quirks, c.fan, on_epoch)
+                                            c.notebook_quirks, c.fan, on_epoch, self.mesh)
             from flaxdepth import torch_runner
 
             return torch_runner.train_torch_runs(c.variant, depth, self.dataset, runs, c.epochs, c.batch_size,
@@ -250,7 +274,9 @@ class Sweep:
             results = self._train(depth, missing)
             wall = time.perf_counter() - start
             rows = [self._row(depth, r, wall / len(results), len(results)) for r in results]
-            self.file.append(rows)
+            if self.writer:
+                self.file.append(rows)
+            self.rows.extend(rows)
             finished.update({(r["seed"], r["lr"]): r for r in rows})
         else:
             self.log(f"  k={depth}: all {len(wanted)} runs already in {self.file.path}, reused")
@@ -302,8 +328,9 @@ class Sweep:
         report = SweepReport(self.config, self.outcomes, path, plot_path)
         rows = [row for outcome in self.outcomes.values() for row in outcome.rows]
         c = self.config
-        plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs",
-             c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
+        if self.writer:
+            plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs",
+                 c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
         return report
 
 

@@ -49,7 +49,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Glorot-style sigma over fan-out (the notebook's) or fan-in")
     p.add_argument("--skip-parity", action="store_true", help="skip the quick check against torch_ref")
     p.add_argument("--quiet", action="store_true", help="no per-run epoch lines, only the summary")
+    group = p.add_argument_group(
+        "several processes or hosts (jax.distributed)",
+        "Every process runs the same command; replicas are split over all their devices and process 0 "
+        "writes the results. On SLURM or Open MPI, --distributed alone is enough; elsewhere give the three "
+        "options below (the coordinator address may also come from $JAX_COORDINATOR_ADDRESS).")
+    group.add_argument("--distributed", action="store_true", help="join the other processes with jax.distributed")
+    group.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index, 0 to N-1")
     return p.parse_args(argv)
+
+
+def join_processes(args) -> None:
+    """jax.distributed.initialize with whatever was given; JAX detects SLURM and Open MPI itself."""
+    given = [f"--{name.replace('_', '-')}" for name in ("coordinator_address", "num_processes", "process_id")
+             if getattr(args, name) is not None]
+    if not args.distributed:
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --distributed")
+        return
+    import jax
+
+    # CPU processes exchange the gathered metrics through gloo (GPUs use NCCL).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except Exception as error:  # JAX raises several types; the user needs the one line
+        message = " ".join(str(error).split())
+        raise ConfigError(f"could not join the other processes ({message}); outside SLURM/Open MPI give "
+                          f"--coordinator-address, --num-processes and --process-id") from None
 
 
 def configs(args) -> list[SweepConfig]:
@@ -72,6 +101,12 @@ def main(argv=None) -> int:
 
     try:
         sweep_configs = configs(args)  # every input checked before anything trains
+        join_processes(args)
+        import jax
+
+        if jax.process_count() > 1 and args.framework != "jax":
+            raise ConfigError("--distributed splits JAX replicas over processes; --framework torch runs "
+                              "in one process")
         from flaxdepth import data
 
         dataset = data.subset(data.load_dataset(args.dataset, args.data_dir),
@@ -85,16 +120,21 @@ def main(argv=None) -> int:
     from flaxdepth import parity_check, search
 
     log = (lambda line: None) if args.quiet else tqdm.write
+    show = print if jax.process_index() == 0 else (lambda *a, **k: None)  # one process speaks
     for config in sweep_configs:
-        if not config.skip_parity:
+        if not config.skip_parity:  # every process checks, so that all stop alike on a mismatch
             try:
-                print(parity_check.quick_parity(config.variant, dataset), flush=True)
+                show(parity_check.quick_parity(config.variant, dataset), flush=True)
             except parity_check.ParityError as error:
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 return 1
-        report = search.run_sweep(config, dataset, log=log, progress=tqdm)
-        print(report.table())
-        print(f"results: {report.path}\nplot:    {report.plot_path}", flush=True)
+        try:
+            report = search.run_sweep(config, dataset, log=log, progress=tqdm)
+        except ConfigError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        show(report.table())
+        show(f"results: {report.path}\nplot:    {report.plot_path}", flush=True)
     return 0
 
 

@@ -31,10 +31,12 @@ class EpochOrderLoader:
         yield from training.batches(self.images, self.labels, order, self.batch_size)
 
 
-def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out") -> dict[str, np.ndarray]:
-    """flaxdepth's initial weights of a seed, as a torch state_dict."""
-    _, init, _, _ = train.compiled_functions(variant, depth, 1, fan)
-    state = init(train.seed_keys(seed)[0][None], np.zeros(1, np.float32))
+def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out",
+                       batch_size: int = 256) -> dict[str, np.ndarray]:
+    """flaxdepth's initial weights of a seed, as a torch state_dict. (`batch_size` only picks
+    the cached compiled_functions entry a sweep of that batch size already compiled.)"""
+    _, init, _, _ = train.compiled_functions(variant, depth, batch_size, fan)
+    state = init(np.asarray([seed], np.int32), np.zeros(1, np.float32))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if not registry.get_variant(variant).batchnorm:
         variables.pop("batch_stats")
@@ -60,7 +62,7 @@ def train_torch_runs(variant: str, depth: int, dataset: Dataset, runs: Sequence[
         # Cast before loading, so that float64 initial weights are not rounded through float32.
         model = torch_ref.build(variant, depth, fan=fan).to(device=device, dtype=dtype)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
-                               initial_state_dict(variant, depth, seed, fan).items()})
+                               initial_state_dict(variant, depth, seed, fan, batch_size).items()})
         orders = [np.array(train.epoch_orders([seed], epoch, n)[0]) for epoch in range(epochs)]  # writable, for torch
         loader = EpochOrderLoader(train_images, dataset.train_labels, orders, batch_size)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=train.MOMENTUM)

@@ -6,6 +6,9 @@
 - The dataset lives on the device as uint8 and is normalized there.
 - Independent runs (seeds x learning rates) form a leading replica axis under `jax.vmap`, so one
   compiled program trains them all; depth changes the program, so each depth compiles once.
+- The replica axis is sharded over a 1-D device mesh (`jax.shard_map`): each device runs the
+  vmapped program on its block of replicas, the dataset is replicated on every device, and only the
+  per-replica metrics are gathered. With `jax.distributed` the mesh spans every process's devices.
 """
 
 from __future__ import annotations
@@ -20,11 +23,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxdepth import models, objective, registry
 from flaxdepth.data import MNIST_MEAN, MNIST_STD, Dataset
 
 MOMENTUM = 0.9
+REPLICA_AXIS = "replicas"
+
+
+def replica_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh whose axis carries the replicas; default: every device of every process."""
+    return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (REPLICA_AXIS,))
+
+
+def local_mesh() -> Mesh:
+    """The mesh of this process's first device: the default for single-model work."""
+    return replica_mesh(jax.local_devices()[:1])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def split_over_replicas(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(REPLICA_AXIS))
+
+
+def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A device array of `values` laid out by `sharding`. Every process passes the same full
+    values and places only the blocks its own devices hold (this works across processes, where
+    `jax.device_put` to other hosts' devices would not)."""
+    values = np.asarray(values)
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
 @flax.struct.dataclass
@@ -46,8 +77,10 @@ class DeviceData:
     test_labels: jax.Array
 
     @classmethod
-    def put(cls, dataset: Dataset) -> "DeviceData":
-        return cls(*(jax.device_put(np.asarray(a)) for a in (
+    def put(cls, dataset: Dataset, mesh: Mesh | None = None) -> "DeviceData":
+        """One copy of the dataset on every device of `mesh` (default: `local_mesh()`), once."""
+        sharding = replicated(mesh or local_mesh())
+        return cls(*(global_array(a, sharding) for a in (
             dataset.train_images, dataset.train_labels.astype(np.int32),
             dataset.test_images, dataset.test_labels.astype(np.int32))))
 
@@ -69,9 +102,9 @@ def optimizer_init(params: dict, learning_rate) -> optax.OptState:
     return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=MOMENTUM).init(params)
 
 
-def init_state(model: models.DepthCNN, key: jax.Array, learning_rate: jax.Array) -> TrainState:
-    """Fresh weights from the notebook's distributions and a zero momentum buffer."""
-    variables = models.init_variables(model, key, jnp.result_type(float))
+def init_state(model: models.DepthCNN, seed: jax.Array, learning_rate: jax.Array) -> TrainState:
+    """Fresh weights of a seed from the notebook's distributions and a zero momentum buffer."""
+    variables = models.init_variables(model, seed_keys(seed)[0], jnp.result_type(float))
     params = variables["params"]
     return TrainState(params, variables.get("batch_stats", {}), optimizer_init(params, learning_rate))
 
@@ -168,25 +201,47 @@ def bn_train_mode(epoch: int, notebook_quirks: bool, variant: registry.Variant) 
 _UNOPTIMIZED = {"xla_backend_optimization_level": 0}
 
 
+def _over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, ...] | bool,
+                   **jit_options) -> Callable:
+    """jit(shard_map(vmap(fn))): every device of `mesh` runs `fn` vmapped over its block of the
+    replica axis. Arguments with in_axes None (the dataset, the epoch) are whole on every device.
+    Outputs flagged in `gather` (per-replica metrics, small) come back replicated, so that every
+    process can read them; the others (the training state) stay split over the devices."""
+    specs = tuple(PartitionSpec() if axis is None else PartitionSpec(REPLICA_AXIS) for axis in in_axes)
+    per_device = jax.shard_map(jax.vmap(fn, in_axes=in_axes), mesh=mesh, in_specs=specs,
+                               out_specs=PartitionSpec(REPLICA_AXIS))
+    shardings = tuple(replicated(mesh) if g else split_over_replicas(mesh)
+                      for g in (gather if isinstance(gather, tuple) else (gather,)))
+    return jax.jit(per_device, out_shardings=shardings if isinstance(gather, tuple) else shardings[0],
+                   **jit_options)
+
+
 @functools.lru_cache(maxsize=16)
-def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "out"):
-    """Jitted, replica-vmapped (model, init, {bn_train: epoch}, test) for one variant and depth."""
+def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "out", mesh: Mesh | None = None):
+    """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant and depth.
+
+    init(seeds, lrs) -> state; epoch(state, orders, data) -> (state, metrics); test(state, data)
+    -> errors. Replica counts must divide the mesh size (train_replicas pads); default mesh:
+    `local_mesh()`."""
+    mesh = mesh or local_mesh()
     model = models.build_model(variant, depth, fan)
-    init = jax.jit(jax.vmap(functools.partial(init_state, model)), compiler_options=_UNOPTIMIZED)
+    init = _over_replicas(functools.partial(init_state, model), mesh, (0, 0), False, compiler_options=_UNOPTIMIZED)
     epochs = {
-        mode: jax.jit(jax.vmap(
+        mode: _over_replicas(
             lambda state, order, data, mode=mode: train_epoch(model, state, order, data, batch_size, mode),
-            in_axes=(0, 0, None)))
+            mesh, (0, 0, None), (False, True))
         for mode in (True, False)
     }
-    test = jax.jit(jax.vmap(lambda state, data: test_error(model, state, data, batch_size), in_axes=(0, None)))
+    test = _over_replicas(lambda state, data: test_error(model, state, data, batch_size), mesh, (0, None), True)
     return model, init, epochs, test
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def shuffled_orders(keys: jax.Array, n: int) -> jax.Array:
-    """One permutation of range(n) per replica key. Depth-independent, so compiled once."""
-    return jax.vmap(lambda key: jax.random.permutation(key, n))(keys)
+@functools.lru_cache(maxsize=4)
+def _orders_program(mesh: Mesh, n: int) -> Callable:
+    """seeds, epoch -> one permutation of range(n) per seed. Depth-independent, so compiled once."""
+    def order(seed, epoch):
+        return jax.random.permutation(jax.random.fold_in(seed_keys(seed)[1], epoch), n)
+    return _over_replicas(order, mesh, (0, None), False)
 
 
 def replica_grid(seeds: Sequence[int], lrs: Sequence[float]) -> list[tuple[int, float]]:
@@ -194,35 +249,49 @@ def replica_grid(seeds: Sequence[int], lrs: Sequence[float]) -> list[tuple[int, 
     return list(itertools.product(seeds, lrs))
 
 
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+def seed_keys(seed: int | jax.Array) -> tuple[jax.Array, jax.Array]:
     """(init key, shuffle key) of a seed: the same seed gives the same weights and batch order."""
     init_key, shuffle_key = jax.random.split(jax.random.key(seed))
     return init_key, shuffle_key
 
 
-def epoch_orders(seeds: Sequence[int], epoch: int, n: int) -> jax.Array:
-    """The batch order of each seed's run in this epoch, (len(seeds), n) on the device."""
-    keys = jnp.stack([jax.random.fold_in(seed_keys(seed)[1], epoch) for seed in seeds])
-    return shuffled_orders(keys, n)
+def epoch_orders(seeds: Sequence[int] | jax.Array, epoch: int, n: int, mesh: Mesh | None = None) -> jax.Array:
+    """The batch order of each seed's run in this epoch, (len(seeds), n) on the mesh's devices."""
+    mesh = mesh or local_mesh()
+    if not isinstance(seeds, jax.Array):
+        seeds = global_array(np.asarray(seeds, np.int32), split_over_replicas(mesh))
+    return _orders_program(mesh, n)(seeds, epoch)
+
+
+def padded_runs(runs: Sequence[tuple[int, float]], devices: int) -> list[tuple[int, float]]:
+    """`runs` padded to a multiple of the device count with copies of the last run, whose
+    results are discarded: every device trains the same number of replicas, none is dropped."""
+    return list(runs) + [runs[-1]] * (-len(runs) % devices)
 
 
 def train_replicas(variant: str, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
                    epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
-                   on_epoch: Callable[[int, list[RunResult]], None] | None = None) -> list[RunResult]:
-    """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol."""
+                   on_epoch: Callable[[int, list[RunResult]], None] | None = None,
+                   mesh: Mesh | None = None) -> list[RunResult]:
+    """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol.
+
+    The replicas are split over `mesh` (default `local_mesh()`; `data` must live on the same mesh,
+    see `DeviceData.put`)."""
     spec = registry.get_variant(variant)
-    model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan)
-    seeds = [seed for seed, _ in runs]
-    init_keys = jnp.stack([seed_keys(seed)[0] for seed in seeds])
-    state = init(init_keys, jnp.asarray([lr for _, lr in runs], jnp.result_type(float)))
+    mesh = mesh or local_mesh()
+    model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan, mesh)
+    padded = padded_runs(runs, mesh.size)
+    split = split_over_replicas(mesh)
+    seeds = global_array(np.asarray([seed for seed, _ in padded], np.int32), split)
+    state = init(seeds, global_array(np.asarray([lr for _, lr in padded], jnp.result_type(float)), split))
     train_errors, test_errors = [], []
     finite = np.ones(len(runs), bool)
     for epoch in range(epochs):
-        orders = epoch_orders(seeds, epoch, data.train_images.shape[0])
+        orders = epoch_orders(seeds, epoch, data.train_images.shape[0], mesh)
         state, metrics = epoch_fns[bn_train_mode(epoch, notebook_quirks, spec)](state, orders, data)
-        train_errors.append(np.asarray(metrics["train_error"], np.float64))
-        test_errors.append(np.asarray(test(state, data), np.float64))
-        finite &= np.asarray(metrics["finite"])
+        train_errors.append(np.asarray(metrics["train_error"], np.float64)[: len(runs)])
+        test_errors.append(np.asarray(test(state, data), np.float64)[: len(runs)])
+        finite &= np.asarray(metrics["finite"])[: len(runs)]
         results = [
             RunResult(seed, lr, [float(e[r]) for e in train_errors], [float(e[r]) for e in test_errors],
                       bool(finite[r]))

@@ -180,17 +180,11 @@ def _get(tree, path):
 
 
 @functools.lru_cache(maxsize=None)
-def init_keys() -> jax.Array:
-    """The init keys train_replicas gives seeds 0..SEEDS-1."""
-    return jnp.stack([train.seed_keys(seed)[0] for seed in range(SEEDS)])
-
-
-@functools.lru_cache(maxsize=None)
 def flax_samples(variant: str, fan: str) -> dict[str, np.ndarray]:
     """flaxdepth's fresh parameters of seeds 0..SEEDS-1, by torch key, seeds on the first axis."""
     # The engine's own initializer (compiled without optimization: it runs once per depth).
     _, init, _, _ = train.compiled_functions(variant, DEPTH, 1, fan)
-    state = init(init_keys(), jnp.zeros(SEEDS))
+    state = init(jnp.arange(SEEDS, dtype=jnp.int32), jnp.zeros(SEEDS))
     variables = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
     samples = {}
     for slot in interop.layout(variant, DEPTH):

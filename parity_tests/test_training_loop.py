@@ -69,7 +69,7 @@ def small_mnist(mnist) -> data.Dataset:
 def engine_initial_state(variant: str, seed: int, lr: float) -> train.TrainState:
     """The state train_replicas starts a run from (the same compiled init, same arguments)."""
     _, init, _, _ = train.compiled_functions(variant, DEPTH, BATCH_SIZE)
-    return init(train.seed_keys(seed)[0][None], jnp.asarray([lr], jnp.result_type(float)))
+    return init(jnp.asarray([seed], jnp.int32), jnp.asarray([lr], jnp.result_type(float)))
 
 
 def check_float64(state: train.TrainState) -> None:

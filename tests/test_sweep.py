@@ -110,6 +110,8 @@ BAD_INPUT = {
     "zero lr among others": (["--variant", "tanh", "--lr", "0.05,0"], "learning rates must be positive"),
     "seeds 0": (["--variant", "tanh", "--seeds", "0"], "--seeds must be at least 1"),
     "seeds 0 for all variants": (["--variant", "all", "--seeds", "0"], "--seeds must be at least 1"),
+    "process options without --distributed": (["--variant", "tanh", "--num-processes", "2"],
+                                               "--num-processes only apply with --distributed"),
     "missing data folder": (["--variant", "tanh", "--data-dir", "{tmp}/no-such-folder"], "is not a folder"),
     "data folder without the files": (["--variant", "tanh", "--data-dir", "{tmp}"], "is missing"),
 }

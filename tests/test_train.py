@@ -112,7 +112,7 @@ def test_partial_last_batch_is_trained_and_counted(small_data):
     assert N_TRAIN % BATCH and N_TEST % BATCH  # the point of the sizes
     results = run(small_data, [(0, 0.0), (1, 0.0)])
     model, init, _, _ = train.compiled_functions(VARIANT, DEPTH, BATCH)
-    state = init(jnp.stack([train.seed_keys(s)[0] for s in (0, 1)]), jnp.zeros(2))
+    state = init(jnp.asarray([0, 1], jnp.int32), jnp.zeros(2))
     apply = jax.jit(lambda params, images: model.apply({"params": params}, train.normalize(images)))
     for r, result in enumerate(results):
         params = jax.tree.map(lambda a: a[r], state.params)
@@ -151,7 +151,7 @@ def test_nan_in_the_partial_last_batch_alone_marks_the_run(monkeypatch):
 
     monkeypatch.setattr(train, "train_step", poisoned)
     model, init, _, _ = train.compiled_functions(VARIANT, DEPTH, BATCH)
-    state = jax.tree.map(lambda a: a[0], init(train.seed_keys(0)[0][None], jnp.full((1,), LR)))
+    state = jax.tree.map(lambda a: a[0], init(jnp.zeros(1, jnp.int32), jnp.full((1,), LR)))
     n = 2 * BATCH + 5
     images, labels = jnp.zeros((n, 28, 28), jnp.uint8), jnp.zeros(n, jnp.int32)
     device_data = train.DeviceData(images, labels, images[:8], labels[:8])
@@ -222,7 +222,7 @@ def test_eval_mode_step_freezes_batchnorm_statistics():
     """bn_train=False (the quirk) normalizes with the running statistics and leaves them as they
     are; bn_train=True updates them."""
     model, init, _, _ = train.compiled_functions("elu_bn", 3, 16)  # its init: an unoptimized compile
-    state = jax.tree.map(lambda a: a[0], init(train.seed_keys(0)[0][None], jnp.full((1,), 0.05)))
+    state = jax.tree.map(lambda a: a[0], init(jnp.zeros(1, jnp.int32), jnp.full((1,), 0.05)))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, 16).astype(np.int32))
