@@ -1,19 +1,26 @@
 """Run every sweep of experiments/sweeps.toml, resumably, in one process (compiled programs are
 shared between sweeps of the same variant and depth).
 
-    python experiments/run.py [--only NAME ...] [--time-budget SECONDS] [--data-dir DIR]
+    python experiments/run.py [--only NAME ...] [--variants NAME ...] [--jobs N]
+                              [--time-budget SECONDS] [--data-dir DIR]
 
 Finished runs are read back from experiments/results/, so rerunning trains only what is missing.
 `--time-budget` stops starting new sweeps after that many seconds (a sweep in flight finishes).
+`--jobs N` runs sweeps in N worker processes at once: on a GPU machine with many CPU cores their
+XLA compilations overlap, and so do the small kernels of their few-replica trainings. Sweeps that
+share a results file always run one after the other in the same worker.
 Then `python experiments/report.py` rebuilds REPORT.md and the figures from the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import sys
 import time
 import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from flaxdepth import data, registry
@@ -43,9 +50,32 @@ def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None
     return configs
 
 
+@functools.lru_cache(maxsize=1)
+def _dataset(data_dir, limit_train, limit_test):
+    return data.subset(data.load_dataset("mnist", data_dir), limit_train, limit_test)
+
+
+def run_group(sweeps: list[tuple[str, SweepConfig]], deadline: float | None) -> list[str]:
+    """Run (entry name, config) sweeps one after the other, in this process or a worker; one
+    summary line each. `deadline` is a time.time() after which no further sweep starts."""
+    lines = []
+    for name, config in sweeps:
+        if deadline is not None and time.time() > deadline:
+            lines.append(f"[{name}] {config.variant}: not started, time budget spent; rerun to continue")
+            continue
+        start = time.perf_counter()
+        report = run_sweep(config, _dataset(config.data_dir, config.limit_train, config.limit_test),
+                           log=lambda line: None)
+        deepest, shallowest = report.boundary()
+        lines.append(f"[{name}] {report.boundary_sentence(deepest, shallowest)} ({time.perf_counter() - start:.0f}s)")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", help="names of sweeps.toml entries to run (default: all)")
+    p.add_argument("--variants", nargs="*", help="run only these variants of the entries")
+    p.add_argument("--jobs", type=int, default=1, help="sweeps run at once, each in its own process")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new sweep starts after")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(RESULTS))
@@ -57,8 +87,16 @@ def main(argv=None) -> int:
     if unknown:
         print(f"experiments/run.py: error: no sweep named {', '.join(sorted(unknown))} in {CONFIG}", file=sys.stderr)
         return 2
+    bad = set(args.variants or ()) - set(registry.VARIANT_NAMES)
+    if bad:
+        print(f"experiments/run.py: error: unknown variant {', '.join(sorted(bad))}; choose from "
+              f"{', '.join(registry.VARIANT_NAMES)}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"experiments/run.py: error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     try:
-        dataset = data.subset(data.load_dataset("mnist", args.data_dir), args.limit_train, args.limit_test)
+        dataset = _dataset(args.data_dir, args.limit_train, args.limit_test)
     except data.DataError as error:
         print(f"experiments/run.py: error: {error}", file=sys.stderr)
         return 2
@@ -66,19 +104,27 @@ def main(argv=None) -> int:
     from flaxdepth import parity_check
 
     print(parity_check.quick_parity("resnet", dataset), flush=True)
-    start = time.perf_counter()
+    # Sweeps grouped by results file, in sweeps.toml order: a group runs in one worker.
+    groups: dict[Path, list[tuple[str, SweepConfig]]] = {}
     for entry in entries:
         if args.only and entry["name"] not in args.only:
             continue
         for config in expand(entry, Path(args.out), args.data_dir, args.limit_train, args.limit_test):
-            if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
-                print(f"time budget of {args.time_budget:g}s spent; rerun to continue", flush=True)
-                return 0
-            sweep_start = time.perf_counter()
-            report = run_sweep(config, dataset, log=lambda line: None)
-            deepest, shallowest = report.boundary()
-            print(f"[{entry['name']}] {report.boundary_sentence(deepest, shallowest)} "
-                  f"({time.perf_counter() - sweep_start:.0f}s)", flush=True)
+            if args.variants and config.variant not in args.variants:
+                continue
+            groups.setdefault(config.results_path(), []).append((entry["name"], config))
+    deadline = None if args.time_budget is None else time.time() + args.time_budget
+    if args.jobs == 1:
+        for sweeps in groups.values():
+            for line in run_group(sweeps, deadline):
+                print(line, flush=True)
+        return 0
+    # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_group, sweeps, deadline) for sweeps in groups.values()]
+        for future in as_completed(futures):
+            for line in future.result():
+                print(line, flush=True)
     return 0
 
 
