@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks, as one call on a lent GPU machine (see experiments/BENCHMARKS.md).
+# The GPU checks, experiments and benchmarks, as one call on a lent GPU machine (15 device minutes a
+# session, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
+# Knobs: EXP_BUDGET / EXP_TIMEOUT (experiments: no new sweep after / kill after, seconds), JOBS
+# (sweeps at once), FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run benchmark), SKIP_EXP.
 set -u
 DATA_DIR=${1:?usage: gpu_checks.sh MNIST_DIR}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi -L; python3 -c "import jax, torch, flax, optax; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
-bench() { name=$1; shift; timeout "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/bench.jsonl"; }
-[ -z "${SKIP_STEP:-}" ] && bench step 110 python3 -m flaxdepth.bench --variant elu_bn --depth 48 --replicas 32 --steps 10 --rounds 3 --compile-depths 30,300 --json
-bench full ${FULL_TIMEOUT:-240} python3 -m flaxdepth.bench --full-run --variant elu_bn --depth 48 --replicas 16 --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json
-timeout ${EXP_TIMEOUT:-320} python3 experiments/run.py --data-dir "$DATA_DIR" --time-budget ${EXP_BUDGET:-250} \
-    --only pairs-faithful pairs-corrected torch-agreement 2>>"$OUT/log.txt" | tee "$OUT/experiments.txt"
-tar czf "$OUT/results.tgz" experiments/results
-tail -n 30 "$OUT/log.txt"
+stamp() { echo "== $(date +%T) $*"; }
+nvidia-smi -L; nproc
+python3 -c "import jax, torch, flax, optax; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
+
+stamp "smoke: a tiny sweep through the sharded engine on this GPU"
+timeout 120 python3 -m flaxdepth.sweep --variant elu_bn --depths 3 --seeds 3 --epochs 1 --limit-train 512 \
+    --limit-test 256 --quiet --out /tmp/smoke --data-dir "$DATA_DIR" > /tmp/smoke.log 2>&1
+if [ $? -ne 0 ]; then  # .fallback/ (carried, not committed): the engine last run on a GPU
+    tail -n 8 /tmp/smoke.log; [ -d .fallback ] && { echo "FALLBACK to .fallback"; export PYTHONPATH=$PWD/.fallback:$PWD; }
+fi
+tail -n 4 /tmp/smoke.log
+
+if [ -z "${SKIP_EXP:-}" ]; then
+    stamp "experiments: pairs (both protocols) in parallel workers, torch agreement for elu_bn beside them"
+    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-6} \
+        --time-budget ${EXP_BUDGET:-200} --only pairs-faithful pairs-corrected > "$OUT/experiments.txt" 2>&1 &
+    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --only torch-agreement \
+        --variants elu_bn > "$OUT/experiments_torch.txt" 2>&1 &
+    wait
+    pkill -9 -f multiprocessing.spawn; pkill -9 -f experiments/run.py  # workers a timeout left behind
+    tail -n 20 "$OUT/experiments.txt" "$OUT/experiments_torch.txt"
+    tar czf "$OUT/results.tgz" experiments/results
+fi
+
+stamp "whole-run benchmark: the notebook's loop vs replicas through train_replicas"
+timeout ${FULL_TIMEOUT:-200} python3 -m flaxdepth.bench --full-run --variant elu_bn --depth 48 \
+    --replicas ${FULL_REPLICAS:-64} --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json \
+    2>>"$OUT/log.txt" | tee -a "$OUT/bench.jsonl"
+stamp done
+tail -n 20 "$OUT/log.txt"
