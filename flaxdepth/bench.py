@@ -152,6 +152,7 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
     loop = torch_training.train_multihead if spec.multihead else torch_training.train
     loop(epochs, model, torch.nn.CrossEntropyLoss(), optimizer, train_loader, test_loader, log=None)
     torch_s = time.perf_counter() - start
+    print(f"torch notebook loop: {torch_s:.1f}s for {epochs} epochs", file=sys.stderr, flush=True)
 
     device_data = train.DeviceData.put(dataset)
     runs = [(seed, spec.lr) for seed in range(replicas)]
@@ -160,6 +161,7 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
     start = time.perf_counter()
     train.train_replicas(variant, depth, device_data, runs, 1)
     first_epoch_s = time.perf_counter() - start
+    print(f"jax: compile + 1 epoch of {replicas} replicas: {first_epoch_s:.1f}s", file=sys.stderr, flush=True)
     start = time.perf_counter()
     train.train_replicas(variant, depth, device_data, runs, epochs)
     jax_s = time.perf_counter() - start
