@@ -42,11 +42,13 @@ QUIRK = ("{name} at k={k} (faithful): {c}/{n} seeds reach {f0:.1f}-{f1:.1f}% tes
 
 
 def load(results_dir: Path) -> dict[str, list[dict]]:
-    """Every results file's rows by file name, verdicts recomputed with the row's own threshold."""
+    """Every results file's rows by name relative to `results_dir` (sub-folders such as cpu/ hold
+    runs from other machines), verdicts recomputed with the row's own threshold."""
     files = {}
-    for path in sorted(Path(results_dir).glob("*.jsonl")):
-        files[path.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for row in files[path.name]:
+    for path in sorted(Path(results_dir).glob("*.jsonl")) + sorted(Path(results_dir).glob("*/*.jsonl")):
+        name = path.relative_to(results_dir).as_posix()
+        files[name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for row in files[name]:
             row["trainable"] = bool(row["finite"]) and final_error(row) < row["config"]["threshold"]
     return files
 
@@ -57,7 +59,7 @@ def standard_rows(files: dict[str, list[dict]]) -> list[dict]:
     for r in (r for rows in files.values() for r in rows):
         v = registry.VARIANTS.get(r["variant"])
         if v and r["lr"] == v.lr and all(r["config"].get(k) == x for k, x in STANDARD.items()):
-            keep[r["variant"], r["framework"], r["protocol"], r["depth"], r["seed"]] = r
+            keep[r["variant"], r["framework"], r["protocol"], r["depth"], r["seed"], r["device"]] = r
     return list(keep.values())
 
 
@@ -94,19 +96,24 @@ def boundary_text(b) -> str:
 
 
 def torch_agreement(rows, variant) -> str:
-    """Torch rows against the jax rows of the same protocol, depth and seed: agreeing verdicts and
-    the max |per-epoch train or test error difference| in percentage points."""
-    jax = {(r["protocol"], r["depth"], r["seed"]): r for r in pick(rows, variant)}
-    pairs = [(t, jax[key]) for t in pick(rows, variant, framework="torch")
-             if (key := (t["protocol"], t["depth"], t["seed"])) in jax]
+    """Torch rows against the jax rows of the same device, protocol, depth and seed: agreeing
+    verdicts and the max |per-epoch train or test error difference| in percentage points."""
+    jax = {(r["device"], r["protocol"], r["depth"], r["seed"]): r for r in pick(rows, variant)}
+    pairs = defaultdict(list)
+    for t in pick(rows, variant, framework="torch"):
+        if (key := (t["device"], t["protocol"], t["depth"], t["seed"])) in jax:
+            pairs[t["device"], t["depth"]].append((t, jax[key]))
     if not pairs:
         return NOT_RUN
-    diff = max(abs(a - b) for t, j in pairs for e in ("train_errors", "test_errors") for a, b in zip(t[e], j[e]))
-    return f"verdicts agree {sum(t['trainable'] == j['trainable'] for t, j in pairs)}/{len(pairs)}, " \
-           f"max diff {100 * diff:.2f} pp"
+    parts = []
+    for (device, depth), ps in sorted(pairs.items(), key=lambda item: (item[0][1], item[0][0])):
+        diff = max(abs(a - b) for t, j in ps for e in ("train_errors", "test_errors") for a, b in zip(t[e], j[e]))
+        parts.append(f"k={depth} on {device.split(':')[0]}: verdicts agree "
+                     f"{sum(t['trainable'] == j['trainable'] for t, j in ps)}/{len(ps)}, max diff {100 * diff:.2f} pp")
+    return "; ".join(parts)
 
 
-def table(rows) -> str:
+def table(rows, all_rows) -> str:
     """The markdown table: one row per variant in registry order."""
     lines = ["| variant | lr | notebook: trainable k / untrainable k | faithful at trainable k | faithful at "
              "untrainable k | corrected at trainable k | corrected at untrainable k | flaxdepth boundary, "
@@ -118,7 +125,7 @@ def table(rows) -> str:
                   for k in v.notebook_pair]
         cells += [boundary_text(boundary(rows, v.name, "faithful")),
                   boundary_text(boundary(rows, v.name, "corrected")) if v.batchnorm else "same"]
-        lines.append("| " + " | ".join(cells + [torch_agreement(rows, v.name)]) + " |")
+        lines.append("| " + " | ".join(cells + [torch_agreement(all_rows, v.name)]) + " |")
     return "\n".join(lines)
 
 
@@ -149,7 +156,7 @@ def quirk_finding(rows, v, k, pct: float) -> str | None:
                         l1=max(later), corr=rate(pick(rows, v.name, "corrected", depth=k))[2])
 
 
-def interpretation(rows, pct: float) -> str:
+def interpretation(rows, pct: float, all_rows) -> str:
     """Conditional text: where flaxdepth's verdicts differ from the notebook's, and the known causes."""
     lines = [pair_finding(rows, v, p) for v in registry.VARIANTS.values() for p in PROTOCOLS[:1 + v.batchnorm]]
     if not any(lines):
@@ -157,7 +164,7 @@ def interpretation(rows, pct: float) -> str:
     quirks = [quirk_finding(rows, v, k, pct) for v in registry.VARIANTS.values() if v.batchnorm
               for k in v.notebook_pair]
     torch = [f"- torch_ref vs flaxdepth, {v.name}: {agree}." for v in registry.VARIANTS.values()
-             if (agree := torch_agreement(rows, v.name)) != NOT_RUN]
+             if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN]
     multi = registry.get_variant("elu_multihead")
     causes = ["", "Known reasons the notebook's numbers can differ from flaxdepth's:", "",
               "- Each notebook row is a single unseeded run; flaxdepth trains several seeds (other initial weights "
@@ -314,7 +321,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE, help="folder for REPORT.md and figures/")
     args = p.parse_args(argv)
     files = load(args.results)
-    rows = standard_rows(files)
+    # The table counts the main folder's runs; runs from other machines (sub-folders) only enter
+    # the torch comparison, each against jax runs of its own device.
+    rows = standard_rows({name: rs for name, rs in files.items() if "/" not in name})
+    all_rows = standard_rows(files)
     pct = 100 * max((r["config"]["threshold"] for r in rows), default=0.2)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
     fig_error_vs_depth(rows, args.out / "figures/error_vs_depth.png", pct)
@@ -325,13 +335,14 @@ def main(argv=None) -> int:
         "# flaxdepth: trainability against depth, results",
         f"_Generated by `python experiments/report.py` from `{link}/*.jsonl`; edit report.py, not this file._",
         INTRO.format(pct=f"{pct:g}", epochs=STANDARD["epochs"]),
-        "## Verdicts at the notebook's depth pairs", table(rows),
+        "## Verdicts at the notebook's depth pairs", table(rows, all_rows),
         "Cells: seeds that train (final error, the smaller of the last train and test errors, under the "
         "threshold). *flaxdepth boundary*: deepest depth where most seeds train / shallowest untrainable depth "
         "above it, from a search (depths beyond the notebook's pair). *torch vs jax*: torch_ref runs against "
-        "jax runs of the same protocol, depth and seed; max diff over per-epoch train and test errors.",
+        "jax runs of the same device, protocol, depth and seed (same initial weights and batch order); max diff over "
+        "per-epoch train and test errors.",
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
-        "## Interpretation", interpretation(rows, pct), "![per-epoch test error](figures/epoch_curves.png)",
+        "## Interpretation", interpretation(rows, pct, all_rows), "![per-epoch test error](figures/epoch_curves.png)",
         "## What was run", what_was_run(files, link),
         "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
     print(f"wrote {args.out / 'REPORT.md'} and 3 figures in {args.out / 'figures'}")

@@ -21,11 +21,12 @@ def report():
     return module
 
 
-def row(variant, depth, seed, train, test, framework="jax", protocol="faithful", lr=0.05, **config):
+def row(variant, depth, seed, train, test, framework="jax", protocol="faithful", lr=0.05, device="gpu:Fake GPU",
+        **config):
     """One results row in the sweep's format; `trainable` deliberately wrong, the report recomputes it."""
     return {"variant": variant, "depth": depth, "lr": lr, "seed": seed, "framework": framework, "protocol": protocol,
             "train_errors": train, "test_errors": test, "finite": True, "trainable": "stale", "wall_s": 2.5,
-            "replicas_trained_together": 3, "device": "gpu:Fake GPU", "device_count": 1,
+            "replicas_trained_together": 3, "device": device, "device_count": 1,
             "versions": {"jax": "0.0.1", "torch": None}, "finished_at": "2026-01-02T03:04:05+0000",
             "config": {"epochs": 3, "batch_size": 256, "threshold": 0.2, "dataset": "mnist", "limit_train": None,
                        "limit_test": None, "fan": "out", "notebook_quirks": protocol == "faithful", **config}}
@@ -54,6 +55,12 @@ def results(tmp_path):
           [row("elu_bn", 63, 0, GOOD, GOOD, protocol="corrected")])
     write(folder, "elu_jax_faithful_e3_b256_mnist_train100.jsonl",  # a smoke test: listed, not tabulated
           [row("elu", 39, 0, GOOD, GOOD, limit_train=100)])
+    # Another machine's runs: compared framework against framework on that device, not tabulated.
+    write(folder / "cpu", "tanh_jax_faithful_e3_b256_mnist.jsonl",
+          [row("tanh", 9, s, BAD, BAD, device="cpu:cpu") for s in range(2)])
+    write(folder / "cpu", "tanh_torch_faithful_e3_b256_mnist.jsonl",
+          [row("tanh", 9, 0, BAD, [0.9, 0.8, 0.7], device="cpu:cpu", framework="torch"),
+           row("tanh", 9, 1, BAD, [0.9, 0.8, 0.1], device="cpu:cpu", framework="torch")])
     return folder
 
 
@@ -71,7 +78,8 @@ def test_report_from_synthetic_results(report, results, tmp_path):
     assert tanh[:5] == ["tanh", "0.05", "6 / 9", "3/3 seeds", "1/3 seeds"]
     assert tanh[5:8] == ["same (no BatchNorm)", "same (no BatchNorm)", "k=6 / k=9"]  # a search: depth 12 too
     assert tanh[8] == "same"
-    assert tanh[9] == "verdicts agree 1/1, max diff 1.00 pp"
+    assert tanh[9] == ("k=6 on gpu: verdicts agree 1/1, max diff 1.00 pp; "
+                       "k=9 on cpu: verdicts agree 1/2, max diff 80.00 pp")
 
     elu_bn = table_row(text, "elu_bn")
     assert elu_bn[3:10] == ["0/1 seeds", "not run", "1/1 seeds", "not run", "not run", "not run", "not run"]
@@ -89,7 +97,8 @@ def test_report_from_synthetic_results(report, results, tmp_path):
            ".jsonl) | 1 | 0 |" in text
     assert "| tanh_jax_faithful_e3_b256_mnist.jsonl | 9 | gpu:Fake GPU | 1 | 3 | 22.5 s |" in text
     assert "jax 0.0.1 |" in text and "torch None" not in text
-    assert "Total: 13 runs, 32.5 s of training." in text
+    assert "| cpu/tanh_torch_faithful_e3_b256_mnist.jsonl | 2 | cpu:cpu |" in text
+    assert "Total: 17 runs, 42.5 s of training." in text
     for name in FIGURES:
         assert f"](figures/{name})" in text
         assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC
