@@ -249,22 +249,27 @@ def apply(variant: str, depth: int, variables: Mapping, images: Any, train: bool
     return logits, new_variables
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "depth"))
-def _loss_and_grads(variant, depth, variables, images, labels):
+@functools.partial(jax.jit, static_argnames=("variant", "depth", "train"))
+def _loss_and_grads(variant, depth, variables, images, labels, train):
     model = _model(variant, depth)
 
     def loss_fn(params):
-        outputs = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])[0]
+        if train:
+            outputs = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])[0]
+        else:
+            outputs = model.apply({**variables, "params": params}, images, train=False)
         return objective.cross_entropy(outputs, labels)
 
     return jax.value_and_grad(loss_fn)(variables["params"])
 
 
-def loss_and_grads(variant: str, depth: int, variables: Mapping, images: Any, labels: Any):
-    """The notebook's training loss in train mode (mean of the three heads' cross-entropies for
-    elu_multihead) and its gradients as a dict keyed and laid out like the torch state_dict."""
+def loss_and_grads(variant: str, depth: int, variables: Mapping, images: Any, labels: Any, train: bool = True):
+    """The notebook's training loss (mean of the three heads' cross-entropies for elu_multihead)
+    and its gradients as a dict keyed and laid out like the torch state_dict. `train=False` is the
+    loss of a model in eval mode (BatchNorm on its running statistics), which the notebook's loop
+    trains from epoch 2 on."""
     registry.check_depth(depth)
     labels = jnp.asarray(_to_numpy(labels))
     with jax.default_matmul_precision("highest"):
-        loss, grads = _loss_and_grads(variant, depth, dict(variables), _images_nhwc(images), labels)
+        loss, grads = _loss_and_grads(variant, depth, dict(variables), _images_nhwc(images), labels, train)
     return float(loss), _export(variant, depth, {"params": grads}, ("params",))

@@ -81,7 +81,23 @@ def test_forward_and_batchnorm_statistics(variant, depth, precision, train_mode,
 
 @VARIANTS
 def test_loss_and_gradients(variant, depth, precision, mnist_batches):
+    check_loss_and_gradients(variant, depth, precision, mnist_batches, train_mode=True)
+
+
+@pytest.mark.parametrize("variant", [v for v in registry.VARIANT_NAMES if registry.get_variant(v).batchnorm])
+def test_eval_mode_loss_and_gradients(variant, depth, precision, mnist_batches):
+    """The notebook trains BatchNorm models in eval mode from epoch 2 on: gradients through the
+    running statistics (here: after one train-mode batch moved them off 0 and 1), and through
+    the conv biases that BatchNorm's batch statistics cancel in train mode."""
+    check_loss_and_gradients(variant, depth, precision, mnist_batches, train_mode=False)
+
+
+def check_loss_and_gradients(variant, depth, precision, mnist_batches, train_mode: bool):
     model = torch_model(variant, depth, precision).train()
+    if not train_mode:
+        with torch.no_grad():
+            model(torch.from_numpy(normalize(mnist_batches[0][1], precision.numpy_dtype)))
+        model.eval()
     variables = interop.from_torch(variant, depth, state_dict_numpy(model))
     images = normalize(mnist_batches[0][0], precision.numpy_dtype)
     labels = mnist_batches[1][0]
@@ -89,7 +105,7 @@ def test_loss_and_gradients(variant, depth, precision, mnist_batches):
     torch_loss.backward()
     expected_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
 
-    loss, grads = interop.loss_and_grads(variant, depth, variables, images, labels)
+    loss, grads = interop.loss_and_grads(variant, depth, variables, images, labels, train=train_mode)
     errors = [assert_close(loss, torch_loss.item(), precision.rtol, "loss")]
     assert list(grads) == list(expected_grads)
     errors.append(assert_state_dicts_close(grads, expected_grads, precision.rtol, "grad"))
