@@ -201,15 +201,31 @@ def bn_train_mode(epoch: int, notebook_quirks: bool, variant: registry.Variant) 
 _UNOPTIMIZED = {"xla_backend_optimization_level": 0}
 
 
+def per_replica(fn: Callable, in_axes: tuple, platform: str) -> Callable:
+    """fn over a leading replica axis (in_axes 0, or None for shared arguments), as a device of
+    `platform` runs it best: vmapped on accelerators; on CPUs one replica after the other
+    (lax.map), because vmapping per-replica weights turns each convolution into a grouped one,
+    which XLA's CPU backend runs slower per model than the plain one (experiments/BENCHMARKS.md)."""
+    if platform != "cpu":
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def looped(*args):
+        def one(replica_args):
+            it = iter(replica_args)
+            return fn(*(next(it) if axis == 0 else arg for arg, axis in zip(args, in_axes)))
+        return jax.lax.map(one, tuple(arg for arg, axis in zip(args, in_axes) if axis == 0))
+    return looped
+
+
 def _over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, ...] | bool,
                    **jit_options) -> Callable:
-    """jit(shard_map(vmap(fn))): every device of `mesh` runs `fn` vmapped over its block of the
+    """jit(shard_map(per_replica(fn))): every device of `mesh` runs `fn` over its block of the
     replica axis. Arguments with in_axes None (the dataset, the epoch) are whole on every device.
     Outputs flagged in `gather` (per-replica metrics, small) come back replicated, so that every
     process can read them; the others (the training state) stay split over the devices."""
     specs = tuple(PartitionSpec() if axis is None else PartitionSpec(REPLICA_AXIS) for axis in in_axes)
-    per_device = jax.shard_map(jax.vmap(fn, in_axes=in_axes), mesh=mesh, in_specs=specs,
-                               out_specs=PartitionSpec(REPLICA_AXIS))
+    per_device = jax.shard_map(per_replica(fn, in_axes, mesh.devices.flat[0].platform), mesh=mesh,
+                               in_specs=specs, out_specs=PartitionSpec(REPLICA_AXIS))
     shardings = tuple(replicated(mesh) if g else split_over_replicas(mesh)
                       for g in (gather if isinstance(gather, tuple) else (gather,)))
     return jax.jit(per_device, out_shardings=shardings if isinstance(gather, tuple) else shardings[0],
