@@ -172,6 +172,9 @@ def interpretation(rows, pct: float, all_rows) -> str:
               "- The faithful protocol's eval-mode quirk, for BatchNorm variants: from epoch 2 on BatchNorm normalizes "
               "with running statistics and stops updating them, which can undo what epoch 1 learned."]
     causes += [f"  - {q}" for q in quirks if q] or ["  - No run here shows that collapse yet."]
+    causes.append("  - How fragile that phase is: at elu_bn k=63 torch_ref on an H200 trains through it while "
+                  "flaxdepth on the H200 and both frameworks on a CPU collapse, from the same weights and batch "
+                  "order; see [notes/elu_bn_eval_mode_gpu_vs_cpu.md](notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
     causes.append(f"- The multihead cells' `l = 0.05` typo: the notebook trained elu_multihead with lr {multi.lr:g}, "
                   f"and so does flaxdepth (so far: {rate(pick(rows, 'elu_multihead'))[2]}).")
     return "\n".join(line for line in lines + torch + causes if line is not None)
