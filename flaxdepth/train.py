@@ -4,11 +4,12 @@
 - An epoch is a `lax.scan` over the full batches of a device-side permutation, plus one step
   for the partial last batch (60000 = 234 x 256 + 96, kept as the notebook's DataLoader keeps it).
 - The dataset lives on the device as uint8 and is normalized there.
-- Independent runs (seeds x learning rates) form a leading replica axis under `jax.vmap`, so one
-  compiled program trains them all; depth changes the program, so each depth compiles once.
-- The replica axis is sharded over a 1-D device mesh (`jax.shard_map`): each device runs the
-  vmapped program on its block of replicas, the dataset is replicated on every device, and only the
-  per-replica metrics are gathered. With `jax.distributed` the mesh spans every process's devices.
+- Independent runs (seeds x learning rates) form a leading replica axis, so one compiled program
+  trains them all (vmapped on GPUs; one after the other on CPUs, see `per_replica`); depth changes
+  the program, so each depth compiles once.
+- The replica axis is sharded over a 1-D device mesh (`jax.shard_map`): each device trains its
+  block of replicas, the dataset is replicated on every device, and only the per-replica metrics
+  are gathered. With `jax.distributed` the mesh spans every process's devices.
 """
 
 from __future__ import annotations
