@@ -6,9 +6,9 @@ shared between sweeps of the same variant and depth).
 
 Finished runs are read back from experiments/results/, so rerunning trains only what is missing.
 `--time-budget` stops starting new sweeps after that many seconds (a sweep in flight finishes).
-`--jobs N` runs sweeps in N worker processes at once: on a GPU machine with many CPU cores their
-XLA compilations overlap, and so do the small kernels of their few-replica trainings. Sweeps that
-share a results file always run one after the other in the same worker.
+`--jobs N` runs sweeps in N worker processes at once, so that their XLA compilations overlap on a
+machine with many CPU cores (on one GPU their kernels time-slice: each run is slower than alone,
+see BENCHMARKS.md). Sweeps that share a results file run one after the other in the same worker.
 Then `python experiments/report.py` rebuilds REPORT.md and the figures from the results.
 """
 
