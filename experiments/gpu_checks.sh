@@ -21,11 +21,11 @@ fi
 tail -n 4 /tmp/smoke.log
 
 if [ -z "${SKIP_EXP:-}" ]; then
-    stamp "experiments: pairs (both protocols) in parallel workers, torch agreement for elu_bn beside them"
-    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-6} \
+    stamp "experiments: pairs (both protocols) in parallel workers, torch agreement (elu_bn, resnet_nobn) beside them"
+    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-4} \
         --time-budget ${EXP_BUDGET:-200} --only pairs-faithful pairs-corrected > "$OUT/experiments.txt" 2>&1 &
     timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --only torch-agreement \
-        --variants elu_bn > "$OUT/experiments_torch.txt" 2>&1 &
+        --variants elu_bn resnet_nobn > "$OUT/experiments_torch.txt" 2>&1 &
     wait
     pkill -9 -f multiprocessing.spawn; pkill -9 -f experiments/run.py  # workers a timeout left behind
     tail -n 20 "$OUT/experiments.txt" "$OUT/experiments_torch.txt"
@@ -34,7 +34,7 @@ fi
 
 stamp "whole-run benchmark: the notebook's loop vs replicas through train_replicas"
 timeout ${FULL_TIMEOUT:-200} python3 -m flaxdepth.bench --full-run --variant elu_bn --depth 48 \
-    --replicas ${FULL_REPLICAS:-64} --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json \
+    --replicas ${FULL_REPLICAS:-32} --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json \
     2>>"$OUT/log.txt" | tee -a "$OUT/bench.jsonl"
 stamp done
 tail -n 20 "$OUT/log.txt"
