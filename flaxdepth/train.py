@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from typing import Callable, Sequence
 
 import flax.struct
@@ -259,11 +258,6 @@ def _orders_program(mesh: Mesh, n: int) -> Callable:
     def order(seed, epoch):
         return jax.random.permutation(jax.random.fold_in(seed_keys(seed)[1], epoch), n)
     return _over_replicas(order, mesh, (0, None), False)
-
-
-def replica_grid(seeds: Sequence[int], lrs: Sequence[float]) -> list[tuple[int, float]]:
-    """Replica order: every lr of the first seed, then of the next seed, ..."""
-    return list(itertools.product(seeds, lrs))
 
 
 def seed_keys(seed: int | jax.Array) -> tuple[jax.Array, jax.Array]:
