@@ -3,7 +3,8 @@
 # session, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
 # Knobs: EXP_BUDGET / EXP_TIMEOUT (experiments: no new sweep after / kill after, seconds), JOBS
-# (sweeps at once), FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run benchmark), SKIP_EXP.
+# (sweeps at once), EXP_SWEEPS / TORCH_VARIANTS / SEARCH_VARIANTS (what runs), SKIP_BENCH,
+# FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run benchmark), SKIP_EXP.
 set -u
 DATA_DIR=${1:?usage: gpu_checks.sh MNIST_DIR}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -21,16 +22,20 @@ fi
 tail -n 4 /tmp/smoke.log
 
 if [ -z "${SKIP_EXP:-}" ]; then
-    stamp "experiments: pairs (both protocols) in parallel workers, torch agreement (elu_bn, resnet_nobn) beside them"
-    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-4} \
-        --time-budget ${EXP_BUDGET:-200} --only pairs-faithful pairs-corrected > "$OUT/experiments.txt" 2>&1 &
-    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --only torch-agreement \
-        --variants elu_bn resnet_nobn > "$OUT/experiments_torch.txt" 2>&1 &
+    stamp "experiments: ${EXP_SWEEPS:=pairs-faithful pairs-corrected} in ${JOBS:-3} workers; beside them torch agreement" \
+        "(${TORCH_VARIANTS:=elu_bn resnet_nobn}), then searches (${SEARCH_VARIANTS:=tanh tanh_newinit elu resnet_nobn})"
+    timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-3} \
+        --time-budget ${EXP_BUDGET:-200} --only $EXP_SWEEPS > "$OUT/experiments.txt" 2>&1 &
+    ( timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --only torch-agreement \
+        --variants $TORCH_VARIANTS; [ -n "$SEARCH_VARIANTS" ] && timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py \
+        --data-dir "$DATA_DIR" --only search-faithful --variants $SEARCH_VARIANTS --time-budget ${EXP_BUDGET:-200} \
+    ) > "$OUT/experiments_torch_search.txt" 2>&1 &
     wait
     pkill -9 -f multiprocessing.spawn; pkill -9 -f experiments/run.py  # workers a timeout left behind
-    tail -n 20 "$OUT/experiments.txt" "$OUT/experiments_torch.txt"
+    tail -n 20 "$OUT/experiments.txt" "$OUT/experiments_torch_search.txt"
     tar czf "$OUT/results.tgz" experiments/results
 fi
+[ -n "${SKIP_BENCH:-}" ] && { stamp done; exit 0; }
 
 stamp "whole-run benchmark: the notebook's loop vs replicas through train_replicas"
 timeout ${FULL_TIMEOUT:-200} python3 -m flaxdepth.bench --full-run --variant elu_bn --depth 48 \
