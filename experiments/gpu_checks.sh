@@ -4,7 +4,9 @@
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
 # Knobs: EXP_BUDGET / EXP_TIMEOUT (experiments: no new sweep after / kill after, seconds), JOBS
 # (sweeps at once), EXP_SWEEPS / TORCH_VARIANTS / SEARCH_VARIANTS (what runs), SKIP_BENCH,
-# FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run benchmark), SKIP_EXP.
+# EXP_VARIANTS, FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run benchmark), SKIP_SMOKE, SKIP_EXP,
+# CONV_BENCH / CONV_TIMEOUT (conv formulations). Every stage runs under its own timeout: keep their
+# sum under the call's.
 set -u
 DATA_DIR=${1:?usage: gpu_checks.sh MNIST_DIR}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -13,24 +15,37 @@ stamp() { echo "== $(date +%T) $*"; }
 nvidia-smi -L; nproc
 python3 -c "import jax, torch, flax, optax; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 
-stamp "smoke: a tiny sweep through the sharded engine on this GPU"
-timeout 120 python3 -m flaxdepth.sweep --variant elu_bn --depths 3 --seeds 3 --epochs 1 --limit-train 512 \
-    --limit-test 256 --quiet --out /tmp/smoke --data-dir "$DATA_DIR" > /tmp/smoke.log 2>&1
-if [ $? -ne 0 ]; then  # .fallback/ (carried, not committed): the engine last run on a GPU
-    tail -n 8 /tmp/smoke.log; [ -d .fallback ] && { echo "FALLBACK to .fallback"; export PYTHONPATH=$PWD/.fallback:$PWD; }
+if [ -z "${SKIP_SMOKE:-}" ]; then
+    stamp "smoke: a tiny sweep through the sharded engine on this GPU"
+    timeout 120 python3 -m flaxdepth.sweep --variant elu_bn --depths 3 --seeds 3 --epochs 1 --limit-train 512 \
+        --limit-test 256 --quiet --out /tmp/smoke --data-dir "$DATA_DIR" > /tmp/smoke.log 2>&1
+    if [ $? -ne 0 ]; then  # .fallback/ (carried, not committed): the engine last run on a GPU
+        tail -n 8 /tmp/smoke.log; [ -d .fallback ] && { echo "FALLBACK to .fallback"; export PYTHONPATH=$PWD/.fallback:$PWD; }
+    fi
+    tail -n 4 /tmp/smoke.log
 fi
-tail -n 4 /tmp/smoke.log
+
+if [ -n "${CONV_BENCH:-}" ]; then
+    stamp "replicated 3x3 convolutions, formulation by formulation (experiments/conv_formulations.py)"
+    timeout ${CONV_TIMEOUT:-90} python3 experiments/conv_formulations.py --replicas ${FULL_REPLICAS:-32} --rounds 3 \
+        --json | tee "$OUT/conv_formulations.jsonl"
+fi
 
 if [ -z "${SKIP_EXP:-}" ]; then
-    stamp "experiments: ${EXP_SWEEPS:=pairs-faithful pairs-corrected} in ${JOBS:-3} workers; beside them torch agreement" \
-        "(${TORCH_VARIANTS:=elu_bn resnet_nobn}), then searches (${SEARCH_VARIANTS:=tanh tanh_newinit elu resnet_nobn})"
+    stamp "experiments: ${EXP_SWEEPS:=pairs-faithful pairs-corrected} (${EXP_VARIANTS:=all variants}) in ${JOBS:-3} workers;" \
+        "beside them torch agreement (${TORCH_VARIANTS=elu_bn resnet_nobn}), then searches (${SEARCH_VARIANTS=tanh tanh_newinit elu resnet_nobn})"
+    # results come back as a tarball, refreshed every 20 s: a kill at the call's limit keeps what finished
+    ( while sleep 20; do tar czf "$OUT/results.tgz" experiments/results; done ) & saver=$!
+    [ "$EXP_VARIANTS" = "all variants" ] && EXP_VARIANTS=
     timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-3} \
-        --time-budget ${EXP_BUDGET:-200} --only $EXP_SWEEPS > "$OUT/experiments.txt" 2>&1 &
-    ( timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py --data-dir "$DATA_DIR" --only torch-agreement \
-        --variants $TORCH_VARIANTS; [ -n "$SEARCH_VARIANTS" ] && timeout ${EXP_TIMEOUT:-290} python3 experiments/run.py \
-        --data-dir "$DATA_DIR" --only search-faithful --variants $SEARCH_VARIANTS --time-budget ${EXP_BUDGET:-200} \
-    ) > "$OUT/experiments_torch_search.txt" 2>&1 &
-    wait
+        --time-budget ${EXP_BUDGET:-200} --only $EXP_SWEEPS ${EXP_VARIANTS:+--variants $EXP_VARIANTS} \
+        > "$OUT/experiments.txt" 2>&1 & first=$!
+    timeout ${EXP_TIMEOUT:-290} bash -c "
+        [ -n '$TORCH_VARIANTS' ] && python3 experiments/run.py --data-dir '$DATA_DIR' --only torch-agreement \
+            --variants $TORCH_VARIANTS
+        [ -n '$SEARCH_VARIANTS' ] && python3 experiments/run.py --data-dir '$DATA_DIR' --only search-faithful \
+            --variants $SEARCH_VARIANTS --time-budget ${EXP_BUDGET:-200}" > "$OUT/experiments_torch_search.txt" 2>&1 & second=$!
+    wait $first $second; kill $saver
     pkill -9 -f multiprocessing.spawn; pkill -9 -f experiments/run.py  # workers a timeout left behind
     tail -n 20 "$OUT/experiments.txt" "$OUT/experiments_torch_search.txt"
     tar czf "$OUT/results.tgz" experiments/results
