@@ -85,7 +85,8 @@ def test_result_format(pair):
 
 
 def test_replica_trained_alone_equals_replica_trained_with_others(alone, pair):
-    """Vmapping turns each conv into a grouped conv. Measured, seed 0 alone against seed 0 beside
+    """On GPUs the replicas are vmapped (before the third session: grouped convs; since: folded
+    into one block-diagonal conv, flaxdepth/conv.py). Measured, seed 0 alone against seed 0 beside
     seed 1 (errors are counts / n, so they differ by whole samples):
     - this project's CPU, jax 0.10.2: bit-identical here (and for 512 images, batch 256);
     - an H200, jax 0.11.2, default precision (TF32): identical for this small problem, but one
@@ -100,6 +101,28 @@ def test_replica_trained_alone_equals_replica_trained_with_others(alone, pair):
         assert alone[0].finite == pair[0].finite
         np.testing.assert_allclose(alone[0].train_errors, pair[0].train_errors, atol=1.01 / N_TRAIN, rtol=0)
         np.testing.assert_allclose(alone[0].test_errors, pair[0].test_errors, atol=1.01 / N_TEST, rtol=0)
+
+
+def test_accelerator_replica_path_gives_the_cpu_path_results(small_data):
+    """The GPU engine's program (replicas vmapped under shard_map, convolutions through conv.py's
+    block-diagonal batching rule, its custom VJP) run on this CPU trains like the CPU engine's
+    (replicas one after the other, plain convolutions): elu_bn k=3 has BatchNorm and convs in
+    every stage. Float32 sums in another order may flip a prediction, so one sample of tolerance;
+    measured here: identical."""
+    per_replica = train.per_replica
+    runs = [(0, 0.05), (1, 0.05), (2, 0.01)]
+    cpu_path = train.train_replicas("elu_bn", 3, small_data, runs, 2, BATCH)
+    train.compiled_functions.cache_clear()
+    try:
+        train.per_replica = lambda fn, in_axes, platform: per_replica(fn, in_axes, "gpu")
+        gpu_path = train.train_replicas("elu_bn", 3, small_data, runs, 2, BATCH)
+    finally:
+        train.per_replica = per_replica
+        train.compiled_functions.cache_clear()
+    for a, b in zip(cpu_path, gpu_path):
+        assert a.finite and b.finite
+        np.testing.assert_allclose(a.train_errors, b.train_errors, atol=1.01 / N_TRAIN, rtol=0)
+        np.testing.assert_allclose(a.test_errors, b.test_errors, atol=1.01 / N_TEST, rtol=0)
 
 
 # ------------------------------------------------------------------------------ partial last batch
