@@ -120,3 +120,15 @@ def test_verdicts_are_recomputed_with_the_rows_threshold(report, tmp_path):
                                  row("tanh", 6, 1, [0.3, 0.3, 0.3], [0.3, 0.3, 0.3])])
     rows = report.standard_rows(report.load(folder))
     assert [r["trainable"] for r in sorted(rows, key=lambda r: r["seed"])] == [True, False]
+
+
+def test_corrected_protocol_training_at_both_depths_is_called_out(report, tmp_path):
+    folder = tmp_path / "results"
+    write(folder, "tanh_bn_oldinit_jax_corrected_e3_b256_mnist.jsonl",
+          [row("tanh_bn_oldinit", k, s, GOOD, GOOD, protocol="corrected") for k in (48, 51) for s in range(3)])
+    assert report.main(["--results", str(folder), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert ("**tanh_bn_oldinit** (corrected; k=48: 3/3 seeds, k=51: 3/3 seeds) differs from the notebook: the "
+            "notebook failed at k=51, here 3/3 seeds train; with BatchNorm in train mode every epoch both depths "
+            "train, so k=51 is no depth limit of this variant; its corrected boundary lies deeper.") in text
+    assert text.count("is no depth limit") == 1  # said of the corrected protocol only
