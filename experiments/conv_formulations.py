@@ -1,8 +1,10 @@
 """How fast can R replicated 3x3 convolutions (each replica its own weights) run, by formulation?
 
 A microbenchmark for issue 3: the engine vmaps per-replica weights, which turns every convolution
-into a grouped one (R groups of 4-16 channels). This times one conv layer's forward and backward
-(gradients for input, kernel and bias, as in training) at the three stage shapes of the models
+into a grouped one (R groups of 4-16 channels), unless a batching rule says otherwise (the
+engine's, flaxdepth/conv.py, adopted after this benchmark's first run). This times one conv
+layer's forward and backward (gradients for input, kernel and bias, as in training) at the three
+stage shapes of the models
 (28x28x4, 14x14x8, 7x7x16, batch 256), for several ways of writing the same convolution, all in one
 process, interleaved, median of the rounds. It also checks each against `lax.conv_general_dilated`.
 
@@ -20,6 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from flaxdepth import conv
 
 STAGE_SHAPES = ((28, 4), (14, 8), (7, 16))  # (height = width, channels) of stages 1..3
 TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
@@ -82,9 +86,14 @@ def _shift_custom_bwd(residuals, g):
 
 conv_shift_custom.defvjp(_shift_custom_fwd, _shift_custom_bwd)
 
-PER_REPLICA = {"lax (grouped under vmap)": conv_lax, "shift_fma": conv_shift_fma,
-               "shift_fma custom_vjp": conv_shift_custom, "shift_einsum": conv_shift_einsum,
-               "patches": conv_patches}
+def conv_engine(x, w, b):
+    """flaxdepth's own (flaxdepth/conv.py): under vmap, the block-diagonal batching rule."""
+    return conv.conv3x3(x, w) + b
+
+
+PER_REPLICA = {"lax (grouped under vmap)": conv_lax, "engine (flaxdepth.conv)": conv_engine,
+               "shift_fma": conv_shift_fma, "shift_fma custom_vjp": conv_shift_custom,
+               "shift_einsum": conv_shift_einsum, "patches": conv_patches}
 
 
 def conv_block_diagonal(xs, ws, bs):

@@ -6,6 +6,9 @@ match `lax.conv_general_dilated` (vmapped and differentiated by JAX) to rounding
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +69,17 @@ def test_unbatched_is_xla_conv():
         loss = lambda f: jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * weights), argnums=(0, 1))
         for g, w in zip(jax.tree.leaves(loss(conv.conv3x3)(x, kernel)), jax.tree.leaves(loss(xla_conv)(x, kernel))):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_every_benchmarked_formulation_is_the_same_convolution():
+    """experiments/conv_formulations.py times other ways of writing the conv: each must compute
+    it (float32 against a 'highest'-precision XLA conv; 1e-5 of the largest gradient)."""
+    spec = importlib.util.spec_from_file_location(
+        "conv_formulations", Path(__file__).resolve().parents[1] / "experiments" / "conv_formulations.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = list(bench.measure(replicas=2, batch=2, rounds=1, steps=1))
+    assert len(rows) == 3 * (len(bench.PER_REPLICA) + 1)
+    for row in rows:
+        assert row["max_rel_error_vs_lax_highest"] < 1e-5, row
+        assert row["ms_per_layer_fwd_bwd"] > 0
