@@ -2,10 +2,12 @@
 # The GPU checks, experiments and benchmarks, as one call on a lent GPU machine (15 device minutes a
 # session, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
+# Stages, in order: smoke (~30 s), conv formulations (~40 s), whole-run benchmark (~2-3 min),
+# experiments (EXP_TIMEOUT). Results of the experiments come back as $OUT/results.tgz.
 # Knobs: EXP_BUDGET / EXP_TIMEOUT (experiments: no new sweep after / kill after, seconds), JOBS
 # (sweeps at once), EXP_SWEEPS / TORCH_VARIANTS / SEARCH_VARIANTS (what runs), SKIP_BENCH,
 # EXP_VARIANTS, FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run benchmark), SKIP_SMOKE, SKIP_EXP,
-# CONV_BENCH / CONV_TIMEOUT (conv formulations). Every stage runs under its own timeout: keep their
+# SKIP_CONV_BENCH / CONV_TIMEOUT (conv formulations). Every stage runs under its own timeout: keep their
 # sum under the call's.
 set -u
 DATA_DIR=${1:?usage: gpu_checks.sh MNIST_DIR}
@@ -25,10 +27,18 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
     tail -n 4 /tmp/smoke.log
 fi
 
-if [ -n "${CONV_BENCH:-}" ]; then
+if [ -z "${SKIP_CONV_BENCH:-}" ]; then
     stamp "replicated 3x3 convolutions, formulation by formulation (experiments/conv_formulations.py)"
     timeout ${CONV_TIMEOUT:-90} python3 experiments/conv_formulations.py --replicas ${FULL_REPLICAS:-32} --rounds 3 \
         --json | tee "$OUT/conv_formulations.jsonl"
+fi
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+    stamp "whole-run benchmark: the notebook's loop vs replicas through train_replicas"
+    timeout ${FULL_TIMEOUT:-200} python3 -m flaxdepth.bench --full-run --variant elu_bn --depth 48 \
+        --replicas ${FULL_REPLICAS:-32} --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json \
+        2>>"$OUT/log.txt" | tee -a "$OUT/bench.jsonl"
+    tail -n 20 "$OUT/log.txt"
 fi
 
 if [ -z "${SKIP_EXP:-}" ]; then
@@ -50,11 +60,4 @@ if [ -z "${SKIP_EXP:-}" ]; then
     tail -n 20 "$OUT/experiments.txt" "$OUT/experiments_torch_search.txt"
     tar czf "$OUT/results.tgz" experiments/results
 fi
-[ -n "${SKIP_BENCH:-}" ] && { stamp done; exit 0; }
-
-stamp "whole-run benchmark: the notebook's loop vs replicas through train_replicas"
-timeout ${FULL_TIMEOUT:-200} python3 -m flaxdepth.bench --full-run --variant elu_bn --depth 48 \
-    --replicas ${FULL_REPLICAS:-32} --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json \
-    2>>"$OUT/log.txt" | tee -a "$OUT/bench.jsonl"
 stamp done
-tail -n 20 "$OUT/log.txt"
