@@ -4,24 +4,34 @@ The engine trains R replicas, each with its own weights, under `jax.vmap`. Left 
 convolution over its kernel gives a grouped convolution with R groups of 4-16 channels, which
 cuDNN runs far below the GPU's speed. Here the batching rule folds the replicas into the channel
 axis and runs one dense convolution with a block-diagonal kernel instead: R times the arithmetic,
-but 2.3-3.8x faster per layer (forward and backward) on an H200 at 32 replicas
-(`experiments/conv_formulations.py`, `experiments/gpu/conv_formulations_h200.jsonl`). Past
-`REPLICAS_PER_BLOCK` replicas the wasted arithmetic would dominate, so larger replica counts are
-split into blocks that become the groups of a grouped convolution.
+but a plain convolution of R * C channels. Written that way by hand (one block, JAX's autodiff),
+it was 2.3-3.8x faster per layer, forward and backward, than the grouped form on an H200 at 32
+replicas (`experiments/conv_formulations.py`); this module's own version has yet to be timed on
+a GPU. Past `REPLICAS_PER_BLOCK` replicas the wasted arithmetic would dominate, so larger replica
+counts are split into blocks that become the groups of a grouped convolution.
+
+Replicas stay independent: the zero blocks are exact zeros, and a replica whose input is not
+finite (a diverged run) is convolved as zeros and gets NaN outputs, because 0 * NaN = NaN would
+otherwise carry its NaN into every replica of its block.
 
 Unbatched calls (one model, or the CPU engine's replicas one after the other) are plain XLA
-convolutions. Gradients come from a custom VJP (`jax.custom_batching.custom_vmap` functions are not
-differentiable): the input gradient is the same convolution with the kernel flipped and its in/out
-axes swapped, the kernel gradient XLA's own.
+convolutions. Gradients come from a custom VJP, because custom_vmap functions have no reverse-mode
+autodiff: the input gradient is the same convolution with the kernel flipped and its in/out axes
+swapped, the kernel gradient the convolution XLA's own autodiff writes. (So forward-mode autodiff,
+`jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map` the input and
+the kernel must vary over the same mesh axes, as in the engine (both per replica).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Replicas folded into one dense convolution; measured on an H200 at 32.
+# The most replicas folded into one dense convolution. Read when a program is traced: changing it
+# does not affect programs already compiled. 32 is the replica count timed on an H200.
 REPLICAS_PER_BLOCK = 32
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -42,9 +52,16 @@ def _xla_kernel_grad(x: jax.Array, grad_out: jax.Array, groups: int = 1) -> jax.
                                     dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=groups)
 
 
-def _block_size(replicas: int) -> int:
-    """The largest divisor of `replicas` up to REPLICAS_PER_BLOCK."""
-    return max(g for g in range(1, min(replicas, REPLICAS_PER_BLOCK) + 1) if replicas % g == 0)
+def _blocks(replicas: int) -> tuple[int, int]:
+    """(blocks, replicas per block) covering `replicas`, as even as possible; the last block may
+    be padded with zero replicas."""
+    blocks = math.ceil(replicas / REPLICAS_PER_BLOCK)
+    return blocks, math.ceil(replicas / blocks)
+
+
+def _padded(x: jax.Array, replicas: int) -> jax.Array:
+    """x with its leading replica axis padded with zeros to `replicas`."""
+    return jnp.pad(x, [(0, replicas - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
 def _to_channels(x: jax.Array) -> jax.Array:
@@ -59,9 +76,10 @@ def _from_channels(y: jax.Array, replicas: int) -> jax.Array:
     return y.reshape(n, h, w, replicas, rc // replicas).transpose(3, 0, 1, 2, 4)
 
 
-def _batched(args, in_batched, axis_size):
-    """The arguments with a leading replica axis each (unbatched ones broadcast)."""
-    return [a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched)]
+def _kernels_to_channels(kernel: jax.Array) -> jax.Array:
+    """(R, 3, 3, C_in, C_out) -> (3, 3, C_in, R * C_out): one conv for a shared input."""
+    r, _, _, c_in, c_out = kernel.shape
+    return kernel.transpose(1, 2, 3, 0, 4).reshape(3, 3, c_in, r * c_out)
 
 
 @jax.custom_batching.custom_vmap
@@ -73,17 +91,21 @@ def _conv(x, kernel):
 def _conv_replicas(axis_size, in_batched, x, kernel):
     x_batched, kernel_batched = in_batched
     if not kernel_batched:  # shared weights: the replicas are just more images
-        xs = x.reshape(-1, *x.shape[2:])
-        return _xla_conv(xs, kernel).reshape(*x.shape[:-1], kernel.shape[-1]), True
-    x, kernel = _batched((x, kernel), in_batched, axis_size)
-    block = _block_size(axis_size)
-    blocks = axis_size // block
-    _, _, _, c_in, c_out = kernel.shape
-    # kernel of group b (a block of replicas): block-diagonal, [j*C_in + i, j*C_out + o] = kernel[b*G + j, ..., i, o]
-    grouped = jnp.einsum("pq,bqhwio->hwpibqo", jnp.eye(block, dtype=kernel.dtype),
-                         kernel.reshape(blocks, block, 3, 3, c_in, c_out))
-    y = _xla_conv(_to_channels(x), grouped.reshape(3, 3, block * c_in, blocks * block * c_out), blocks)
-    return _from_channels(y, axis_size), True
+        return _xla_conv(x.reshape(-1, *x.shape[2:]), kernel).reshape(*x.shape[:-1], kernel.shape[-1]), True
+    if not x_batched:  # shared input: the replicas' kernels side by side as output channels
+        return _from_channels(_xla_conv(x, _kernels_to_channels(kernel)), axis_size), True
+    blocks, block = _blocks(axis_size)
+    replicas = blocks * block
+    c_in, c_out = kernel.shape[-2:]
+    finite = jnp.isfinite(x).all(axis=(1, 2, 3, 4))
+    x = _padded(jnp.where(finite[:, None, None, None, None], x, 0), replicas)
+    # group b's kernel is block-diagonal: [p * C_in + i, q * C_out + o] = kernel[b * block + q, ..., i, o]
+    # where p == q, an exact zero elsewhere (jnp.where: exact copies, no product a GPU might round to TF32)
+    on_diagonal = jnp.eye(block, dtype=bool)[None, None, :, None, None, :, None]
+    kernel = _padded(kernel, replicas).reshape(blocks, block, 3, 3, c_in, c_out).transpose(2, 3, 4, 0, 1, 5)
+    grouped = jnp.where(on_diagonal, kernel[:, :, None], 0).reshape(3, 3, block * c_in, replicas * c_out)
+    y = _from_channels(_xla_conv(_to_channels(x), grouped, blocks), replicas)[:axis_size]
+    return jnp.where(finite[:, None, None, None, None], y, jnp.nan), True
 
 
 @jax.custom_batching.custom_vmap
@@ -93,14 +115,21 @@ def _kernel_grad(x, grad_out):
 
 @_kernel_grad.def_vmap
 def _kernel_grad_replicas(axis_size, in_batched, x, grad_out):
-    x, grad_out = _batched((x, grad_out), in_batched, axis_size)
-    block = _block_size(axis_size)
-    blocks = axis_size // block
+    x_batched, grad_batched = in_batched
     c_in, c_out = x.shape[-1], grad_out.shape[-1]
+    if not (x_batched and grad_batched):  # one side shared: the replicas side by side as channels
+        if x_batched:
+            x, grad_out = grad_out, x  # d/dk of sum(conv(x_r, k) * g) is k's mirror of the other case
+        full = _xla_kernel_grad(x, _to_channels(grad_out))  # (3, 3, C, R * C')
+        full = full.reshape(3, 3, x.shape[-1], axis_size, -1).transpose(3, 0, 1, 2, 4)
+        return (full if grad_batched else full[:, ::-1, ::-1].transpose(0, 1, 2, 4, 3)), True
+    blocks, block = _blocks(axis_size)
+    replicas = blocks * block
     # the gradient of the whole block-diagonal kernel; its diagonal blocks are the replicas'
-    full = _xla_kernel_grad(_to_channels(x), _to_channels(grad_out), blocks)
+    # (the off-diagonal ones, mixing replicas, are dropped)
+    full = _xla_kernel_grad(_to_channels(_padded(x, replicas)), _to_channels(_padded(grad_out, replicas)), blocks)
     full = full.reshape(3, 3, block, c_in, blocks, block, c_out)
-    return jnp.einsum("hwpibpo->bphwio", full).reshape(axis_size, 3, 3, c_in, c_out), True
+    return jnp.einsum("hwpibpo->bphwio", full).reshape(replicas, 3, 3, c_in, c_out)[:axis_size], True
 
 
 @jax.custom_vjp

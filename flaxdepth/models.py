@@ -85,9 +85,10 @@ class Conv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        # float32 parameters, as nn.Conv's param_dtype, also under jax_enable_x64 (init_variables casts)
         kernel = self.param("kernel", nn.initializers.normal(stddev=self.init_std),
-                            (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+                            (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias)
         return conv.conv3x3(x, kernel) + bias
 

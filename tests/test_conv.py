@@ -22,33 +22,69 @@ def xla_conv(x, kernel):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def value_and_grads(conv_fn, x_axis, kernel_axis):
+def value_and_grads(conv_fn, x_axis, kernel_axis, weights_axis=0):
     def loss(x, kernel, weights):
         return jnp.sum(conv_fn(x, kernel) * weights)
-    return jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(x_axis, kernel_axis, 0)))
+    return jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(x_axis, kernel_axis, weights_axis)))
 
 
-# (replicas, REPLICAS_PER_BLOCK, x batched, kernel batched): one dense block; blocks of 3 as the
-# groups of a grouped conv; a prime count (blocks of one replica); shared input; shared kernel.
-CASES = [(3, 32, True, True), (6, 4, True, True), (5, 4, True, True), (4, 2, False, True), (4, 2, True, False)]
+def random_problem(replicas, channels_in=3, channels_out=4, size=6, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(replicas, batch, size, size, channels_in)),
+            rng.normal(size=(replicas, 3, 3, channels_in, channels_out)),
+            rng.normal(size=(replicas, batch, size, size, channels_out)))
 
 
-@pytest.mark.parametrize("replicas, per_block, x_batched, kernel_batched", CASES)
-def test_replica_rule_matches_xla(monkeypatch, replicas, per_block, x_batched, kernel_batched):
+# (replicas, REPLICAS_PER_BLOCK, x batched, kernel batched, cotangent batched):
+# one dense block; 2 blocks of 3 as the groups of a grouped conv; 5 replicas in 3 blocks of 2
+# (one zero replica of padding); the real block size with 40 and 37 replicas (2 blocks, padding);
+# shared input (first layer of a shared batch); shared kernel; shared cotangent.
+CASES = [(3, 32, True, True, True), (6, 4, True, True, True), (5, 2, True, True, True),
+         (40, 32, True, True, True), (37, 32, True, True, True), (4, 2, False, True, True),
+         (4, 2, True, False, True), (4, 2, True, True, False)]
+
+
+@pytest.mark.parametrize("replicas, per_block, x_batched, kernel_batched, weights_batched", CASES)
+def test_replica_rule_matches_xla(monkeypatch, replicas, per_block, x_batched, kernel_batched, weights_batched):
     monkeypatch.setattr(conv, "REPLICAS_PER_BLOCK", per_block)
-    rng = np.random.default_rng(replicas)
+    small = replicas > 8  # keep the many-replica cases cheap
+    x, kernel, weights = random_problem(replicas, 2 if small else 3, 2 if small else 4, 4 if small else 6,
+                                        seed=replicas)
+    x = x if x_batched else x[0]
+    kernel = kernel if kernel_batched else kernel[0]
+    weights = weights if weights_batched else weights[0]
+    axes = tuple(0 if batched else None for batched in (x_batched, kernel_batched, weights_batched))
     with jax.enable_x64(True):
-        x = rng.normal(size=(replicas, 2, 6, 6, 3))
-        kernel = rng.normal(size=(replicas, 3, 3, 3, 4))
-        weights = rng.normal(size=(replicas, 2, 6, 6, 4))
-        x = x if x_batched else x[0]
-        kernel = kernel if kernel_batched else kernel[0]
-        axes = (0 if x_batched else None, 0 if kernel_batched else None)
         got = value_and_grads(conv.conv3x3, *axes)(x, kernel, weights)
         want = value_and_grads(xla_conv, *axes)(x, kernel, weights)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            assert g.shape == w.shape
-            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_rule_matches_xla():
+    """float32, as the engine trains: the same sums in another order, 1e-5 of the largest value."""
+    x, kernel, weights = (a.astype(np.float32) for a in random_problem(3))
+    got = value_and_grads(conv.conv3x3, 0, 0)(x, kernel, weights)
+    want = value_and_grads(xla_conv, 0, 0)(x, kernel, weights)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_a_diverged_replica_does_not_reach_its_block_mates():
+    """In one block-diagonal conv, 0 * NaN = NaN would carry one replica's NaN into the others:
+    replica 1 has a NaN input, replica 2 an infinite kernel; replicas 0 and 3 must be exact."""
+    x, kernel, weights = random_problem(4)
+    x[1, 0, 2, 2, 0] = np.nan
+    kernel[2, 1, 1, 0, 0] = np.inf
+    with jax.enable_x64(True):
+        got = value_and_grads(conv.conv3x3, 0, 0)(x, kernel, weights)
+        want = value_and_grads(xla_conv, 0, 0)(x, kernel, weights)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g), np.asarray(w)
+        np.testing.assert_allclose(g[[0, 3]], w[[0, 3]], rtol=1e-12, atol=1e-12)
+        for r in (1, 2):  # a diverged replica stays diverged (its outputs may all be NaN)
+            assert np.isfinite(g[r]).all() == np.isfinite(w[r]).all()
 
 
 def test_replicated_kernels_fold_into_channels(monkeypatch):
