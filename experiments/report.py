@@ -139,7 +139,7 @@ def pair_finding(rows, v, protocol) -> str | None:
               ([f"the notebook failed at k={ku}, here {au} train"] if m and 2 * b > m else [])
     notes = [f"the deeper k={ku} trains more often than k={kt}: at these depths trainability depends on the "
              "seed more than on k"] if n and m and b * n > a * m else []
-    if protocol == "corrected" and n and m and 2 * a > n and 2 * b > m:
+    if protocol == "corrected" and n and m and 2 * a > n and 2 * b > m and search == NOT_RUN:
         notes.append(f"with BatchNorm in train mode every epoch both depths train, so k={ku} is no depth limit "
                      "of this variant; its corrected boundary lies deeper")
     notes += [f"its own search puts the boundary at {search}"] if search != NOT_RUN else []

@@ -85,8 +85,10 @@ def test_result_format(pair):
 
 
 def test_replica_trained_alone_equals_replica_trained_with_others(alone, pair):
-    """On GPUs the replicas are vmapped (before the third session: grouped convs; since: folded
-    into one block-diagonal conv, flaxdepth/conv.py). Measured, seed 0 alone against seed 0 beside
+    """On GPUs the replicas are vmapped. The GPU figures below were measured when that made
+    grouped convs; since the third session it makes block-diagonal ones (flaxdepth/conv.py), whose
+    one- and two-replica programs may round differently: not re-measured on a GPU yet.
+    Measured, seed 0 alone against seed 0 beside
     seed 1 (errors are counts / n, so they differ by whole samples):
     - this project's CPU, jax 0.10.2: bit-identical here (and for 512 images, batch 256);
     - an H200, jax 0.11.2, default precision (TF32): identical for this small problem, but one
