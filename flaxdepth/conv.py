@@ -18,8 +18,8 @@ Unbatched calls (one model, or the CPU engine's replicas one after the other) ar
 convolutions. Gradients come from a custom VJP, because custom_vmap functions have no reverse-mode
 autodiff: the input gradient is the same convolution with the kernel flipped and its in/out axes
 swapped, the kernel gradient the convolution XLA's own autodiff writes. (So forward-mode autodiff,
-`jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map` the input and
-the kernel must vary over the same mesh axes, as in the engine (both per replica).
+`jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map`, a gradient
+for an input or kernel shared by the devices is summed over them, as JAX's autodiff would.
 """
 
 from __future__ import annotations
@@ -142,11 +142,27 @@ def _conv3x3_fwd(x, kernel):
     return _conv(x, kernel), (x, kernel)
 
 
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map mesh axes x varies over (none outside shard_map). JAX 0.10 spells it
+    `manual_axis_type.varying`, other versions `vma`."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """The cotangent summed over the mesh axes it varies over and its primal does not: an input
+    shared by the devices of a shard_map collects every device's contribution (what JAX's own
+    autodiff does for the implicit broadcast of such an input)."""
+    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return lax.psum(cotangent, extra) if extra else cotangent
+
+
 def _conv3x3_bwd(residuals, grad_out):
     x, kernel = residuals
     # a pad-1 3x3 conv's input gradient: the conv of grad_out with the kernel flipped and I/O swapped
     grad_x = _conv(grad_out, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-    return grad_x, _kernel_grad(x, grad_out)
+    return _like(grad_x, x), _like(_kernel_grad(x, grad_out), kernel)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

@@ -7,6 +7,10 @@ match `lax.conv_general_dilated` (vmapped and differentiated by JAX) to rounding
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -119,3 +123,38 @@ def test_every_benchmarked_formulation_is_the_same_convolution():
     for row in rows:
         assert row["max_rel_error_vs_lax_highest"] < 1e-5, row
         assert row["ms_per_layer_fwd_bwd"] > 0
+
+
+SHARD_MAP_GRADIENTS = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flaxdepth import conv
+def xla_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+mesh = jax.make_mesh((2,), ("d",))
+rng = np.random.default_rng(0)
+errors = []
+for x_spec, k_spec in ((P(), P("d")), (P("d"), P()), (P("d"), P("d"))):
+    x = rng.normal(size=(4 if x_spec == P("d") else 2, 5, 5, 3)).astype(np.float32)
+    k = rng.normal(size=(6 if k_spec == P("d") else 3, 3, 3, 4)).astype(np.float32)
+    x, k = jax.device_put(x, NamedSharding(mesh, x_spec)), jax.device_put(k, NamedSharding(mesh, k_spec))
+    def grads(f):
+        per_device = lambda x, k: jax.lax.psum(jnp.sum(f(x, k.reshape(3, 3, 3, 4)) ** 2), "d")
+        return jax.jit(jax.grad(jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, k_spec), out_specs=P()),
+                                argnums=(0, 1)))(x, k)
+    errors += [float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in zip(grads(conv.conv3x3), grads(xla_conv))]
+print(json.dumps(errors))
+"""
+
+
+def test_gradients_of_inputs_shared_by_shard_map_devices_are_summed():
+    """Under shard_map on 2 (forced CPU) devices, an input or a kernel the devices share must get
+    every device's gradient contribution, as JAX's autodiff of XLA's conv gives it; inputs and
+    kernels split over the devices their own. Same sums, so 1e-6."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SHARD_MAP_GRADIENTS], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 6 and max(errors) < 1e-6
