@@ -4,9 +4,8 @@ A microbenchmark for issue 3: the engine vmaps per-replica weights, which turns 
 into a grouped one (R groups of 4-16 channels), unless a batching rule says otherwise (the
 engine's, flaxdepth/conv.py, adopted after this benchmark's first run). This times one conv
 layer's forward and backward (gradients for input, kernel and bias, as in training) at the three
-stage shapes of the models
-(28x28x4, 14x14x8, 7x7x16, batch 256), for several ways of writing the same convolution, all in one
-process, interleaved, median of the rounds. It also checks each against `lax.conv_general_dilated`.
+stage shapes of the models (28x28x4, 14x14x8, 7x7x16, batch 256), for several ways of writing the
+same convolution, all in one process, interleaved, median of the rounds. It also checks each against `lax.conv_general_dilated`.
 
     python experiments/conv_formulations.py --replicas 32 [--json]
 """
@@ -86,6 +85,7 @@ def _shift_custom_bwd(residuals, g):
 
 conv_shift_custom.defvjp(_shift_custom_fwd, _shift_custom_bwd)
 
+
 def conv_engine(x, w, b):
     """flaxdepth's own (flaxdepth/conv.py): under vmap, the block-diagonal batching rule."""
     return conv.conv3x3(x, w) + b
@@ -147,10 +147,10 @@ def measure(replicas: int, batch: int, rounds: int, steps: int, names=None):
         base = statistics.median(times[next(iter(times))]["ms"])
         for name, t in times.items():
             ms = statistics.median(t["ms"])
-            yield ({"stage_shape": f"{size}x{size}x{channels}", "formulation": name, "replicas": replicas,
-                         "ms_per_layer_fwd_bwd": round(ms, 3), "ms_per_model": round(ms / replicas, 4),
-                         "speedup_vs_lax": round(base / ms, 2), "compile_s": round(t["compile_s"], 2),
-                         "max_rel_error_vs_lax_highest": float(f"{t['max_rel_error']:.2e}")})
+            yield {"stage_shape": f"{size}x{size}x{channels}", "formulation": name, "replicas": replicas,
+                   "ms_per_layer_fwd_bwd": round(ms, 3), "ms_per_model": round(ms / replicas, 4),
+                   "speedup_vs_lax": round(base / ms, 2), "compile_s": round(t["compile_s"], 2),
+                   "max_rel_error_vs_lax_highest": float(f"{t['max_rel_error']:.2e}")}
 
 
 def main(argv=None) -> int:

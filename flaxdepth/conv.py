@@ -116,7 +116,6 @@ def _kernel_grad(x, grad_out):
 @_kernel_grad.def_vmap
 def _kernel_grad_replicas(axis_size, in_batched, x, grad_out):
     x_batched, grad_batched = in_batched
-    c_in, c_out = x.shape[-1], grad_out.shape[-1]
     if not (x_batched and grad_batched):  # one side shared: the replicas side by side as channels
         if x_batched:
             x, grad_out = grad_out, x  # d/dk of sum(conv(x_r, k) * g) is k's mirror of the other case
@@ -125,6 +124,7 @@ def _kernel_grad_replicas(axis_size, in_batched, x, grad_out):
         return (full if grad_batched else full[:, ::-1, ::-1].transpose(0, 1, 2, 4, 3)), True
     blocks, block = _blocks(axis_size)
     replicas = blocks * block
+    c_in, c_out = x.shape[-1], grad_out.shape[-1]
     # the gradient of the whole block-diagonal kernel; its diagonal blocks are the replicas'
     # (the off-diagonal ones, mixing replicas, are dropped)
     full = _xla_kernel_grad(_to_channels(_padded(x, replicas)), _to_channels(_padded(grad_out, replicas)), blocks)

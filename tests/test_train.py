@@ -105,22 +105,21 @@ def test_replica_trained_alone_equals_replica_trained_with_others(alone, pair):
         np.testing.assert_allclose(alone[0].test_errors, pair[0].test_errors, atol=1.01 / N_TEST, rtol=0)
 
 
-def test_accelerator_replica_path_gives_the_cpu_path_results(small_data):
+def test_accelerator_replica_path_gives_the_cpu_path_results(small_data, monkeypatch):
     """The GPU engine's program (replicas vmapped under shard_map, convolutions through conv.py's
     block-diagonal batching rule, its custom VJP) run on this CPU trains like the CPU engine's
     (replicas one after the other, plain convolutions): elu_bn k=3 has BatchNorm and convs in
     every stage; the infinite lr makes one replica diverge, which must not reach the others through
     the shared block-diagonal conv. Float32 sums in another order may flip a prediction, so one
     sample of tolerance; measured here: identical."""
-    per_replica = train.per_replica
     runs = [(0, 0.05), (1, math.inf), (2, 0.01)]
     cpu_path = train.train_replicas("elu_bn", 3, small_data, runs, 2, BATCH)
-    train.compiled_functions.cache_clear()
+    per_replica = train.per_replica
+    monkeypatch.setattr(train, "per_replica", lambda fn, in_axes, platform: per_replica(fn, in_axes, "gpu"))
+    train.compiled_functions.cache_clear()  # compiled above with the CPU path; again after
     try:
-        train.per_replica = lambda fn, in_axes, platform: per_replica(fn, in_axes, "gpu")
         gpu_path = train.train_replicas("elu_bn", 3, small_data, runs, 2, BATCH)
     finally:
-        train.per_replica = per_replica
         train.compiled_functions.cache_clear()
     assert [r.finite for r in cpu_path] == [r.finite for r in gpu_path] == [True, False, True]
     for a, b in zip(cpu_path, gpu_path):
