@@ -8,7 +8,8 @@ Finished runs are read back from experiments/results/, so rerunning trains only 
 `--time-budget` stops starting new sweeps after that many seconds (a sweep in flight finishes).
 `--jobs N` runs sweeps in N worker processes at once, so that their XLA compilations overlap on a
 machine with many CPU cores (on one GPU their kernels time-slice: each run is slower than alone,
-see BENCHMARKS.md). Sweeps that share a results file run one after the other in the same worker.
+see BENCHMARKS.md). Sweeps start in sweeps.toml order, variants in `--variants` order when given;
+a sweep waits while another sweep of its results file runs (both would train into that file).
 Then `python experiments/report.py` rebuilds REPORT.md and the figures from the results.
 """
 
@@ -20,7 +21,7 @@ import multiprocessing
 import sys
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from flaxdepth import data, registry
@@ -55,20 +56,35 @@ def _dataset(data_dir, limit_train, limit_test):
     return data.subset(data.load_dataset("mnist", data_dir), limit_train, limit_test)
 
 
-def run_group(sweeps: list[tuple[str, SweepConfig]], deadline: float | None) -> list[str]:
-    """Run (entry name, config) sweeps one after the other, in this process or a worker; one
-    summary line each. `deadline` is a time.time() after which no further sweep starts."""
-    lines = []
-    for name, config in sweeps:
-        if deadline is not None and time.time() > deadline:
-            lines.append(f"[{name}] {config.variant}: not started, time budget spent; rerun to continue")
-            continue
-        start = time.perf_counter()
-        report = run_sweep(config, _dataset(config.data_dir, config.limit_train, config.limit_test),
-                           log=lambda line: None)
-        deepest, shallowest = report.boundary()
-        lines.append(f"[{name}] {report.boundary_sentence(deepest, shallowest)} ({time.perf_counter() - start:.0f}s)")
-    return lines
+def run_one(name: str, config: SweepConfig, deadline: float | None) -> str:
+    """Run one sweep, in this process or a worker; its summary line. `deadline` is a time.time()
+    after which the sweep does not start."""
+    if deadline is not None and time.time() > deadline:
+        return f"[{name}] {config.variant}: not started, time budget spent; rerun to continue"
+    start = time.perf_counter()
+    report = run_sweep(config, _dataset(config.data_dir, config.limit_train, config.limit_test),
+                       log=lambda line: None)
+    deepest, shallowest = report.boundary()
+    return f"[{name}] {report.boundary_sentence(deepest, shallowest)} ({time.perf_counter() - start:.0f}s)"
+
+
+def run_in_workers(sweeps: list[tuple[str, SweepConfig]], jobs: int, deadline: float | None) -> None:
+    """Run the sweeps in `jobs` worker processes, in order, except that a sweep waits while another
+    sweep of the same results file runs; print each summary line as its sweep ends."""
+    pending, running = list(sweeps), {}  # running: future -> results file
+    # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            for name, config in list(pending):
+                if len(running) == jobs:
+                    break
+                if config.results_path() not in running.values():
+                    pending.remove((name, config))
+                    running[pool.submit(run_one, name, config, deadline)] = config.results_path()
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                print(future.result(), flush=True)
 
 
 def main(argv=None) -> int:
@@ -104,27 +120,20 @@ def main(argv=None) -> int:
     from flaxdepth import parity_check
 
     print(parity_check.quick_parity("resnet", dataset), flush=True)
-    # Sweeps grouped by results file, in sweeps.toml order: a group runs in one worker.
-    groups: dict[Path, list[tuple[str, SweepConfig]]] = {}
+    order = {name: rank for rank, name in enumerate(args.variants or registry.VARIANT_NAMES)}
+    sweeps = []
     for entry in entries:
         if args.only and entry["name"] not in args.only:
             continue
-        for config in expand(entry, Path(args.out), args.data_dir, args.limit_train, args.limit_test):
-            if args.variants and config.variant not in args.variants:
-                continue
-            groups.setdefault(config.results_path(), []).append((entry["name"], config))
+        configs = expand(entry, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
+        sweeps += [(entry["name"], config) for config in sorted(configs, key=lambda c: order.get(c.variant, -1))
+                   if not args.variants or config.variant in args.variants]
     deadline = None if args.time_budget is None else time.time() + args.time_budget
     if args.jobs == 1:
-        for sweeps in groups.values():
-            for line in run_group(sweeps, deadline):
-                print(line, flush=True)
-        return 0
-    # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_group, sweeps, deadline) for sweeps in groups.values()]
-        for future in as_completed(futures):
-            for line in future.result():
-                print(line, flush=True)
+        for name, config in sweeps:
+            print(run_one(name, config, deadline), flush=True)
+    else:
+        run_in_workers(sweeps, args.jobs, deadline)
     return 0
 
 
