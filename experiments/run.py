@@ -68,19 +68,43 @@ def run_one(name: str, config: SweepConfig, deadline: float | None) -> str:
     return f"[{name}] {report.boundary_sentence(deepest, shallowest)} ({time.perf_counter() - start:.0f}s)"
 
 
+def plan(entries: list[dict], only, variants, out: Path, data_dir, limit_train=None,
+         limit_test=None) -> list[tuple[str, SweepConfig]]:
+    """(entry name, config) of every sweep to run, in run order: sweeps.toml's entries in file
+    order, each entry's variants in `variants` order (registry order when None)."""
+    rank = {name: i for i, name in enumerate(variants or registry.VARIANT_NAMES)}
+    sweeps = []
+    for entry in entries:
+        if only and entry["name"] not in only:
+            continue
+        configs = [c for c in expand(entry, out, data_dir, limit_train, limit_test) if c.variant in rank]
+        sweeps += [(entry["name"], c) for c in sorted(configs, key=lambda c: rank[c.variant])]
+    return sweeps
+
+
+def startable(pending: list[tuple[str, SweepConfig]], busy_files: set[Path], slots: int):
+    """The pending sweeps to start now, in order: up to `slots` of them, skipping any whose results
+    file a running sweep (or one chosen before it) trains into, since both would append to it."""
+    chosen, busy = [], set(busy_files)
+    for name, config in pending:
+        if len(chosen) == slots:
+            break
+        if config.results_path() not in busy:
+            chosen.append((name, config))
+            busy.add(config.results_path())
+    return chosen
+
+
 def run_in_workers(sweeps: list[tuple[str, SweepConfig]], jobs: int, deadline: float | None) -> None:
-    """Run the sweeps in `jobs` worker processes, in order, except that a sweep waits while another
-    sweep of the same results file runs; print each summary line as its sweep ends."""
+    """Run the sweeps in `jobs` worker processes, in order as `startable` allows; print each
+    summary line as its sweep ends."""
     pending, running = list(sweeps), {}  # running: future -> results file
     # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         while pending or running:
-            for name, config in list(pending):
-                if len(running) == jobs:
-                    break
-                if config.results_path() not in running.values():
-                    pending.remove((name, config))
-                    running[pool.submit(run_one, name, config, deadline)] = config.results_path()
+            for name, config in startable(pending, set(running.values()), jobs - len(running)):
+                pending.remove((name, config))
+                running[pool.submit(run_one, name, config, deadline)] = config.results_path()
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 del running[future]
@@ -120,14 +144,7 @@ def main(argv=None) -> int:
     from flaxdepth import parity_check
 
     print(parity_check.quick_parity("resnet", dataset), flush=True)
-    order = {name: rank for rank, name in enumerate(args.variants or registry.VARIANT_NAMES)}
-    sweeps = []
-    for entry in entries:
-        if args.only and entry["name"] not in args.only:
-            continue
-        configs = expand(entry, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
-        sweeps += [(entry["name"], config) for config in sorted(configs, key=lambda c: order.get(c.variant, -1))
-                   if not args.variants or config.variant in args.variants]
+    sweeps = plan(entries, args.only, args.variants, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
     deadline = None if args.time_budget is None else time.time() + args.time_budget
     if args.jobs == 1:
         for name, config in sweeps:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,51 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 RUN = [sys.executable, "experiments/run.py"]
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("experiments_run", REPO / "experiments" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_module = load_run_module()
+ENTRIES = tomllib.loads((REPO / "experiments" / "sweeps.toml").read_text())["sweep"]
+
+
+def test_plan_runs_entries_in_file_order_and_variants_in_the_order_given(tmp_path):
+    sweeps = run_module.plan(ENTRIES, ["search-faithful", "pairs-faithful"], ["resnet", "tanh"], tmp_path, None)
+    assert [(name, c.variant) for name, c in sweeps] == [
+        ("pairs-faithful", "resnet"), ("pairs-faithful", "tanh"),
+        ("search-faithful", "resnet"), ("search-faithful", "tanh")]
+    assert [c.depths for _, c in sweeps] == [(102, 105), (6, 9), None, None]
+
+
+def test_plan_without_filters_is_every_entry_in_registry_order(tmp_path):
+    from flaxdepth import registry
+    sweeps = run_module.plan(ENTRIES, None, None, tmp_path, None)
+    expected = [(e["name"], v) for e in ENTRIES
+                for v in (registry.VARIANT_NAMES if e["variants"] == "all" else
+                          [n for n in registry.VARIANT_NAMES if n in e["variants"]])]
+    assert [(name, c.variant) for name, c in sweeps] == expected
+
+
+def test_startable_never_runs_two_sweeps_of_one_results_file_at_once(tmp_path):
+    """pairs-faithful and search-faithful of a variant share a results file; torch-agreement has
+    its own."""
+    sweeps = run_module.plan(ENTRIES, ["pairs-faithful", "torch-agreement", "search-faithful"],
+                             ["tanh", "elu"], tmp_path, None)
+    names = lambda chosen: [(name, c.variant) for name, c in chosen]  # noqa: E731
+    for slots in (3, 5):  # with 5 slots the searches still wait for the pairs chosen before them
+        assert names(run_module.startable(sweeps, set(), slots)) == [
+            ("pairs-faithful", "tanh"), ("pairs-faithful", "elu"), ("torch-agreement", "tanh")]
+    busy = {c.results_path() for _, c in sweeps[:2]}  # both pairs sweeps still running
+    assert names(run_module.startable(sweeps[2:], busy, 5)) == [("torch-agreement", "tanh")]
+    busy = {sweeps[0][1].results_path()}  # tanh's pairs still running, elu's done
+    assert names(run_module.startable(sweeps[2:], busy, 5)) == [
+        ("torch-agreement", "tanh"), ("search-faithful", "elu")]
+    assert run_module.startable(sweeps, set(), 0) == []
 
 
 @pytest.mark.parametrize("argv, message", [
