@@ -291,35 +291,9 @@ class Sweep:
         outcome = self.outcomes.get(depth) or self.evaluate(depth)
         return any(outcome.trains(lr) for lr in self.config.learning_rates)
 
-    def search(self) -> None:
-        """Grow k geometrically (3, 6, 12, ...) until most seeds fail, then bisect on multiples of 3.
-        Growth is capped at the largest multiple of 3 within --max-depth, which is itself tried;
-        with --max-depth 150 the search goes 96, 150 and bisects, rather than stop at 96."""
-        deepest_pass, shallowest_fail = None, None
-        top = self.config.max_depth // 3 * 3
-        depth = 3
-        while True:
-            if self.trains(depth):
-                deepest_pass = depth
-                if depth >= top:
-                    break
-                depth = min(2 * depth, top)
-            else:
-                shallowest_fail = depth
-                break
-        if deepest_pass is None or shallowest_fail is None:
-            return
-        low, high = deepest_pass // 3, shallowest_fail // 3  # in units of 3 layers
-        while high - low > 1:
-            middle = (low + high) // 2
-            if self.trains(3 * middle):
-                low = middle
-            else:
-                high = middle
-
     def run(self) -> SweepReport:
         if self.config.depths is None:
-            self.search()
+            boundary_search(self.trains, self.config.max_depth)
         else:
             for depth in self.config.depths:
                 self.evaluate(depth)
@@ -332,6 +306,37 @@ class Sweep:
             plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs",
                  c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
         return report
+
+
+def boundary_search(trains: Callable[[int], bool], max_depth: int) -> tuple[int | None, int | None]:
+    """The sweep's search, asking `trains(k)` (most seeds train at depth k) in its order: grow k
+    geometrically (3, 6, 12, ...) until most seeds fail, then bisect on multiples of 3. Growth is
+    capped at the largest multiple of 3 within `max_depth`, which is itself tried; with max_depth 150
+    the search goes 96, 150 and bisects, rather than stop at 96. Returns (deepest k found to train,
+    shallowest k found not to), None where there is none: every k it passed trains and every k it
+    failed does not, so this is also the evaluated depths' boundary."""
+    deepest_pass, shallowest_fail = None, None
+    top = max_depth // 3 * 3
+    depth = 3
+    while True:
+        if trains(depth):
+            deepest_pass = depth
+            if depth >= top:
+                return deepest_pass, None
+            depth = min(2 * depth, top)
+        else:
+            shallowest_fail = depth
+            break
+    if deepest_pass is None:
+        return None, shallowest_fail
+    low, high = deepest_pass // 3, shallowest_fail // 3  # in units of 3 layers
+    while high - low > 1:
+        middle = (low + high) // 2
+        if trains(3 * middle):
+            low = middle
+        else:
+            high = middle
+    return 3 * low, 3 * high
 
 
 def run_sweep(config: SweepConfig, dataset, log=print, progress=None) -> SweepReport:

@@ -226,6 +226,22 @@ def test_search_bisects_below_a_capped_max_depth(tmp_path, fake):
     assert report.boundary() == (138, 141)
 
 
+@pytest.mark.parametrize("b, found", [(0, (None, 3)), (3, (3, 6)), (45, (45, 48)), (102, (102, 105)),
+                                      (765, (765, 768)), (10_000, (768, None))])
+def test_boundary_search_returns_what_it_found(b, found):
+    """The search alone, as experiments/report.py replays it on recorded results: its answer is
+    (b, b + 3), and depth 51 training beyond a failure at 48 (a non-monotone boundary) changes
+    nothing, since the search never asks for it."""
+    asked = []
+
+    def trains(depth):
+        asked.append(depth)
+        return depth <= b or depth == 51
+
+    assert search.boundary_search(trains, 768) == found
+    assert asked == expected_path(b)
+
+
 def test_majority_of_seeds_decides(tmp_path, fake):
     """Seed 0 trains up to 21, seed 1 up to 9, seed 2 up to 45: two of three train up to 21."""
     limits = {0: 21, 1: 9, 2: 45}
