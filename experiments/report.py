@@ -15,6 +15,7 @@ import sys
 import tomllib
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -24,6 +25,7 @@ from matplotlib.transforms import offset_copy  # noqa: E402
 
 from flaxdepth import registry  # noqa: E402
 from flaxdepth.results import final_error  # noqa: E402
+from flaxdepth.search import SweepConfig, boundary_search  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROTOCOLS = ("faithful", "corrected")
@@ -75,24 +77,51 @@ def rate(rows) -> tuple[int, int, str]:
     return k, n, f"{k}/{n} seeds" if n else NOT_RUN
 
 
-def boundary(rows, variant, protocol):
-    """flaxdepth's (deepest trainable k, shallowest untrainable k above it), a depth trainable when
-    most seeds train; None where no depth beyond the notebook's pair was evaluated (no search)."""
+class Boundary(NamedTuple):
+    deepest: int | None  # deepest k found to train (most seeds), None if none
+    shallowest: int | None  # shallowest k found not to train, None if none
+    next_depth: int | None = None  # the depth an unfinished search would train next
+
+
+class _NotEvaluated(LookupError):
+    pass
+
+
+def boundary(rows, variant, protocol) -> Boundary | None:
+    """flaxdepth's own boundary: the sweep's search (flaxdepth.search.boundary_search) replayed on
+    the recorded depths, a depth trainable when most seeds train; where the search needs a depth with
+    no rows it is unfinished, and its findings so far are returned with that depth. None where no
+    search was run (no rows at k=3, which no notebook pair contains)."""
     by_depth = defaultdict(list)
     for r in pick(rows, variant, protocol):
         by_depth[r["depth"]].append(r)
-    if not set(by_depth) - set(registry.get_variant(variant).notebook_pair):
+    if 3 not in by_depth:
         return None
     trains = {d: 2 * rate(rs)[0] > len(rs) for d, rs in by_depth.items()}
-    deepest = max((d for d, t in trains.items() if t), default=None)
-    return deepest, min((d for d, t in trains.items() if not t and (deepest is None or d > deepest)), default=None)
+    asked = []
+
+    def recorded(depth):
+        if depth not in trains:
+            raise _NotEvaluated(depth)
+        asked.append(depth)
+        return trains[depth]
+
+    max_depth = by_depth[3][0]["config"].get("max_depth", SweepConfig.max_depth)
+    try:
+        return Boundary(*boundary_search(recorded, max_depth))
+    except _NotEvaluated as missing:
+        deepest = max((d for d in asked if trains[d]), default=None)
+        failed = [d for d in asked if not trains[d] and (deepest is None or d > deepest)]
+        return Boundary(deepest, min(failed, default=None), missing.args[0])
 
 
-def boundary_text(b) -> str:
-    """'k=D / k=S' for a boundary from `boundary`, 'not run' for None."""
+def boundary_text(b: Boundary | None) -> str:
+    """'k=D / k=S' for a boundary from `boundary`, 'not run' for None, the next depth where unfinished."""
     if b is None:
         return NOT_RUN
-    return (f"k={b[0]}" if b[0] else "none trains") + " / " + (f"k={b[1]}" if b[1] else "none fails")
+    text = (f"k={b.deepest}" if b.deepest else "none trains") + " / " + (f"k={b.shallowest}" if b.shallowest
+                                                                       else "none fails")
+    return text if b.next_depth is None else f"{text} so far (search unfinished, next k={b.next_depth})"
 
 
 def torch_agreement(rows, variant) -> str:
@@ -131,7 +160,8 @@ def table(rows, all_rows) -> str:
 
 def pair_finding(rows, v, protocol) -> str | None:
     """One line on a variant's verdicts at the notebook's pair under one protocol; None without data."""
-    (kt, ku), search = v.notebook_pair, boundary_text(boundary(rows, v.name, protocol))
+    (kt, ku), found = v.notebook_pair, boundary(rows, v.name, protocol)
+    search = boundary_text(found)
     (a, n, at), (b, m, au) = (rate(pick(rows, v.name, protocol, depth=k)) for k in (kt, ku))
     if n + m == 0 and search == NOT_RUN:
         return None
@@ -143,6 +173,12 @@ def pair_finding(rows, v, protocol) -> str | None:
         notes.append(f"with BatchNorm in train mode every epoch both depths train, so k={ku} is no depth limit "
                      "of this variant; its corrected boundary lies deeper")
     notes += [f"its own search puts the boundary at {search}"] if search != NOT_RUN else []
+    if found and found.shallowest:  # depths past the search's first failure that train anyway
+        beyond = [f"k={d} ({cell})" for d in sorted({r["depth"] for r in pick(rows, v.name, protocol)})
+                  if d > found.shallowest and 2 * (c := rate(pick(rows, v.name, protocol, depth=d)))[0] > c[1]
+                  for cell in [c[2]]]
+        notes += [f"yet {', '.join(beyond)} beyond that first failure train{'s' * (len(beyond) == 1)}: the "
+                  "boundary is not sharp"] if beyond else []
     verdict = "differs from the notebook: " + "; ".join(differs) if differs else "agrees with the notebook"
     return f"- **{v.name}** ({protocol}; k={kt}: {at}, k={ku}: {au}) {verdict}" + "".join(f"; {s}" for s in notes) + "."
 
@@ -165,7 +201,8 @@ def interpretation(rows, pct: float, all_rows) -> str:
     if not any(lines):
         return "No results yet: every cell of the table is \"not run\"."
     quirks = [quirk_finding(rows, v, k, pct) for v in registry.VARIANTS.values() if v.batchnorm
-              for k in v.notebook_pair]
+              for k in sorted(set(v.notebook_pair) | {min((r["depth"] for r in pick(rows, v.name, "faithful")),
+                                                          default=v.notebook_pair[0])})]
     torch = [f"- torch_ref vs flaxdepth, {v.name}: {agree}." for v in registry.VARIANTS.values()
              if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN]
     multi = registry.get_variant("elu_multihead")
@@ -175,9 +212,11 @@ def interpretation(rows, pct: float, all_rows) -> str:
               "- The faithful protocol's eval-mode quirk, for BatchNorm variants: from epoch 2 on BatchNorm normalizes "
               "with running statistics and stops updating them, which can undo what epoch 1 learned."]
     causes += [f"  - {q}" for q in quirks if q] or ["  - No run here shows that collapse yet."]
-    causes.append("  - How fragile that phase is: at elu_bn k=63 torch_ref on an H200 trains through it while "
-                  "flaxdepth on the H200 and both frameworks on a CPU collapse, from the same weights and batch "
-                  "order; see [notes/elu_bn_eval_mode_gpu_vs_cpu.md](notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
+    causes.append("  - The collapse is the protocol's, not flaxdepth's: torch_ref collapses too from the same "
+                  "weights and batch order on a CPU, where both frameworks agree; only torch_ref on an H200 "
+                  "trains through it at elu_bn k=63 (and 1/3 seeds at k=66), which is presumably how the notebook "
+                  "saw elu_bn train at k=63; see [notes/elu_bn_eval_mode_gpu_vs_cpu.md]"
+                  "(notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
     causes.append(f"- The multihead cells' `l = 0.05` typo: the notebook trained elu_multihead with lr {multi.lr:g}, "
                   f"and so does flaxdepth (so far: {rate(pick(rows, 'elu_multihead'))[2]}).")
     return "\n".join(line for line in lines + torch + causes if line is not None)
@@ -269,7 +308,7 @@ def fig_boundaries(rows, path: Path) -> None:
             if p == "corrected" and not v.batchnorm:
                 label = "corrected: same as faithful (no BatchNorm)"
             elif (found := boundary(rows, v.name, p)) is not None:
-                end = found[0] or 0
+                end = found.deepest or 0
                 ax.barh(yy, end, height=0.25, color=COLOR[p])
                 label = f"{p} search: {boundary_text(found)}"
             else:
@@ -343,8 +382,9 @@ def main(argv=None) -> int:
         INTRO.format(pct=f"{pct:g}", epochs=STANDARD["epochs"]),
         "## Verdicts at the notebook's depth pairs", table(rows, all_rows),
         "Cells: seeds that train (final error, the smaller of the last train and test errors, under the "
-        "threshold). *flaxdepth boundary*: deepest depth where most seeds train / shallowest untrainable depth "
-        "above it, from a search (depths beyond the notebook's pair). *torch vs jax*: torch_ref runs against "
+        "threshold). *flaxdepth boundary*: the sweep's boundary search (`python -m flaxdepth.sweep`: k = 3, 6, 12, "
+        "... until most seeds fail, then bisection) replayed on the recorded depths: deepest k it found to train / "
+        "shallowest k it found not to; *unfinished* where it needs a depth not yet trained. *torch vs jax*: torch_ref runs against "
         "jax runs of the same device, protocol, depth and seed (same initial weights and batch order); max diff over "
         "per-epoch train and test errors.",
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",

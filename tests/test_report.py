@@ -45,7 +45,8 @@ def write(folder: Path, name: str, rows: list[dict]) -> None:
 def results(tmp_path):
     folder = tmp_path / "results"
     write(folder, "tanh_jax_faithful_e3_b256_mnist.jsonl",
-          [row("tanh", 6, s, GOOD, GOOD) for s in range(3)] + [row("tanh", 9, s, BAD, BAD) for s in range(2)]
+          [row("tanh", k, s, GOOD, GOOD) for k in (3, 6) for s in range(3)]
+          + [row("tanh", 9, s, BAD, BAD) for s in range(2)]
           + [row("tanh", 9, 2, BAD, [0.9, 0.9, 0.1])]  # min(train, test) counts: this seed trains
           + [row("tanh", 12, s, BAD, BAD) for s in range(3)])
     write(folder, "tanh_torch_faithful_e3_b256_mnist.jsonl",
@@ -76,7 +77,7 @@ def test_report_from_synthetic_results(report, results, tmp_path):
 
     tanh = table_row(text, "tanh")
     assert tanh[:5] == ["tanh", "0.05", "6 / 9", "3/3 seeds", "1/3 seeds"]
-    assert tanh[5:8] == ["same (no BatchNorm)", "same (no BatchNorm)", "k=6 / k=9"]  # a search: depth 12 too
+    assert tanh[5:8] == ["same (no BatchNorm)", "same (no BatchNorm)", "k=6 / k=9"]  # a search: 3, 6, 12, 9
     assert tanh[8] == "same"
     assert tanh[9] == ("k=6 on gpu: verdicts agree 1/1, max diff 1.00 pp; "
                        "k=9 on cpu: verdicts agree 1/2, max diff 80.00 pp")
@@ -95,10 +96,10 @@ def test_report_from_synthetic_results(report, results, tmp_path):
 
     assert "| [elu_jax_faithful_e3_b256_mnist_train100.jsonl](../results/elu_jax_faithful_e3_b256_mnist_train100" \
            ".jsonl) | 1 | 0 |" in text
-    assert "| tanh_jax_faithful_e3_b256_mnist.jsonl | 9 | gpu:Fake GPU | 1 | 3 | 22.5 s |" in text
+    assert "| tanh_jax_faithful_e3_b256_mnist.jsonl | 12 | gpu:Fake GPU | 1 | 3 | 30.0 s |" in text
     assert "jax 0.0.1 |" in text and "torch None" not in text
     assert "| cpu/tanh_torch_faithful_e3_b256_mnist.jsonl | 2 | cpu:cpu |" in text
-    assert "Total: 17 runs, 42.5 s of training." in text
+    assert "Total: 20 runs, 50.0 s of training." in text
     for name in FIGURES:
         assert f"](figures/{name})" in text
         assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC
@@ -132,3 +133,20 @@ def test_corrected_protocol_training_at_both_depths_is_called_out(report, tmp_pa
             "notebook failed at k=51, here 3/3 seeds train; with BatchNorm in train mode every epoch both depths "
             "train, so k=51 is no depth limit of this variant; its corrected boundary lies deeper.") in text
     assert text.count("is no depth limit") == 1  # said of the corrected protocol only
+
+
+def test_boundary_is_the_search_replayed_on_the_recorded_depths(report, tmp_path):
+    """tanh_newinit as measured: the search stops at 45 / 48 although the pair's k=51 trains too
+    (not asked by the search); elu's search is unfinished (12 trains, 24 was never trained)."""
+    folder = tmp_path / "results"
+    newinit = {3: GOOD, 6: GOOD, 12: GOOD, 24: GOOD, 36: GOOD, 42: GOOD, 45: GOOD, 48: BAD, 51: GOOD}
+    write(folder, "tanh_newinit_jax_faithful_e3_b256_mnist.jsonl",
+          [row("tanh_newinit", k, s, e, e) for k, e in newinit.items() for s in range(3)])
+    write(folder, "elu_jax_faithful_e3_b256_mnist.jsonl",
+          [row("elu", k, s, GOOD, GOOD) for k in (3, 6, 12, 39) for s in range(3)])
+    rows = report.standard_rows(report.load(folder))
+    assert report.boundary(rows, "tanh_newinit", "faithful") == (45, 48, None)
+    assert report.boundary(rows, "elu", "faithful") == (12, None, 24)
+    assert report.boundary_text(report.boundary(rows, "elu", "faithful")) == \
+        "k=12 / none fails so far (search unfinished, next k=24)"
+    assert report.boundary(rows, "elu", "corrected") is None  # no rows at k=3: no search
