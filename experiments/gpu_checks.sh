@@ -3,13 +3,14 @@
 # session, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
 # Stages, in order (default time limits): smoke (75 s), conv formulations (60 s), whole-run benchmark
-# (180 s), then experiments until CALL_LIMIT (default 560 s) seconds after the start, under a call's
-# 600. The experiments train into .gpu_results/ (ignored by git; seeded from experiments/results/
-# when absent, so a second call on the same warm machine resumes the first) and come back as
-# $OUT/results.tgz: extract it into experiments/results/.
+# (180 s), a profile of the replicated step (90 s), then experiments until CALL_LIMIT (default 560 s)
+# seconds after the start, under a call's 600. The experiments train into .gpu_results/ (ignored by
+# git; seeded from experiments/results/ when absent, so a second call on the same warm machine
+# resumes the first) and come back as $OUT/results.tgz: extract it into experiments/results/.
 # Knobs: CALL_LIMIT, JOBS (sweeps at once), EXP_SWEEPS / EXP_VARIANTS (which sweeps.toml entries and
 # variants, in that order), SKIP_BENCH, FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run
-# benchmark), SKIP_SMOKE, SKIP_EXP, SKIP_CONV_BENCH / CONV_TIMEOUT (conv formulations).
+# benchmark), SKIP_SMOKE, SKIP_EXP, SKIP_CONV_BENCH / CONV_TIMEOUT (conv formulations),
+# SKIP_PROFILE / PROFILE_TIMEOUT.
 set -u
 DATA_DIR=${1:?usage: gpu_checks.sh MNIST_DIR}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -41,6 +42,15 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         --replicas ${FULL_REPLICAS:-32} --epochs ${FULL_EPOCHS:-3} --data-dir "$DATA_DIR" --json \
         2>>"$OUT/log.txt" | tee -a "$OUT/bench.jsonl"
     tail -n 20 "$OUT/log.txt"
+fi
+
+if [ -z "${SKIP_PROFILE:-}" ]; then
+    stamp "where the ${FULL_REPLICAS:-32}-replica step's time goes (experiments/profile_step.py)"
+    timeout ${PROFILE_TIMEOUT:-90} python3 experiments/profile_step.py --variant elu_bn --depth 48 \
+        --replicas ${FULL_REPLICAS:-32} --json > "$OUT/profile_step.json" 2>>"$OUT/log.txt" &&
+        python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(d['device_ms_per_step'], 'ms ops /',
+            d['wall_ms_per_step'], 'ms wall per step;', {k: round(c['share'], 3) for k, c in d['classes'].items()})" \
+            "$OUT/profile_step.json"
 fi
 
 if [ -z "${SKIP_EXP:-}" ]; then

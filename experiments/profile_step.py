@@ -1,0 +1,132 @@
+"""Where a training step of R replicas spends its time: a jax.profiler trace, summarized.
+
+    python experiments/profile_step.py [--variant elu_bn] [--depth 48] [--replicas 32] [--steps 5]
+                                       [--top 25] [--trace-dir DIR] [--json]
+
+Runs the sweep engine's step (`flaxdepth.bench.jax_stepper`: R replicas, vmapped on a GPU) under
+`jax.profiler.trace` and sums the device's events by operation: on a GPU the "/device:GPU:N"
+planes, on a CPU the XLA thunks of the "/host:CPU" plane (threads named tf_XLA...). The table
+gives, per operation kind (trailing ".N" of XLA's instruction names dropped) and for the `--top`
+single operations, the total time, the count, and the share of all device time. Kinds are
+classified as convolution, layout (transpose, copy), reduction, other fusion, other: the question
+it answers is how much of a step is not convolution (BENCHMARKS.md, fourth session). The events
+of nested loops are counted where they run; events that span others (a while loop, a CPU thunk
+sequence and its wait) are left out of the sums, so "device time" is the operations' own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import jax
+
+from flaxdepth import bench, registry
+
+CLASSES = (("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "winograd")),
+           ("layout", ("transpose", "copy", "bitcast")),
+           ("reduction", ("reduce", "reduction")),
+           ("other fusion", ("fusion",)))
+# Events that contain others (loops, a CPU thunk sequence and its wait): counted through their contents.
+CONTAINERS = ("while", "conditional", "call", "ThunkExecutor")
+
+
+def kind_of(name: str) -> str:
+    """XLA's instruction name without its '.N' suffix (loop_fusion.12 -> loop_fusion)."""
+    return re.sub(r"(\.\d+)+$", "", name)
+
+
+def classify(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, keys in CLASSES if any(k in lowered for k in keys)), "other")
+
+
+def device_events(profile, platform: str):
+    """(name, duration ns) of every device operation in the trace."""
+    for plane in profile.planes:
+        if platform == "gpu" and not plane.name.startswith("/device:GPU"):
+            continue
+        if platform == "cpu" and not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            if platform == "cpu" and not line.name.startswith("tf_XLA"):
+                continue
+            if platform == "gpu" and line.name in ("Steps", "XLA Modules", "Framework Ops"):
+                continue
+            for event in line.events:
+                if not kind_of(event.name).startswith(CONTAINERS):
+                    yield event.name, event.duration_ns
+
+
+def summarize(events, top: int) -> dict:
+    total, by_kind, by_name, count, by_class = 0.0, Counter(), Counter(), Counter(), Counter()
+    for name, ns in events:
+        total += ns
+        by_kind[kind_of(name)] += ns
+        by_name[name] += ns
+        count[kind_of(name)] += 1
+        by_class[classify(name)] += ns
+    share = (lambda ns: ns / total) if total else (lambda ns: 0.0)
+    return {
+        "device_ms": total / 1e6,
+        "classes": {c: {"ms": ns / 1e6, "share": share(ns)} for c, ns in by_class.most_common()},
+        "kinds": [{"kind": k, "ms": ns / 1e6, "count": count[k], "share": share(ns)}
+                  for k, ns in by_kind.most_common(top)],
+        "operations": [{"name": n, "ms": ns / 1e6, "share": share(ns)} for n, ns in by_name.most_common(top)],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="elu_bn", choices=registry.VARIANT_NAMES)
+    p.add_argument("--depth", type=int, default=48)
+    p.add_argument("--replicas", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="steps traced (after 2 of warm-up)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace-dir", default=None, help="keep the raw trace here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    for flag in ("depth", "replicas", "batch_size", "steps", "top"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+
+    platform = jax.devices()[0].platform
+    images, labels = bench.synthetic_batch(args.batch_size)
+    run = bench.jax_stepper(args.variant, args.depth, images, labels, args.replicas)
+    run(2)  # compile and warm up outside the trace
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="flaxdepth_profile_")
+    with jax.profiler.trace(trace_dir):
+        start = time.perf_counter()
+        run(args.steps)
+        wall_ms = (time.perf_counter() - start) * 1000 / args.steps
+    [path] = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1:]
+    summary = summarize(device_events(jax.profiler.ProfileData.from_file(path), platform), args.top)
+    summary.update(variant=args.variant, depth=args.depth, replicas=args.replicas, steps=args.steps,
+                   device=f"{platform}:{jax.devices()[0].device_kind}", jax=jax.__version__,
+                   device_ms_per_step=summary["device_ms"] / args.steps, wall_ms_per_step=wall_ms)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{args.variant} k={args.depth}, {args.replicas} replicas, {args.steps} steps on {summary['device']}: "
+          f"{summary['device_ms_per_step']:.1f} ms of device operations per step, {wall_ms:.1f} ms wall "
+          "(traced; operations that overlap count each)")
+    for label, c in summary["classes"].items():
+        print(f"  {label:<14} {c['ms'] / args.steps:9.2f} ms/step  {100 * c['share']:5.1f}%")
+    print(f"\n{'operation kind':<48} {'ms/step':>9} {'count':>7} {'share':>6}")
+    for k in summary["kinds"]:
+        print(f"{k['kind'][:48]:<48} {k['ms'] / args.steps:9.2f} {k['count']:7d} {100 * k['share']:5.1f}%")
+    print(f"\n{'single operation':<48} {'ms/step':>9} {'share':>6}")
+    for o in summary["operations"]:
+        print(f"{o['name'][:48]:<48} {o['ms'] / args.steps:9.2f} {100 * o['share']:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

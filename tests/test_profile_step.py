@@ -1,0 +1,59 @@
+"""experiments/profile_step.py: the trace summary of a real (tiny) step, and its name rules."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def profile_step():
+    spec = importlib.util.spec_from_file_location("profile_step", REPO / "experiments" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, kind, label", [
+    ("conv_general_dilated.81", "conv_general_dilated", "convolution"),
+    ("cudnn-conv-bw-filter.3.1", "cudnn-conv-bw-filter", "convolution"),
+    ("transpose_fusion.2", "transpose_fusion", "layout"),
+    ("copy.17", "copy", "layout"),
+    ("input_reduce_fusion.4", "input_reduce_fusion", "reduction"),
+    ("select_exponential-minus-one_fusion", "select_exponential-minus-one_fusion", "other fusion"),
+    ("wrapped_broadcast.2", "wrapped_broadcast", "other"),
+])
+def test_operation_names_are_grouped_and_classified(profile_step, name, kind, label):
+    assert profile_step.kind_of(name) == kind
+    assert profile_step.classify(name) == label
+
+
+def test_summary_shares_add_up(profile_step):
+    events = [("conv.1", 3e6), ("conv.2", 1e6), ("loop_fusion.1", 4e6), ("copy.1", 2e6)]
+    summary = profile_step.summarize(iter(events), top=2)
+    assert summary["device_ms"] == 10.0
+    assert summary["classes"]["convolution"] == {"ms": 4.0, "share": 0.4}
+    assert [k["kind"] for k in summary["kinds"]] == ["conv", "loop_fusion"]  # top 2 kinds
+    assert summary["kinds"][0] == {"kind": "conv", "ms": 4.0, "count": 2, "share": 0.4}
+    assert sum(c["share"] for c in summary["classes"].values()) == pytest.approx(1.0)
+
+
+def test_a_real_step_is_mostly_convolution_and_fusions(profile_step, capsys):
+    """elu_bn k=3, two replicas, one traced step on this machine's device."""
+    import json
+    assert profile_step.main(["--depth", "3", "--replicas", "2", "--steps", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["device_ms_per_step"] > 0 and summary["wall_ms_per_step"] > 0
+    assert summary["classes"]["convolution"]["share"] > 0.05  # 3 convs a layer, forward and backward
+    assert not any(k["kind"].startswith(profile_step.CONTAINERS) for k in summary["kinds"])
+
+
+def test_bad_input_is_one_line(profile_step, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_step.main(["--replicas", "0"])
+    assert exit_info.value.code == 2
+    assert "--replicas must be at least 1, got 0" in capsys.readouterr().err
