@@ -308,8 +308,8 @@ def fig_boundaries(rows, path: Path) -> None:
             if p == "corrected" and not v.batchnorm:
                 label = "corrected: same as faithful (no BatchNorm)"
             elif (found := boundary(rows, v.name, p)) is not None:
-                end = found.deepest or 0
-                ax.barh(yy, end, height=0.25, color=COLOR[p])
+                end = found.deepest or 0  # an unfinished search: pale, its boundary may lie deeper
+                ax.barh(yy, end, height=0.25, color=COLOR[p], alpha=1.0 if found.next_depth is None else 0.4)
                 label = f"{p} search: {boundary_text(found)}"
             else:
                 end = max((k for k, (a, m, _) in rates.items() if m and 2 * a > m), default=0)
@@ -324,6 +324,7 @@ def fig_boundaries(rows, path: Path) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=text) for c, text in (
         ("0.6", "notebook (one unseeded run)"), (COLOR["faithful"], "flaxdepth search, faithful"),
         (COLOR["corrected"], "flaxdepth search, corrected"))]
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="0.3", alpha=0.4, label="search unfinished: deepest k trained so far"))
     handles.append(plt.Rectangle((0, 0), 1, 1, fc="none", ec="k", hatch="///",
                                  label="pair only: deepest pair depth where most seeds train"))
     ax.legend(handles=handles, loc="upper right", fontsize=8)
