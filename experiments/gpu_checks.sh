@@ -6,14 +6,15 @@
 # (180 s), a profile of the replicated step (90 s), then experiments until CALL_LIMIT (default 560 s)
 # seconds after the start, under a call's 600. The experiments train into .gpu_results/ (ignored by
 # git; seeded from experiments/results/ when absent, so a second call on the same warm machine
-# resumes the first) and come back as $OUT/results.tgz: extract it into experiments/results/.
-# Knobs: CALL_LIMIT, JOBS (sweeps at once), EXP_SWEEPS / EXP_VARIANTS (which sweeps.toml entries and
-# variants, in that order), SKIP_BENCH, FULL_REPLICAS / FULL_EPOCHS / FULL_TIMEOUT (whole-run
-# benchmark), SKIP_SMOKE, SKIP_EXP, SKIP_CONV_BENCH / CONV_TIMEOUT (conv formulations),
-# SKIP_PROFILE / PROFILE_TIMEOUT.
+# resumes the first); the results files they wrote come back as $OUT/results.tgz: extract it into
+# experiments/results/ (tar xzf results.tgz -C experiments/results).
+# Knobs: CALL_LIMIT, JOBS (sweeps at once), EXP_SWEEPS (sweeps.toml entries, run in that file's
+# order) / EXP_VARIANTS (variants, run in the order given), SKIP_BENCH, FULL_REPLICAS / FULL_EPOCHS /
+# FULL_TIMEOUT (whole-run benchmark), SKIP_SMOKE, SKIP_EXP, SKIP_CONV_BENCH / CONV_TIMEOUT (conv
+# formulations), SKIP_PROFILE / PROFILE_TIMEOUT.
 set -u
 DATA_DIR=${1:?usage: gpu_checks.sh MNIST_DIR}
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(realpath "$OUT")
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 stamp() { echo "== $(date +%T) $*"; }
 started=$(date +%s)
@@ -54,19 +55,27 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
 fi
 
 if [ -z "${SKIP_EXP:-}" ]; then
-    RESULTS=.gpu_results; [ -d $RESULTS ] || cp -r experiments/results $RESULTS
+    EXP_SWEEPS=${EXP_SWEEPS:-pairs-faithful pairs-corrected torch-agreement search-faithful search-corrected}
+    EXP_VARIANTS=${EXP_VARIANTS:-tanh resnet_nobn tanh_newinit elu tanh_bn_oldinit elu_bn elu_multihead resnet}
+    RESULTS=.gpu_results  # seeded once per machine; .seeded marks the time of the seed
+    [ -d $RESULTS ] || { cp -rp experiments/results $RESULTS && touch $RESULTS/.seeded; }
     exp_limit=$(( started + ${CALL_LIMIT:-560} - $(date +%s) - 10 ))  # 10 s for the last save
-    stamp "experiments for ${exp_limit} s: ${EXP_SWEEPS:=pairs-faithful pairs-corrected torch-agreement search-faithful search-corrected}" \
-        "(${EXP_VARIANTS:=tanh resnet_nobn tanh_newinit elu tanh_bn_oldinit elu_bn elu_multihead resnet}) in ${JOBS:-6} workers"
-    # results come back as a tarball, refreshed every 20 s (written aside, then renamed): a kill at
-    # the call's limit keeps what finished
-    save() { tar czf "$OUT/results.tgz.part" -C $RESULTS . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
-    ( trap 'exit 0' TERM; while sleep 20 & wait $!; do save; done ) >/dev/null 2>&1 & saver=$!
-    timeout $exp_limit python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-6} --out $RESULTS \
-        --time-budget $(( exp_limit - 20 )) --only $EXP_SWEEPS --variants $EXP_VARIANTS > "$OUT/experiments.txt" 2>&1
-    kill $saver; wait $saver  # the saver finishes a save in progress first
-    pkill -9 -f multiprocessing.spawn  # workers the timeout left behind
-    tail -n 30 "$OUT/experiments.txt"
-    save
+    if [ $exp_limit -lt 60 ]; then
+        stamp "experiments skipped: ${exp_limit} s left before CALL_LIMIT"
+    else
+        stamp "experiments for ${exp_limit} s: $EXP_SWEEPS ($EXP_VARIANTS) in ${JOBS:-6} workers"
+        # The results files this machine wrote (newer than the seed; hidden temporary files left
+        # out) come back as a tarball, refreshed every 20 s, written aside and then renamed: a kill
+        # at the call's limit keeps what finished.
+        save() { (cd $RESULTS && find . -type f -newer .seeded ! -name '.*' -print0 |
+                  tar czf "$OUT/results.tgz.part" --null -T -) && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+        ( trap 'exit 0' TERM; while sleep 20 & wait $!; do save; done ) >/dev/null 2>&1 & saver=$!
+        # timeout signals run.py's process group, its spawned workers included; KILL 10 s later
+        timeout -k 10 $exp_limit python3 experiments/run.py --data-dir "$DATA_DIR" --jobs ${JOBS:-6} --out $RESULTS \
+            --time-budget $(( exp_limit - 20 )) --only $EXP_SWEEPS --variants $EXP_VARIANTS > "$OUT/experiments.txt" 2>&1
+        kill $saver; wait $saver  # a save the kill cuts short leaves only its .part; the save below redoes it
+        tail -n 30 "$OUT/experiments.txt"
+        save
+    fi
 fi
 stamp done

@@ -11,14 +11,17 @@ single operations, the total time, the count, and the share of all device time. 
 classified as convolution, layout (transpose, copy), reduction, other fusion, other: the question
 it answers is how much of a step is not convolution (BENCHMARKS.md, fourth session). The events
 of nested loops are counted where they run; events that span others (a while loop, a CPU thunk
-sequence and its wait) are left out of the sums, so "device time" is the operations' own time.
+sequence and its wait) and runtime internals are left out of the sums, so "device time" is the
+operations' own time (operations that run concurrently each count).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
+import os
 import re
 import sys
 import tempfile
@@ -29,52 +32,64 @@ import jax
 
 from flaxdepth import bench, registry
 
-CLASSES = (("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "winograd")),
-           ("layout", ("transpose", "copy", "bitcast")),
-           ("reduction", ("reduce", "reduction")),
-           ("other fusion", ("fusion",)))
-# Events that contain others (loops, a CPU thunk sequence and its wait): counted through their contents.
-CONTAINERS = ("while", "conditional", "call", "ThunkExecutor")
+# Classes of operation kinds, first match wins. Anchored, so that e.g. convert_* or
+# bitcast_dynamic-update-slice fusions are not taken for convolutions or copies. The GPU kernel
+# names are cuDNN's and CUTLASS's for convolutions (implicit GEMM, Winograd, fprop/dgrad/wgrad).
+CLASSES = (("convolution", r"^conv_general|convolution|cudnn|xmma|implicit_gemm|winograd|fprop|dgrad|wgrad"),
+           ("layout", r"^(copy|transpose)"),
+           ("reduction", r"reduce|reduction"),
+           ("other fusion", r"fusion"))
+# Events that are not operations: containers counted through their contents (loops, a CPU thunk
+# sequence), runtime internals ("ThunkExecutor::Execute", "SlinkyThreadPool::Await") and end markers.
+CONTAINERS = ("while", "conditional", "call")
 
 
 def kind_of(name: str) -> str:
-    """XLA's instruction name without its '.N' suffix (loop_fusion.12 -> loop_fusion)."""
-    return re.sub(r"(\.\d+)+$", "", name)
+    """XLA's instruction or kernel name without its numeric suffix (loop_fusion.12, loop_fusion_12 ->
+    loop_fusion)."""
+    return re.sub(r"([._]\d+)+$", "", name)
 
 
-def classify(name: str) -> str:
-    lowered = name.lower()
-    return next((label for label, keys in CLASSES if any(k in lowered for k in keys)), "other")
+def classify(kind: str) -> str:
+    return next((label for label, pattern in CLASSES if re.search(pattern, kind.lower())), "other")
+
+
+def is_operation(name: str) -> bool:
+    return not (kind_of(name).startswith(CONTAINERS) or "::" in name or name.startswith("end: "))
 
 
 def device_events(profile, platform: str):
-    """(name, duration ns) of every device operation in the trace."""
+    """(name, duration ns) of every device operation in the trace: on a GPU the "XLA Ops" line of
+    each device plane (one event per HLO operation), or its "Stream" lines (kernels) where a trace
+    has no such line; on a CPU the XLA threads (tf_XLA...) of the host plane."""
     for plane in profile.planes:
-        if platform == "gpu" and not plane.name.startswith("/device:GPU"):
+        if platform == "cpu":
+            lines = [l for l in plane.lines if plane.name.startswith("/host:CPU") and l.name.startswith("tf_XLA")]
+        elif plane.name.startswith("/device:GPU"):
+            lines = ([l for l in plane.lines if l.name == "XLA Ops"]
+                     or [l for l in plane.lines if l.name.startswith("Stream")])
+        else:
             continue
-        if platform == "cpu" and not plane.name.startswith("/host:CPU"):
-            continue
-        for line in plane.lines:
-            if platform == "cpu" and not line.name.startswith("tf_XLA"):
-                continue
-            if platform == "gpu" and line.name in ("Steps", "XLA Modules", "Framework Ops"):
-                continue
+        for line in lines:
             for event in line.events:
-                if not kind_of(event.name).startswith(CONTAINERS):
-                    yield event.name, event.duration_ns
+                if is_operation(event.name):
+                    yield line.name, event.name, event.duration_ns
 
 
 def summarize(events, top: int) -> dict:
-    total, by_kind, by_name, count, by_class = 0.0, Counter(), Counter(), Counter(), Counter()
-    for name, ns in events:
+    total, by_kind, by_name, count, by_class, lines = 0.0, Counter(), Counter(), Counter(), Counter(), set()
+    for line, name, ns in events:
         total += ns
-        by_kind[kind_of(name)] += ns
+        kind = kind_of(name)
+        by_kind[kind] += ns
         by_name[name] += ns
-        count[kind_of(name)] += 1
-        by_class[classify(name)] += ns
+        count[kind] += 1
+        by_class[classify(kind)] += ns
+        lines.add(line)
     share = (lambda ns: ns / total) if total else (lambda ns: 0.0)
     return {
         "device_ms": total / 1e6,
+        "trace_lines": sorted(lines),  # where the events came from, to check against the wall time
         "classes": {c: {"ms": ns / 1e6, "share": share(ns)} for c, ns in by_class.most_common()},
         "kinds": [{"kind": k, "ms": ns / 1e6, "count": count[k], "share": share(ns)}
                   for k, ns in by_kind.most_common(top)],
@@ -101,13 +116,17 @@ def main(argv=None) -> int:
     images, labels = bench.synthetic_batch(args.batch_size)
     run = bench.jax_stepper(args.variant, args.depth, images, labels, args.replicas)
     run(2)  # compile and warm up outside the trace
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="flaxdepth_profile_")
-    with jax.profiler.trace(trace_dir):
-        start = time.perf_counter()
-        run(args.steps)
-        wall_ms = (time.perf_counter() - start) * 1000 / args.steps
-    [path] = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1:]
-    summary = summarize(device_events(jax.profiler.ProfileData.from_file(path), platform), args.top)
+    with contextlib.ExitStack() as stack:
+        trace_dir = args.trace_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="flaxdepth_profile_"))
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            run(args.steps)
+            wall_ms = (time.perf_counter() - start) * 1000 / args.steps
+        traces = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
+        if not traces:
+            print(f"profile_step.py: error: jax.profiler wrote no trace into {trace_dir}", file=sys.stderr)
+            return 1
+        summary = summarize(device_events(jax.profiler.ProfileData.from_file(traces[-1]), platform), args.top)
     summary.update(variant=args.variant, depth=args.depth, replicas=args.replicas, steps=args.steps,
                    device=f"{platform}:{jax.devices()[0].device_kind}", jax=jax.__version__,
                    device_ms_per_step=summary["device_ms"] / args.steps, wall_ms_per_step=wall_ms)

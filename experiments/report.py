@@ -39,8 +39,8 @@ that trains (under {pct}% error after {epochs} epochs) and the next one that doe
 every depth with several seeds, under two protocols: *faithful* keeps the notebook's quirk
 (BatchNorm in eval mode from epoch 2 on), *corrected* calls `model.train()` every epoch (the two
 differ only for variants with BatchNorm). A depth counts as trainable when most seeds train."""
-QUIRK = ("{name} at k={k} (faithful): {c}/{n} seeds reach {f0:.1f}-{f1:.1f}% test error after epoch 1, then "
-         "{l0:.1f}-{l1:.1f}% after the later epochs. Corrected protocol at this depth: {corr}.")
+QUIRK = ("{name} at k={k} (faithful): {c}/{n} seeds reach {first} test error after epoch 1, then "
+         "{later} after the later epochs. Corrected protocol at this depth: {corr}.")
 
 
 def load(results_dir: Path) -> dict[str, list[dict]]:
@@ -89,9 +89,10 @@ class _NotEvaluated(LookupError):
 
 def boundary(rows, variant, protocol) -> Boundary | None:
     """flaxdepth's own boundary: the sweep's search (flaxdepth.search.boundary_search) replayed on
-    the recorded depths, a depth trainable when most seeds train; where the search needs a depth with
-    no rows it is unfinished, and its findings so far are returned with that depth. None where no
-    search was run (no rows at k=3, which no notebook pair contains)."""
+    the recorded depths, a depth trainable when most seeds train (rows of every device and seed
+    pooled); where the search needs a depth with no rows it is unfinished, and its findings so far
+    are returned with that depth. None where no search was run (no rows at k=3, which no notebook
+    pair contains)."""
     by_depth = defaultdict(list)
     for r in pick(rows, variant, protocol):
         by_depth[r["depth"]].append(r)
@@ -106,7 +107,9 @@ def boundary(rows, variant, protocol) -> Boundary | None:
         asked.append(depth)
         return trains[depth]
 
-    max_depth = by_depth[3][0]["config"].get("max_depth", SweepConfig.max_depth)
+    # The deepest limit any of these runs was started with: a search resumed with a larger
+    # --max-depth goes on where the smaller one stopped.
+    max_depth = max(r["config"].get("max_depth", SweepConfig.max_depth) for rs in by_depth.values() for r in rs)
     try:
         return Boundary(*boundary_search(recorded, max_depth))
     except _NotEvaluated as missing:
@@ -158,6 +161,16 @@ def table(rows, all_rows) -> str:
     return "\n".join(lines)
 
 
+def trainable_beyond(rows, variant, protocol, first_failure: int) -> list[str]:
+    """'k=D (a/n seeds)' for each depth deeper than a search's first failure where most seeds train."""
+    found = []
+    for depth in sorted({r["depth"] for r in pick(rows, variant, protocol)}):
+        trained, runs, cell = rate(pick(rows, variant, protocol, depth=depth))
+        if depth > first_failure and 2 * trained > runs:
+            found.append(f"k={depth} ({cell})")
+    return found
+
+
 def pair_finding(rows, v, protocol) -> str | None:
     """One line on a variant's verdicts at the notebook's pair under one protocol; None without data."""
     (kt, ku), found = v.notebook_pair, boundary(rows, v.name, protocol)
@@ -173,14 +186,24 @@ def pair_finding(rows, v, protocol) -> str | None:
         notes.append(f"with BatchNorm in train mode every epoch both depths train, so k={ku} is no depth limit "
                      "of this variant; its corrected boundary lies deeper")
     notes += [f"its own search puts the boundary at {search}"] if search != NOT_RUN else []
-    if found and found.shallowest:  # depths past the search's first failure that train anyway
-        beyond = [f"k={d} ({cell})" for d in sorted({r["depth"] for r in pick(rows, v.name, protocol)})
-                  if d > found.shallowest and 2 * (c := rate(pick(rows, v.name, protocol, depth=d)))[0] > c[1]
-                  for cell in [c[2]]]
-        notes += [f"yet {', '.join(beyond)} beyond that first failure train{'s' * (len(beyond) == 1)}: the "
-                  "boundary is not sharp"] if beyond else []
+    beyond = trainable_beyond(rows, v.name, protocol, found.shallowest) if found and found.shallowest else []
+    notes += [f"yet {', '.join(beyond)} beyond that first failure train{'s' * (len(beyond) == 1)}: the "
+              "boundary is not sharp"] if beyond else []
     verdict = "differs from the notebook: " + "; ".join(differs) if differs else "agrees with the notebook"
     return f"- **{v.name}** ({protocol}; k={kt}: {at}, k={ku}: {au}) {verdict}" + "".join(f"; {s}" for s in notes) + "."
+
+
+def quirk_depths(rows, v) -> list[int]:
+    """Where to look for the eval-mode collapse: the notebook's pair, and the shallowest depth run
+    under the faithful protocol (k=3 once a search ran), which shows whether it depends on depth."""
+    shallowest = min((r["depth"] for r in pick(rows, v.name, "faithful")), default=v.notebook_pair[0])
+    return sorted(set(v.notebook_pair) | {shallowest})
+
+
+def percent_range(values) -> str:
+    """'2.5-3.2%', or '90.2%' when all are equal to a tenth."""
+    low, high = f"{min(values):.1f}", f"{max(values):.1f}"
+    return f"{low}%" if low == high else f"{low}-{high}%"
 
 
 def quirk_finding(rows, v, k, pct: float) -> str | None:
@@ -191,8 +214,8 @@ def quirk_finding(rows, v, k, pct: float) -> str | None:
     if not fell:
         return None
     first, later = [100 * r["test_errors"][0] for r in fell], [100 * e for r in fell for e in r["test_errors"][1:]]
-    return QUIRK.format(name=v.name, k=k, c=len(fell), n=len(rs), f0=min(first), f1=max(first), l0=min(later),
-                        l1=max(later), corr=rate(pick(rows, v.name, "corrected", depth=k))[2])
+    return QUIRK.format(name=v.name, k=k, c=len(fell), n=len(rs), first=percent_range(first),
+                        later=percent_range(later), corr=rate(pick(rows, v.name, "corrected", depth=k))[2])
 
 
 def interpretation(rows, pct: float, all_rows) -> str:
@@ -201,8 +224,7 @@ def interpretation(rows, pct: float, all_rows) -> str:
     if not any(lines):
         return "No results yet: every cell of the table is \"not run\"."
     quirks = [quirk_finding(rows, v, k, pct) for v in registry.VARIANTS.values() if v.batchnorm
-              for k in sorted(set(v.notebook_pair) | {min((r["depth"] for r in pick(rows, v.name, "faithful")),
-                                                          default=v.notebook_pair[0])})]
+              for k in quirk_depths(rows, v)]
     torch = [f"- torch_ref vs flaxdepth, {v.name}: {agree}." for v in registry.VARIANTS.values()
              if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN]
     multi = registry.get_variant("elu_multihead")
@@ -212,11 +234,9 @@ def interpretation(rows, pct: float, all_rows) -> str:
               "- The faithful protocol's eval-mode quirk, for BatchNorm variants: from epoch 2 on BatchNorm normalizes "
               "with running statistics and stops updating them, which can undo what epoch 1 learned."]
     causes += [f"  - {q}" for q in quirks if q] or ["  - No run here shows that collapse yet."]
-    causes.append("  - The collapse is the protocol's, not flaxdepth's: torch_ref collapses too from the same "
-                  "weights and batch order on a CPU, where both frameworks agree; only torch_ref on an H200 "
-                  "trains through it at elu_bn k=63 (and 1/3 seeds at k=66), which is presumably how the notebook "
-                  "saw elu_bn train at k=63; see [notes/elu_bn_eval_mode_gpu_vs_cpu.md]"
-                  "(notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
+    causes.append("  - Whether a run survives that phase is a numerical accident rather than a matter of depth: "
+                  "compare torch_ref with flaxdepth at the same weights and batch order in the torch vs jax rows "
+                  "above, and see [notes/elu_bn_eval_mode_gpu_vs_cpu.md](notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
     causes.append(f"- The multihead cells' `l = 0.05` typo: the notebook trained elu_multihead with lr {multi.lr:g}, "
                   f"and so does flaxdepth (so far: {rate(pick(rows, 'elu_multihead'))[2]}).")
     return "\n".join(line for line in lines + torch + causes if line is not None)

@@ -1,5 +1,5 @@
-"""Run every sweep of experiments/sweeps.toml, resumably, in one process (compiled programs are
-shared between sweeps of the same variant and depth).
+"""Run every sweep of experiments/sweeps.toml, resumably (with `--jobs 1`, in one process, whose
+compiled programs are shared between sweeps of the same variant and depth).
 
     python experiments/run.py [--only NAME ...] [--variants NAME ...] [--jobs N]
                               [--time-budget SECONDS] [--data-dir DIR]
@@ -10,6 +10,7 @@ Finished runs are read back from experiments/results/, so rerunning trains only 
 machine with many CPU cores (on one GPU their kernels time-slice: each run is slower than alone,
 see BENCHMARKS.md). Sweeps start in sweeps.toml order, variants in `--variants` order when given;
 a sweep waits while another sweep of its results file runs (both would train into that file).
+A sweep that fails gets a line saying so and the others go on; the exit status is then 1.
 Then `python experiments/report.py` rebuilds REPORT.md and the figures from the results.
 """
 
@@ -21,8 +22,9 @@ import multiprocessing
 import sys
 import time
 import tomllib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Callable
 
 from flaxdepth import data, registry
 from flaxdepth.search import SweepConfig, run_sweep
@@ -95,20 +97,40 @@ def startable(pending: list[tuple[str, SweepConfig]], busy_files: set[Path], slo
     return chosen
 
 
-def run_in_workers(sweeps: list[tuple[str, SweepConfig]], jobs: int, deadline: float | None) -> None:
-    """Run the sweeps in `jobs` worker processes, in order as `startable` allows; print each
-    summary line as its sweep ends."""
-    pending, running = list(sweeps), {}  # running: future -> results file
-    # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while pending or running:
-            for name, config in startable(pending, set(running.values()), jobs - len(running)):
-                pending.remove((name, config))
-                running[pool.submit(run_one, name, config, deadline)] = config.results_path()
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                del running[future]
-                print(future.result(), flush=True)
+def failed_line(name: str, config: SweepConfig, error: BaseException) -> str:
+    return (f"[{name}] {config.variant}: failed ({type(error).__name__}: {error}); its finished runs are kept, "
+            "rerun to retry")
+
+
+def print_outcome(name: str, config: SweepConfig, summary: Callable[[], str]) -> bool:
+    """Print a sweep's summary line, or that it failed (the other sweeps go on); True if it did not fail."""
+    try:
+        print(summary(), flush=True)
+        return True
+    except Exception as error:  # noqa: BLE001 - any failure of one sweep is reported, not raised
+        print(failed_line(name, config, error), flush=True)
+        return False
+
+
+def run_in_workers(sweeps: list[tuple[str, SweepConfig]], pool: Executor, jobs: int, deadline: float | None,
+                   run: Callable[[str, SweepConfig, float | None], str] = run_one) -> bool:
+    """Run the sweeps on `pool`, at most `jobs` at once, in order as `startable` allows; print each
+    summary line as its sweep ends. A failed sweep (or a dead worker) gets a line and the others go
+    on. True when none failed."""
+    pending, running, ok = list(sweeps), {}, True  # running: future -> (name, config)
+    while pending or running:
+        busy = {config.results_path() for _, config in running.values()}
+        for name, config in startable(pending, busy, jobs - len(running)):
+            pending.remove((name, config))
+            try:
+                running[pool.submit(run, name, config, deadline)] = (name, config)
+            except BrokenExecutor as error:  # a worker died (e.g. killed for memory): none can start
+                ok = False
+                print(failed_line(name, config, error), flush=True)
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            ok &= print_outcome(*running.pop(future), future.result)
+    return ok
 
 
 def main(argv=None) -> int:
@@ -122,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit-train", type=int, default=None, help="smoke tests only: first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="smoke tests only: first N test images")
     args = p.parse_args(argv)
+    # The budget counts from here, before the dataset load and the parity check.
+    deadline = None if args.time_budget is None else time.time() + args.time_budget
     entries = tomllib.loads(CONFIG.read_text())["sweep"]
     unknown = set(args.only or ()) - {e["name"] for e in entries}
     if unknown:
@@ -145,13 +169,14 @@ def main(argv=None) -> int:
 
     print(parity_check.quick_parity("resnet", dataset), flush=True)
     sweeps = plan(entries, args.only, args.variants, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
-    deadline = None if args.time_budget is None else time.time() + args.time_budget
     if args.jobs == 1:
-        for name, config in sweeps:
-            print(run_one(name, config, deadline), flush=True)
+        ok = all([print_outcome(name, config, functools.partial(run_one, name, config, deadline))
+                  for name, config in sweeps])  # a list, so that every sweep runs
     else:
-        run_in_workers(sweeps, args.jobs, deadline)
-    return 0
+        # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            ok = run_in_workers(sweeps, pool, args.jobs, deadline)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -16,18 +16,18 @@ SHARED_MNIST = REPO.parent / "shared" / "mnist"
 RUN = [sys.executable, "experiments/run.py"]
 
 
-def load_run_module():
+ENTRIES = tomllib.loads((REPO / "experiments" / "sweeps.toml").read_text())["sweep"]
+
+
+@pytest.fixture(scope="module")
+def run_module():
     spec = importlib.util.spec_from_file_location("experiments_run", REPO / "experiments" / "run.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-run_module = load_run_module()
-ENTRIES = tomllib.loads((REPO / "experiments" / "sweeps.toml").read_text())["sweep"]
-
-
-def test_plan_runs_entries_in_file_order_and_variants_in_the_order_given(tmp_path):
+def test_plan_runs_entries_in_file_order_and_variants_in_the_order_given(run_module, tmp_path):
     sweeps = run_module.plan(ENTRIES, ["search-faithful", "pairs-faithful"], ["resnet", "tanh"], tmp_path, None)
     assert [(name, c.variant) for name, c in sweeps] == [
         ("pairs-faithful", "resnet"), ("pairs-faithful", "tanh"),
@@ -35,7 +35,7 @@ def test_plan_runs_entries_in_file_order_and_variants_in_the_order_given(tmp_pat
     assert [c.depths for _, c in sweeps] == [(102, 105), (6, 9), None, None]
 
 
-def test_plan_without_filters_is_every_entry_in_registry_order(tmp_path):
+def test_plan_without_filters_is_every_entry_in_registry_order(run_module, tmp_path):
     from flaxdepth import registry
     sweeps = run_module.plan(ENTRIES, None, None, tmp_path, None)
     expected = [(e["name"], v) for e in ENTRIES
@@ -44,7 +44,7 @@ def test_plan_without_filters_is_every_entry_in_registry_order(tmp_path):
     assert [(name, c.variant) for name, c in sweeps] == expected
 
 
-def test_startable_never_runs_two_sweeps_of_one_results_file_at_once(tmp_path):
+def test_startable_never_runs_two_sweeps_of_one_results_file_at_once(run_module, tmp_path):
     """pairs-faithful and search-faithful of a variant share a results file; torch-agreement has
     its own."""
     sweeps = run_module.plan(ENTRIES, ["pairs-faithful", "torch-agreement", "search-faithful"],
@@ -59,6 +59,40 @@ def test_startable_never_runs_two_sweeps_of_one_results_file_at_once(tmp_path):
     assert names(run_module.startable(sweeps[2:], busy, 5)) == [
         ("torch-agreement", "tanh"), ("search-faithful", "elu")]
     assert run_module.startable(sweeps, set(), 0) == []
+
+
+def test_workers_run_everything_once_one_sweep_per_file_and_survive_a_failure(run_module, tmp_path, capsys):
+    """run_in_workers on a thread pool with a fake sweep: every sweep runs once, never two of one
+    results file at once, and elu's failing pairs sweep is reported while the rest go on."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    sweeps = run_module.plan(ENTRIES, ["pairs-faithful", "torch-agreement", "search-faithful"], ["tanh", "elu"],
+                             tmp_path, None)
+    lock, active, ran, overlaps = threading.Lock(), set(), [], []
+
+    def fake_run(name, config, deadline):
+        with lock:
+            overlaps.append(config.results_path() in active)
+            active.add(config.results_path())
+            ran.append((name, config.variant))
+        time.sleep(0.05)
+        with lock:
+            active.discard(config.results_path())
+        if (name, config.variant) == ("pairs-faithful", "elu"):
+            raise RuntimeError("out of memory")
+        return f"[{name}] {config.variant}: done"
+
+    with ThreadPoolExecutor(3) as pool:
+        ok = run_module.run_in_workers(sweeps, pool, 3, None, run=fake_run)
+    assert ok is False
+    assert sorted(ran) == sorted((name, c.variant) for name, c in sweeps) and not any(overlaps)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(sweeps)
+    assert "[pairs-faithful] elu: failed (RuntimeError: out of memory); its finished runs are kept, rerun to " \
+           "retry" in lines
+    assert "[search-faithful] elu: done" in lines  # the same file's next sweep still ran
 
 
 @pytest.mark.parametrize("argv, message", [

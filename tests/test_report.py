@@ -91,7 +91,7 @@ def test_report_from_synthetic_results(report, results, tmp_path):
     assert "its own search puts the boundary at k=6 / k=9" in text
     assert "**elu_bn** (faithful; k=63: 0/1 seeds, k=66: not run) differs from the notebook" in text
     assert "**elu_bn** (corrected; k=63: 1/1 seeds, k=66: not run) agrees with the notebook" in text
-    assert "elu_bn at k=63 (faithful): 1/1 seeds reach 3.0-3.0% test error after epoch 1, then 90.0-90.0%" in text
+    assert "elu_bn at k=63 (faithful): 1/1 seeds reach 3.0% test error after epoch 1, then 90.0% after" in text
     assert "Corrected protocol at this depth: 1/1 seeds." in text
 
     assert "| [elu_jax_faithful_e3_b256_mnist_train100.jsonl](../results/elu_jax_faithful_e3_b256_mnist_train100" \
@@ -150,3 +150,35 @@ def test_boundary_is_the_search_replayed_on_the_recorded_depths(report, tmp_path
     assert report.boundary_text(report.boundary(rows, "elu", "faithful")) == \
         "k=12 / none fails so far (search unfinished, next k=24)"
     assert report.boundary(rows, "elu", "corrected") is None  # no rows at k=3: no search
+
+
+def test_boundary_needs_a_search_and_follows_the_deepest_max_depth(report, tmp_path):
+    """Pair rows alone are no search; a search capped at --max-depth 12 ends there ("none fails"),
+    and one of its rows started with --max-depth 768 makes the replay go on (unfinished at 24)."""
+    folder = tmp_path / "results"
+    write(folder, "tanh_bn_oldinit_jax_corrected_e3_b256_mnist.jsonl",
+          [row("tanh_bn_oldinit", k, s, GOOD, GOOD, protocol="corrected") for k in (48, 51) for s in range(3)])
+    capped = [row("elu", k, s, GOOD, GOOD, max_depth=12) for k in (3, 6, 12) for s in range(3)]
+    write(folder, "elu_jax_faithful_e3_b256_mnist.jsonl", capped)
+    rows = report.standard_rows(report.load(folder))
+    assert report.boundary(rows, "tanh_bn_oldinit", "corrected") is None
+    assert report.boundary(rows, "elu", "faithful") == (12, None, None)
+    write(folder, "elu_jax_faithful_e3_b256_mnist.jsonl", capped[:-1] + [row("elu", 12, 2, GOOD, GOOD, max_depth=768)])
+    rows = report.standard_rows(report.load(folder))
+    assert report.boundary(rows, "elu", "faithful") == (12, None, 24)
+
+
+def test_depths_training_past_the_first_failure_and_the_shallowest_collapse_are_reported(report, tmp_path):
+    folder = tmp_path / "results"
+    newinit = {3: GOOD, 6: GOOD, 12: GOOD, 24: GOOD, 36: GOOD, 42: GOOD, 45: GOOD, 48: BAD, 51: GOOD}
+    write(folder, "tanh_newinit_jax_faithful_e3_b256_mnist.jsonl",
+          [row("tanh_newinit", k, s, e, e) for k, e in newinit.items() for s in range(3)])
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist.jsonl",
+          [row("elu_bn", 3, s, [0.1, 0.9, 0.9], [0.025 + 0.003 * s, 0.902, 0.902]) for s in range(3)])
+    assert report.main(["--results", str(folder), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert ("its own search puts the boundary at k=45 / k=48; yet k=51 (3/3 seeds) beyond that first failure "
+            "trains: the boundary is not sharp.") in text
+    assert ("elu_bn at k=3 (faithful): 3/3 seeds reach 2.5-3.1% test error after epoch 1, then 90.2% after the "
+            "later epochs. Corrected protocol at this depth: not run.") in text
+    assert "none trains / k=3" in table_row(text, "elu_bn")[7]

@@ -229,17 +229,28 @@ def test_search_bisects_below_a_capped_max_depth(tmp_path, fake):
 @pytest.mark.parametrize("b, found", [(0, (None, 3)), (3, (3, 6)), (45, (45, 48)), (102, (102, 105)),
                                       (765, (765, 768)), (10_000, (768, None))])
 def test_boundary_search_returns_what_it_found(b, found):
-    """The search alone, as experiments/report.py replays it on recorded results: its answer is
-    (b, b + 3), and depth 51 training beyond a failure at 48 (a non-monotone boundary) changes
-    nothing, since the search never asks for it."""
+    """The search alone, as experiments/report.py replays it on recorded results."""
     asked = []
 
     def trains(depth):
         asked.append(depth)
-        return depth <= b or depth == 51
+        return depth <= b
 
     assert search.boundary_search(trains, 768) == found
     assert asked == expected_path(b)
+
+
+def test_boundary_search_with_a_hole_reports_the_edge_it_bisected_to():
+    """Non-monotone trainability: everything up to 45 trains except k=36. The bisection between 24
+    and 48 meets the hole first and settles at 33 / 36, never asking for 39, 42 or 45."""
+    asked = []
+
+    def trains(depth):
+        asked.append(depth)
+        return depth <= 45 and depth != 36
+
+    assert search.boundary_search(trains, 768) == (33, 36)
+    assert asked == [3, 6, 12, 24, 48, 36, 30, 33]
 
 
 def test_majority_of_seeds_decides(tmp_path, fake):
