@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,11 +19,8 @@ ENTRIES = tomllib.loads((REPO / "experiments" / "sweeps.toml").read_text())["swe
 
 
 @pytest.fixture(scope="module")
-def run_module():
-    spec = importlib.util.spec_from_file_location("experiments_run", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_module(load_experiment):
+    return load_experiment("run")
 
 
 def test_plan_runs_entries_in_file_order_and_variants_in_the_order_given(run_module, tmp_path):

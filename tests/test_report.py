@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,11 +13,8 @@ FIGURES = ("error_vs_depth.png", "boundaries.png", "epoch_curves.png")
 
 
 @pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def report(load_experiment):
+    return load_experiment("report")
 
 
 def row(variant, depth, seed, train, test, framework="jax", protocol="faithful", lr=0.05, device="gpu:Fake GPU",
