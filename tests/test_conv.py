@@ -6,7 +6,6 @@ match `lax.conv_general_dilated` (vmapped and differentiated by JAX) to rounding
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -111,13 +110,10 @@ def test_unbatched_is_xla_conv():
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_every_benchmarked_formulation_is_the_same_convolution():
+def test_every_benchmarked_formulation_is_the_same_convolution(load_experiment):
     """experiments/conv_formulations.py times other ways of writing the conv: each must compute
     it (float32 against a 'highest'-precision XLA conv; 1e-5 of the largest gradient)."""
-    spec = importlib.util.spec_from_file_location(
-        "conv_formulations", Path(__file__).resolve().parents[1] / "experiments" / "conv_formulations.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_experiment("conv_formulations")
     rows = list(bench.measure(replicas=2, batch=2, rounds=1, steps=1))
     assert len(rows) == 3 * (len(bench.PER_REPLICA) + 1)
     for row in rows:
