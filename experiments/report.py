@@ -344,7 +344,8 @@ def fig_boundaries(rows, path: Path) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=text) for c, text in (
         ("0.6", "notebook (one unseeded run)"), (COLOR["faithful"], "flaxdepth search, faithful"),
         (COLOR["corrected"], "flaxdepth search, corrected"))]
-    handles.append(plt.Rectangle((0, 0), 1, 1, color="0.3", alpha=0.4, label="search unfinished: deepest k trained so far"))
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="0.3", alpha=0.4,
+                                 label="search unfinished: deepest k trained so far"))
     handles.append(plt.Rectangle((0, 0), 1, 1, fc="none", ec="k", hatch="///",
                                  label="pair only: deepest pair depth where most seeds train"))
     ax.legend(handles=handles, loc="upper right", fontsize=8)
@@ -405,9 +406,9 @@ def main(argv=None) -> int:
         "Cells: seeds that train (final error, the smaller of the last train and test errors, under the "
         "threshold). *flaxdepth boundary*: the sweep's boundary search (`python -m flaxdepth.sweep`: k = 3, 6, 12, "
         "... until most seeds fail, then bisection) replayed on the recorded depths: deepest k it found to train / "
-        "shallowest k it found not to; *unfinished* where it needs a depth not yet trained. *torch vs jax*: torch_ref runs against "
-        "jax runs of the same device, protocol, depth and seed (same initial weights and batch order); max diff over "
-        "per-epoch train and test errors.",
+        "shallowest k it found not to; *unfinished* where it needs a depth not yet trained. *torch vs jax*: "
+        "torch_ref runs against jax runs of the same device, protocol, depth and seed (same initial weights and "
+        "batch order); max diff over per-epoch train and test errors.",
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
         "## Interpretation", interpretation(rows, pct, all_rows), "![per-epoch test error](figures/epoch_curves.png)",
         "## What was run", what_was_run(files, link),
