@@ -55,12 +55,14 @@ def load(results_dir: Path) -> dict[str, list[dict]]:
     return files
 
 
-def standard_rows(files: dict[str, list[dict]]) -> list[dict]:
-    """Rows of the notebook's setup at the variant's lr, one per run (the last written wins)."""
+def standard_rows(files: dict[str, list[dict]], precision: str = "default") -> list[dict]:
+    """Rows of the notebook's setup at the variant's lr and the given --precision, one per run (the
+    last written wins)."""
     keep = {}
     for r in (r for rows in files.values() for r in rows):
         v = registry.VARIANTS.get(r["variant"])
-        if v and r["lr"] == v.lr and all(r["config"].get(k) == x for k, x in STANDARD.items()):
+        if (v and r["lr"] == v.lr and all(r["config"].get(k) == x for k, x in STANDARD.items())
+                and r["config"].get("precision", "default") == precision):  # rows from before the option: default
             keep[r["variant"], r["framework"], r["protocol"], r["depth"], r["seed"], r["device"]] = r
     return list(keep.values())
 
@@ -145,6 +147,24 @@ def torch_agreement(rows, variant) -> str:
     return "; ".join(parts)
 
 
+def precision_findings(files) -> list[str]:
+    """One line per variant, protocol and device run with --precision highest: seeds that train per
+    depth and framework, beside the default-precision rows of the same runs."""
+    highest, default = standard_rows(files, "highest"), standard_rows(files)
+    lines = []
+    for variant, protocol, device in sorted({(r["variant"], r["protocol"], r["device"]) for r in highest}):
+        cells = []
+        for depth in sorted({r["depth"] for r in highest if (r["variant"], r["device"]) == (variant, device)}):
+            for framework in ("jax", "torch"):
+                runs = [r for r in pick(highest, variant, protocol, framework, depth) if r["device"] == device]
+                before = [r for r in pick(default, variant, protocol, framework, depth) if r["device"] == device]
+                if runs:
+                    cells.append(f"k={depth} {framework} {rate(runs)[2]} (default precision: {rate(before)[2]})")
+        lines.append(f"- {variant} ({protocol}) in float32 (`--precision highest`) on {device.split(':')[0]}: "
+                     + "; ".join(cells) + ".")
+    return lines
+
+
 def table(rows, all_rows) -> str:
     """The markdown table: one row per variant in registry order."""
     lines = ["| variant | lr | notebook: trainable k / untrainable k | faithful at trainable k | faithful at "
@@ -218,7 +238,7 @@ def quirk_finding(rows, v, k, pct: float) -> str | None:
                         later=percent_range(later), corr=rate(pick(rows, v.name, "corrected", depth=k))[2])
 
 
-def interpretation(rows, pct: float, all_rows) -> str:
+def interpretation(rows, pct: float, all_rows, files) -> str:
     """Conditional text: where flaxdepth's verdicts differ from the notebook's, and the known causes."""
     lines = [pair_finding(rows, v, p) for v in registry.VARIANTS.values() for p in PROTOCOLS[:1 + v.batchnorm]]
     if not any(lines):
@@ -226,7 +246,7 @@ def interpretation(rows, pct: float, all_rows) -> str:
     quirks = [quirk_finding(rows, v, k, pct) for v in registry.VARIANTS.values() if v.batchnorm
               for k in quirk_depths(rows, v)]
     torch = [f"- torch_ref vs flaxdepth, {v.name}: {agree}." for v in registry.VARIANTS.values()
-             if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN]
+             if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN] + precision_findings(files)
     multi = registry.get_variant("elu_multihead")
     causes = ["", "Known reasons the notebook's numbers can differ from flaxdepth's:", "",
               "- Each notebook row is a single unseeded run; flaxdepth trains several seeds (other initial weights "
@@ -255,8 +275,9 @@ def what_was_run(files, results_link: str) -> str:
     for e in tomllib.loads((HERE / "sweeps.toml").read_text())["sweep"]:
         names = registry.VARIANT_NAMES if e["variants"] == "all" else e["variants"]
         protocol, pair = "faithful" if e.get("notebook_quirks") else "corrected", e["depths"] == "notebook_pair"
+        entry_rows = standard_rows(files, e.get("precision", "default"))
         done = [n for n in names if any((r["depth"] in registry.get_variant(n).notebook_pair) == pair
-                                        for r in pick(rows, n, protocol, e.get("framework", "jax")))]
+                                        for r in pick(entry_rows, n, protocol, e.get("framework", "jax")))]
         lines.append(f"- `{e['name']}`: {len(done)}/{len(names)}" + (f" ({', '.join(done)})" if done else ""))
     return "\n".join(lines)
 
@@ -410,7 +431,7 @@ def main(argv=None) -> int:
         "torch_ref runs against jax runs of the same device, protocol, depth and seed (same initial weights and "
         "batch order); max diff over per-epoch train and test errors.",
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
-        "## Interpretation", interpretation(rows, pct, all_rows), "![per-epoch test error](figures/epoch_curves.png)",
+        "## Interpretation", interpretation(rows, pct, all_rows, files), "![per-epoch test error](figures/epoch_curves.png)",
         "## What was run", what_was_run(files, link),
         "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
     print(f"wrote {args.out / 'REPORT.md'} and 3 figures in {args.out / 'figures'}")

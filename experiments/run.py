@@ -46,7 +46,8 @@ def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None
         configs.append(SweepConfig(
             variant=name, depths=None if depths == "search" else tuple(depths), seeds=entry.get("seeds", 3),
             epochs=entry.get("epochs", 3), notebook_quirks=entry.get("notebook_quirks", False),
-            framework=entry.get("framework", "jax"), out=str(out), data_dir=data_dir,
+            framework=entry.get("framework", "jax"), precision=entry.get("precision", "default"),
+            out=str(out), data_dir=data_dir,
             limit_train=limit_train, limit_test=limit_test,
             skip_parity=True,  # the parity suite and one check per process (below) cover it
         ).validate())

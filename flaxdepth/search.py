@@ -3,6 +3,7 @@ evidence. `python -m flaxdepth.sweep` is the command-line front of `run_sweep`."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -20,6 +21,9 @@ from flaxdepth.data import DATASETS
 from flaxdepth.results import ResultsFile, final_error, plot
 
 FRAMEWORKS = ("jax", "torch")
+# Arithmetic of convolutions and matmuls: "default" is each framework's own (on recent NVIDIA GPUs
+# TF32 for JAX's convs and matmuls and for torch's cuDNN convs), "highest" full float32 in both.
+PRECISIONS = ("default", "highest")
 DEFAULT_OUT = Path("experiments/results")
 
 
@@ -48,6 +52,7 @@ class SweepConfig:
     notebook_quirks: bool = False
     framework: str = "jax"
     fan: str = "out"
+    precision: str = "default"
     skip_parity: bool = False
 
     def validate(self) -> "SweepConfig":
@@ -74,6 +79,8 @@ class SweepConfig:
             raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.framework not in FRAMEWORKS:
             raise ConfigError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.fan not in registry.GLOROT_FANS:
             raise ConfigError(f"--fan must be one of {', '.join(registry.GLOROT_FANS)}, got {self.fan!r}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -102,6 +109,8 @@ class SweepConfig:
             parts.append(f"test{self.limit_test}")
         if self.fan != "out":
             parts.append(f"fan{self.fan}")
+        if self.precision != "default":
+            parts.append(f"prec{self.precision}")
         return Path(self.out) / ("_".join(parts) + ".jsonl")
 
 
@@ -271,7 +280,8 @@ class Sweep:
         missing = [run for run in wanted if run not in finished]
         if missing:
             start = time.perf_counter()
-            results = self._train(depth, missing)
+            with arithmetic_precision(c.precision):
+                results = self._train(depth, missing)
             wall = time.perf_counter() - start
             rows = [self._row(depth, r, wall / len(results), len(results)) for r in results]
             if self.writer:
@@ -306,6 +316,28 @@ class Sweep:
             plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs",
                  c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
         return report
+
+
+@contextlib.contextmanager
+def arithmetic_precision(precision: str):
+    """Train in one of PRECISIONS: "highest" turns TF32 off in torch (cuDNN convolutions and CUDA
+    matmuls) and sets JAX's default matmul and convolution precision to float32 (part of jit's
+    cache key, so the programs are traced again). CPUs compute in float32 either way."""
+    if precision == "default":
+        yield
+        return
+    import torch
+
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = [flag.allow_tf32 for flag in flags]
+    for flag in flags:
+        flag.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision(precision):
+            yield
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
 
 
 def boundary_search(trains: Callable[[int], bool], max_depth: int) -> tuple[int | None, int | None]:

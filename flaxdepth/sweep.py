@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from flaxdepth import registry
-from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, ConfigError, SweepConfig
+from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, PRECISIONS, ConfigError, SweepConfig
 
 PROG = "python -m flaxdepth.sweep"
 
@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--framework", default="jax", choices=FRAMEWORKS)
     p.add_argument("--fan", default="out", choices=registry.GLOROT_FANS,
                    help="Glorot-style sigma over fan-out (the notebook's) or fan-in")
+    p.add_argument("--precision", default="default", choices=PRECISIONS,
+                   help="convolution and matmul arithmetic: each framework's default (TF32 on recent NVIDIA "
+                        "GPUs) or highest (float32 in both; results go to their own file)")
     p.add_argument("--skip-parity", action="store_true", help="skip the quick check against torch_ref")
     p.add_argument("--quiet", action="store_true", help="no per-run epoch lines, only the summary")
     group = p.add_argument_group(
@@ -91,7 +94,7 @@ def configs(args) -> list[SweepConfig]:
         max_depth=args.max_depth, epochs=args.epochs, batch_size=args.batch_size, threshold=args.threshold,
         dataset=args.dataset, data_dir=args.data_dir, out=args.out, limit_train=args.limit_train,
         limit_test=args.limit_test, notebook_quirks=args.notebook_quirks, framework=args.framework,
-        fan=args.fan, skip_parity=args.skip_parity,
+        fan=args.fan, precision=args.precision, skip_parity=args.skip_parity,
     ).validate() for name in names]
 
 

@@ -178,3 +178,20 @@ def test_depths_training_past_the_first_failure_and_the_shallowest_collapse_are_
     assert ("elu_bn at k=3 (faithful): 3/3 seeds reach 2.5-3.1% test error after epoch 1, then 90.2% after the "
             "later epochs. Corrected protocol at this depth: not run.") in text
     assert "none trains / k=3" in table_row(text, "elu_bn")[7]
+
+
+def test_float32_rows_get_their_own_line_and_stay_out_of_the_table(report, tmp_path):
+    folder = tmp_path / "results"
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist.jsonl",
+          [row("elu_bn", 63, s, [0.2, 0.9, 0.9], COLLAPSE_TEST) for s in range(3)])
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist_prechighest.jsonl",
+          [row("elu_bn", 63, s, GOOD, GOOD, precision="highest") for s in range(2)]
+          + [row("elu_bn", 63, 2, BAD, BAD, precision="highest")])
+    write(folder, "elu_bn_torch_faithful_e3_b256_mnist_prechighest.jsonl",
+          [row("elu_bn", 63, s, GOOD, GOOD, framework="torch", precision="highest") for s in range(3)])
+    assert report.main(["--results", str(folder), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert table_row(text, "elu_bn")[3] == "0/3 seeds"  # the default-precision rows only
+    assert ("- elu_bn (faithful) in float32 (`--precision highest`) on gpu: k=63 jax 2/3 seeds (default "
+            "precision: 0/3 seeds); k=63 torch 3/3 seeds (default precision: not run).") in text
+    assert "- `precision-highest`: 1/1 (elu_bn)" in text and "- `precision-highest-torch`: 1/1 (elu_bn)" in text

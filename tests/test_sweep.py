@@ -148,7 +148,8 @@ def test_config_validation_in_the_library(tmp_path):
     """run_sweep checks its config too (a library caller has no CLI in front of it). The library
     takes depths that are not multiples of 3 (the notebook's k = 139); the CLI does not."""
     for bad in (dict(variant="nope"), dict(depths=(3, 2)), dict(depths=()), dict(lrs=(-1.0,)), dict(lrs=()),
-                dict(seeds=0), dict(threshold=0.0), dict(threshold=float("nan")), dict(max_depth=2)):
+                dict(seeds=0), dict(threshold=0.0), dict(threshold=float("nan")), dict(max_depth=2),
+                dict(precision="tf32")):
         with pytest.raises(ValueError):  # ConfigError and UnknownVariantError are ValueErrors
             run_sweep(make_config(tmp_path, **bad), None)
     assert not (tmp_path / "out").exists()
@@ -251,6 +252,30 @@ def test_boundary_search_with_a_hole_reports_the_edge_it_bisected_to():
 
     assert search.boundary_search(trains, 768) == (33, 36)
     assert asked == [3, 6, 12, 24, 48, 36, 30, 33]
+
+
+def test_precision_highest_trains_in_float32_into_its_own_file(tmp_path, fake, monkeypatch):
+    """--precision highest: the runs are trained with JAX's default precision set to float32 and
+    torch's TF32 off, restored afterwards, and written to their own results file."""
+    import jax
+    import torch
+
+    seen = []
+    trainer = fake(boundary_at(6))
+
+    def spying(self, depth, runs):
+        seen.append((jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32))
+        return trainer(depth, runs)
+
+    monkeypatch.setattr(search.Sweep, "_train", spying)
+    before = (jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32)
+    config = make_config(tmp_path, depths=(3, 6), precision="highest")
+    sweep_quietly(config)
+    assert seen == [("highest", False)] * 2  # one training call per depth
+    assert (jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32) == before
+    assert config.results_path().name == "tanh_jax_corrected_e2_b256_mnist_prechighest.jsonl"
+    assert {row["config"]["precision"] for row in file_rows(config)} == {"highest"}
+    assert make_config(tmp_path).results_path().name == "tanh_jax_corrected_e2_b256_mnist.jsonl"
 
 
 def test_majority_of_seeds_decides(tmp_path, fake):
