@@ -431,7 +431,8 @@ def main(argv=None) -> int:
         "torch_ref runs against jax runs of the same device, protocol, depth and seed (same initial weights and "
         "batch order); max diff over per-epoch train and test errors.",
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
-        "## Interpretation", interpretation(rows, pct, all_rows, files), "![per-epoch test error](figures/epoch_curves.png)",
+        "## Interpretation", interpretation(rows, pct, all_rows, files),
+        "![per-epoch test error](figures/epoch_curves.png)",
         "## What was run", what_was_run(files, link),
         "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
     print(f"wrote {args.out / 'REPORT.md'} and 3 figures in {args.out / 'figures'}")
