@@ -147,10 +147,11 @@ def torch_agreement(rows, variant) -> str:
     return "; ".join(parts)
 
 
-def precision_findings(files) -> list[str]:
+def precision_findings(files, default: list[dict]) -> list[str]:
     """One line per variant, protocol and device run with --precision highest: seeds that train per
-    depth and framework, beside the default-precision rows of the same runs."""
-    highest, default = standard_rows(files, "highest"), standard_rows(files)
+    depth and framework, beside the default-precision rows (`default`, standard_rows(files)) of the
+    same runs."""
+    highest = standard_rows(files, "highest")
     lines = []
     for variant, protocol, device in sorted({(r["variant"], r["protocol"], r["device"]) for r in highest}):
         cells = []
@@ -246,7 +247,7 @@ def interpretation(rows, pct: float, all_rows, files) -> str:
     quirks = [quirk_finding(rows, v, k, pct) for v in registry.VARIANTS.values() if v.batchnorm
               for k in quirk_depths(rows, v)]
     torch = [f"- torch_ref vs flaxdepth, {v.name}: {agree}." for v in registry.VARIANTS.values()
-             if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN] + precision_findings(files)
+             if (agree := torch_agreement(all_rows, v.name)) != NOT_RUN] + precision_findings(files, all_rows)
     multi = registry.get_variant("elu_multihead")
     causes = ["", "Known reasons the notebook's numbers can differ from flaxdepth's:", "",
               "- Each notebook row is a single unseeded run; flaxdepth trains several seeds (other initial weights "
