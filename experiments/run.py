@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Proces
 from pathlib import Path
 from typing import Callable
 
-from flaxdepth import data, registry
+from flaxdepth import data, registry, train
 from flaxdepth.search import SweepConfig, run_sweep
 
 HERE = Path(__file__).resolve().parent
@@ -166,16 +166,21 @@ def main(argv=None) -> int:
         print(f"experiments/run.py: error: {error}", file=sys.stderr)
         return 2
 
+    sweeps = plan(entries, args.only, args.variants, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
+    # On CPUs, each process presents the cores as several devices (as the sweep command does).
+    cpu_devices = train.cpu_device_count(max((config.seeds * len(config.lrs or (None,)) for _, config in sweeps),
+                                             default=1))
+    train.request_cpu_devices(cpu_devices)  # before JAX starts (the parity check starts it)
     from flaxdepth import parity_check
 
     print(parity_check.quick_parity("resnet", dataset), flush=True)
-    sweeps = plan(entries, args.only, args.variants, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
     if args.jobs == 1:
         ok = all([print_outcome(name, config, functools.partial(run_one, name, config, deadline))
                   for name, config in sweeps])  # a list, so that every sweep runs
     else:
         # spawn, not fork: a forked child would inherit this process's initialized JAX runtime.
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=train.request_cpu_devices, initargs=(cpu_devices,)) as pool:
             ok = run_in_workers(sweeps, pool, args.jobs, deadline)
     return 0 if ok else 1
 

@@ -40,6 +40,13 @@ def _time(fn, steps: int) -> float:
     return (time.perf_counter() - start) * 1000 / steps
 
 
+def replicas_mesh():
+    """Where the benchmark trains replicas: every CPU device (train.request_cpu_devices), or one
+    accelerator (the figures are per model on one GPU)."""
+    devices = jax.local_devices()
+    return train.replica_mesh(devices if devices[0].platform == "cpu" else devices[:1])
+
+
 def torch_stepper(variant: str, depth: int, images_u8, labels, device: str):
     """A closure running n notebook training steps of torch_ref on one fixed batch."""
     model = torch_ref.build(variant, depth).to(device).train()
@@ -62,16 +69,26 @@ def torch_stepper(variant: str, depth: int, images_u8, labels, device: str):
     return run
 
 
-def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, platform: str | None = None):
+def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, platform: str | None = None,
+                mesh=None):
     """A closure running n jitted flaxdepth steps of R replicas (each its own weights), mapped
-    over the replicas as the engine does on `platform` (default: the device's; "gpu" = vmapped)."""
-    model, init, _, _ = train.compiled_functions(variant, depth, len(labels))
+    over the replicas as the engine does on `platform` (default: the device's; "gpu" = vmapped).
+    With a `mesh`, the replicas are split over its devices as the engine splits them."""
+    model, init, _, _ = train.compiled_functions(variant, depth, len(labels), mesh=mesh)
     lr = registry.get_variant(variant).lr
-    state = init(jnp.arange(replicas, dtype=jnp.int32), jnp.full((replicas,), lr))
-    platform = platform or jax.devices()[0].platform
-    step = jax.jit(train.per_replica(lambda s, x, y: train.train_step(model, s, x, y, True), (0, None, None),
-                                     platform), donate_argnums=0)
-    x, y = jnp.asarray(images_u8), jnp.asarray(labels)
+    if mesh is None:
+        state = init(jnp.arange(replicas, dtype=jnp.int32), jnp.full((replicas,), lr))
+        platform = platform or jax.devices()[0].platform
+        step = jax.jit(train.per_replica(lambda s, x, y: train.train_step(model, s, x, y, True), (0, None, None),
+                                         platform), donate_argnums=0)
+        x, y = jnp.asarray(images_u8), jnp.asarray(labels)
+    else:
+        split, whole = train.split_over_replicas(mesh), train.replicated(mesh)
+        state = init(train.global_array(np.arange(replicas, dtype=np.int32), split),
+                     train.global_array(np.full((replicas,), lr, jnp.result_type(float)), split))
+        step = train.over_replicas(lambda s, x, y: train.train_step(model, s, x, y, True), mesh, (0, None, None),
+                                   (False, True), donate_argnums=0)
+        x, y = train.global_array(images_u8, whole), train.global_array(labels, whole)
     holder = [state]
 
     def run(n):
@@ -83,12 +100,19 @@ def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, plat
 
 def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, steps: int, rounds: int,
                    device: str) -> dict:
+    mesh = replicas_mesh()
+    if replicas % mesh.size:
+        raise SystemExit(f"{PROG}: error: --replicas {replicas} must be a multiple of the {mesh.size} CPU devices "
+                         f"(see --cpu-devices)")
     images, labels = synthetic_batch(batch_size)
     runners = {"torch": torch_stepper(variant, depth, images, labels, device),
                "jax": jax_stepper(variant, depth, images, labels, 1)}
     if replicas > 1:
-        runners["jax_replicas"] = jax_stepper(variant, depth, images, labels, replicas)
-        if jax.devices()[0].platform == "cpu":  # what the engine's CPU loop over replicas avoids
+        runners["jax_replicas"] = jax_stepper(variant, depth, images, labels, replicas, mesh=mesh)
+        if jax.devices()[0].platform == "cpu":
+            if mesh.size > 1:  # the engine's CPU mode before devices were split (one device, lax.map)
+                runners["jax_replicas_one_device"] = jax_stepper(variant, depth, images, labels, replicas)
+            # what the engine's CPU loop over replicas avoids
             runners["jax_replicas_vmapped"] = jax_stepper(variant, depth, images, labels, replicas, "gpu")
     for run in runners.values():  # warm-up: compilation, allocator, caches
         run(2)
@@ -104,8 +128,11 @@ def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, ste
     }
     if replicas > 1:
         per_model = med["jax_replicas"] / replicas
-        result.update(replicas=replicas, jax_ms_per_step_replicas=med["jax_replicas"],
+        result.update(replicas=replicas, jax_devices=jax.local_device_count(),
+                      jax_ms_per_step_replicas=med["jax_replicas"],
                       jax_ms_per_model_step_replicas=per_model, speedup_replicas=med["torch"] / per_model)
+        if "jax_replicas_one_device" in med:
+            result["speedup_replicas_one_device"] = med["torch"] / (med["jax_replicas_one_device"] / replicas)
         if "jax_replicas_vmapped" in med:
             result["speedup_replicas_vmapped"] = med["torch"] / (med["jax_replicas_vmapped"] / replicas)
     return result
@@ -128,12 +155,12 @@ def compile_benchmark(variant: str, depths: list[int], batch_size: int) -> dict[
 
 
 def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, device: str,
-                       data_dir: str | None, limit_train: int | None) -> dict:
+                       data_dir: str | None, limit_train: int | None, limit_test: int | None = None) -> dict:
     """A whole run: the notebook's loop with a shuffling DataLoader over per-sample transforms,
     against flaxdepth's engine training `replicas` models at once (compile included and not)."""
     from flaxdepth import data as data_module
 
-    dataset = data_module.subset(data_module.load_dataset("mnist", data_dir), limit_train, None)
+    dataset = data_module.subset(data_module.load_dataset("mnist", data_dir), limit_train, limit_test)
 
     class NotebookMNIST(torch.utils.data.Dataset):
         """Like torchvision's MNIST with ToTensor + Normalize: one transform per sample."""
@@ -160,24 +187,36 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
     torch_s = time.perf_counter() - start
     print(f"torch notebook loop: {torch_s:.1f}s for {epochs} epochs", file=sys.stderr, flush=True)
 
-    device_data = train.DeviceData.put(dataset)
     runs = [(seed, spec.lr) for seed in range(replicas)]
-    # A one-epoch run compiles every program the timed run uses (init, epoch, test, orders);
-    # compile time = that run's time less one epoch of the timed run.
-    start = time.perf_counter()
-    train.train_replicas(variant, depth, device_data, runs, 1)
-    first_epoch_s = time.perf_counter() - start
-    print(f"jax: compile + 1 epoch of {replicas} replicas: {first_epoch_s:.1f}s", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    train.train_replicas(variant, depth, device_data, runs, epochs)
-    jax_s = time.perf_counter() - start
-    compile_s = max(first_epoch_s - jax_s / epochs, 0.0)
-    return {"variant": variant, "depth": depth, "epochs": epochs, "replicas": replicas,
-            "train_images": len(dataset.train_labels), "torch_notebook_loop_s": torch_s,
-            "jax_run_s": jax_s, "jax_compile_s": compile_s, "jax_run_with_compile_s": jax_s + compile_s,
-            "model_epochs_per_s": replicas * epochs / jax_s,
-            "speedup_per_model": torch_s / (jax_s / replicas),
-            "speedup_per_model_with_compile": torch_s / ((jax_s + compile_s) / replicas)}
+    meshes = {"jax": replicas_mesh()}
+    if meshes["jax"].size > 1:  # several CPU devices: the same runs on one of them, in this process
+        meshes["jax_one_device"] = train.local_mesh()
+    result = {"variant": variant, "depth": depth, "epochs": epochs, "replicas": replicas,
+              "train_images": len(dataset.train_labels), "test_images": len(dataset.test_labels),
+              "jax_devices": meshes["jax"].size, "torch_notebook_loop_s": torch_s}
+    for name, mesh in meshes.items():
+        device_data = train.DeviceData.put(dataset, mesh)
+        # A one-epoch run compiles every program the timed run uses (init, epoch, test, orders);
+        # compile time = that run's time less one epoch of the timed run.
+        start = time.perf_counter()
+        train.train_replicas(variant, depth, device_data, runs, 1, mesh=mesh)
+        first_epoch_s = time.perf_counter() - start
+        print(f"{name}: compile + 1 epoch of {replicas} replicas on {mesh.size} device(s): {first_epoch_s:.1f}s",
+              file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        train.train_replicas(variant, depth, device_data, runs, epochs, mesh=mesh)
+        run_s = time.perf_counter() - start
+        compile_s = max(first_epoch_s - run_s / epochs, 0.0)
+        if name == "jax":
+            result.update(jax_run_s=run_s, jax_compile_s=compile_s, jax_run_with_compile_s=run_s + compile_s,
+                          model_epochs_per_s=replicas * epochs / run_s,
+                          speedup_per_model=torch_s / (run_s / replicas),
+                          speedup_per_model_with_compile=torch_s / ((run_s + compile_s) / replicas))
+        else:
+            result.update(jax_one_device_run_s=run_s,
+                          speedup_per_model_one_device=torch_s / (run_s / replicas),
+                          cpu_devices_speedup=run_s / result["jax_run_s"])
+    return result
 
 
 def parse_args(argv=None):
@@ -186,7 +225,10 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="elu_bn", choices=registry.VARIANT_NAMES)
     p.add_argument("--depth", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--replicas", type=int, default=1, help="also time R vmapped replicas (per-model figure)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="also time R replicas as the engine trains them (per-model figure)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="on CPUs, split the replicas over N devices; default: flaxdepth.train.cpu_device_count")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--compile-depths", default="30,300",
@@ -195,6 +237,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="with --full-run")
     p.add_argument("--data-dir", default=None, help="with --full-run: MNIST folder")
     p.add_argument("--limit-train", type=int, default=None, help="with --full-run: first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="with --full-run: first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     try:
@@ -205,18 +248,21 @@ def parse_args(argv=None):
     for name in ("batch_size", "replicas", "steps", "rounds", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        p.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    train.request_cpu_devices(args.cpu_devices or train.cpu_device_count(args.replicas))  # before JAX starts
     device = "cuda" if torch.cuda.is_available() else "cpu"
     jax_device = jax.devices()[0]
     result = {"jax_device": f"{jax_device.platform}:{jax_device.device_kind}", "torch_device": device,
               "versions": {"jax": jax.__version__, "torch": torch.__version__}}
     if args.full_run:
         result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
-                                         args.data_dir, args.limit_train))
+                                         args.data_dir, args.limit_train, args.limit_test))
     else:
         result.update(step_benchmark(args.variant, args.depth, args.batch_size, args.replicas, args.steps,
                                      args.rounds, device))

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="default", choices=PRECISIONS,
                    help="convolution and matmul arithmetic: each framework's default (TF32 on recent NVIDIA "
                         "GPUs) or highest (float32 in both; results go to their own file)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="on CPUs, split each depth's runs over N devices that train side by side; default: "
+                        "by the number of runs and cores (flaxdepth.train.cpu_device_count)")
     p.add_argument("--skip-parity", action="store_true", help="skip the quick check against torch_ref")
     p.add_argument("--quiet", action="store_true", help="no per-run epoch lines, only the summary")
     group = p.add_argument_group(
@@ -98,12 +101,28 @@ def configs(args) -> list[SweepConfig]:
     ).validate() for name in names]
 
 
+def cpu_devices(args) -> int:
+    """The CPU device count for this sweep's runs per depth (seeds x learning rates)."""
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            raise ConfigError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+        return args.cpu_devices
+    from flaxdepth import train
+
+    return train.cpu_device_count(args.seeds * len(args.lr or (None,)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flaxdepth.data import DataError
 
     try:
         sweep_configs = configs(args)  # every input checked before anything trains
+        device_count = cpu_devices(args)
+        if args.framework == "jax":  # before JAX starts, which fixes the device count
+            from flaxdepth import train
+
+            train.request_cpu_devices(device_count)
         join_processes(args)
         import jax
 

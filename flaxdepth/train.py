@@ -10,12 +10,15 @@
 - The replica axis is sharded over a 1-D device mesh (`jax.shard_map`): each device trains its
   block of replicas, the dataset is replicated on every device, and only the per-replica metrics
   are gathered. With `jax.distributed` the mesh spans every process's devices.
+- On CPUs, JAX can present the cores as several devices (`request_cpu_devices`), whose programs
+  run concurrently: more of the cores' time goes to training (`cpu_device_count`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, Sequence
 
 import flax.struct
@@ -35,6 +38,33 @@ REPLICA_AXIS = "replicas"
 def replica_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh whose axis carries the replicas; default: every device of every process."""
     return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (REPLICA_AXIS,))
+
+
+def cpu_device_count(replicas: int, cores: int | None = None) -> int:
+    """How many CPU devices to split `replicas` over: one program keeps only about 1.5 of 2 cores
+    busy (XLA's CPU runtime runs the scanned loop bodies mostly one operation at a time), so
+    programs running side by side train more models per second; measured on 2 cores, 1.2-1.3x per
+    model (experiments/BENCHMARKS.md), and 6 programs on 2 cores were slower than 3. So: one
+    device per replica up to the core count; beyond, the fewest devices (at most 2 per core) that
+    divide the replicas evenly, so that no padding replica is trained; else one per core."""
+    cores = cores or os.cpu_count() or 1
+    if replicas <= cores:
+        return max(replicas, 1)
+    return next((count for count in range(cores, 2 * cores + 1) if replicas % count == 0), cores)
+
+
+def request_cpu_devices(count: int) -> None:
+    """Ask JAX to present the CPU as `count` devices. Only before JAX starts its backends (after,
+    the count is fixed and this does nothing), and not when the user chose a count
+    ($JAX_NUM_CPU_DEVICES, or XLA_FLAGS=--xla_force_host_platform_device_count=N). No effect on
+    accelerators: the engine's mesh is then made of GPUs."""
+    if jax.config.jax_num_cpu_devices >= 0 or "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started: its device count stays what it is
+        pass
 
 
 def local_mesh() -> Mesh:
@@ -217,8 +247,8 @@ def per_replica(fn: Callable, in_axes: tuple, platform: str) -> Callable:
     return looped
 
 
-def _over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, ...] | bool,
-                   **jit_options) -> Callable:
+def over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, ...] | bool,
+                  **jit_options) -> Callable:
     """jit(shard_map(per_replica(fn))): every device of `mesh` runs `fn` over its block of the
     replica axis. Arguments with in_axes None (the dataset, the epoch) are whole on every device.
     Outputs flagged in `gather` (per-replica metrics, small) come back replicated, so that every
@@ -241,14 +271,14 @@ def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "ou
     `local_mesh()`."""
     mesh = mesh or local_mesh()
     model = models.build_model(variant, depth, fan)
-    init = _over_replicas(functools.partial(init_state, model), mesh, (0, 0), False, compiler_options=_UNOPTIMIZED)
+    init = over_replicas(functools.partial(init_state, model), mesh, (0, 0), False, compiler_options=_UNOPTIMIZED)
     epochs = {
-        mode: _over_replicas(
+        mode: over_replicas(
             lambda state, order, data, mode=mode: train_epoch(model, state, order, data, batch_size, mode),
             mesh, (0, 0, None), (False, True))
         for mode in (True, False)
     }
-    test = _over_replicas(lambda state, data: test_error(model, state, data, batch_size), mesh, (0, None), True)
+    test = over_replicas(lambda state, data: test_error(model, state, data, batch_size), mesh, (0, None), True)
     return model, init, epochs, test
 
 
@@ -257,7 +287,7 @@ def _orders_program(mesh: Mesh, n: int) -> Callable:
     """seeds, epoch -> one permutation of range(n) per seed. Depth-independent, so compiled once."""
     def order(seed, epoch):
         return jax.random.permutation(jax.random.fold_in(seed_keys(seed)[1], epoch), n)
-    return _over_replicas(order, mesh, (0, None), False)
+    return over_replicas(order, mesh, (0, None), False)
 
 
 def seed_keys(seed: int | jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -112,6 +112,9 @@ BAD_INPUT = {
     "seeds 0 for all variants": (["--variant", "all", "--seeds", "0"], "--seeds must be at least 1"),
     "process options without --distributed": (["--variant", "tanh", "--num-processes", "2"],
                                                "--num-processes only apply with --distributed"),
+    "cpu devices 0": (["--variant", "tanh", "--cpu-devices", "0"], "--cpu-devices must be at least 1"),
+    "cpu devices 0 with torch": (["--variant", "tanh", "--framework", "torch", "--cpu-devices", "0"],
+                                 "--cpu-devices must be at least 1"),
     "missing data folder": (["--variant", "tanh", "--data-dir", "{tmp}/no-such-folder"], "is not a folder"),
     "data folder without the files": (["--variant", "tanh", "--data-dir", "{tmp}"], "is missing"),
 }
@@ -131,6 +134,21 @@ def test_bad_input_exits_2_with_one_line_before_training(case, tmp_path, monkeyp
     assert lines[0].startswith(PROG_ERROR) and message in lines[0]
     assert "Traceback" not in captured.err
     assert not out.exists()  # nothing written either
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], train.cpu_device_count(3)),
+    (["--seeds", "2", "--lr", "0.01,0.02,0.05"], train.cpu_device_count(6)),
+    (["--cpu-devices", "5"], 5),
+    (["--framework", "torch"], None),  # torch_ref does not use JAX's devices
+])
+def test_cpu_devices_are_requested_before_jax_starts(argv, expected, tmp_path, monkeypatch, capsys):
+    requested = []
+    monkeypatch.setattr(train, "request_cpu_devices", requested.append)
+    never_train(monkeypatch)
+    # a missing data folder stops the sweep after the request, before any training
+    assert sweep.main(["--variant", "tanh", *argv, "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert requested == ([] if expected is None else [expected])
 
 
 def test_bad_input_in_a_real_process(tmp_path):

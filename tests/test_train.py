@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -21,7 +24,8 @@ import pytest
 from flaxdepth import data, registry, train
 from flaxdepth.train import RunResult
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
 VARIANT, DEPTH, BATCH, EPOCHS = "tanh", 3, 64, 2
 N_TRAIN, N_TEST = 300, 100
 LR = registry.get_variant(VARIANT).lr
@@ -262,6 +266,45 @@ def test_eval_mode_step_freezes_batchnorm_statistics():
     assert any(jax.tree.leaves(moved))  # eval-mode BatchNorm still trains the weights
 
 
+# ------------------------------------------------------------------------------ CPU devices
+
+
+@pytest.mark.parametrize("replicas, cores, expected", [
+    (1, 2, 1), (2, 2, 2),
+    (3, 2, 3),  # 3 devices rather than 2 and a padding replica
+    (4, 2, 2), (6, 2, 2), (9, 2, 3),
+    (5, 2, 2), (7, 2, 2),  # no divisor up to 2 per core: one per core, the last replica padded
+    (3, 16, 3), (32, 16, 16), (48, 16, 16), (17, 16, 16),
+])
+def test_cpu_device_count(replicas, cores, expected):
+    assert train.cpu_device_count(replicas, cores) == expected
+
+
+def cpu_devices_in_a_fresh_process(requested: int, **environment: str) -> int:
+    """jax.device_count() of a new process that calls request_cpu_devices(requested) first."""
+    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    code = (f"from flaxdepth import train; train.request_cpu_devices({requested}); "
+            "import jax; print(jax.device_count())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **environment},
+                          capture_output=True, text=True, timeout=300, check=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("environment, expected", [
+    ({}, 3),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, 2),  # the user's choice wins
+    ({"JAX_NUM_CPU_DEVICES": "1"}, 1),
+])
+def test_request_cpu_devices_before_jax_starts(environment, expected):
+    assert cpu_devices_in_a_fresh_process(3, **environment) == expected
+
+
+def test_request_cpu_devices_after_jax_started_changes_nothing():
+    count = jax.device_count()
+    train.request_cpu_devices(count + 1)  # no error: JAX keeps its devices
+    assert jax.device_count() == count
+
+
 # ------------------------------------------------------------------------------ bench
 
 
@@ -281,3 +324,18 @@ def test_bench_prints_json(capsys):
     assert result["speedup_replicas"] == pytest.approx(
         result["torch_ms_per_step"] / result["jax_ms_per_model_step_replicas"])
     assert result["speedup_replicas_vmapped"] > 0  # on this CPU, the vmapped form is timed beside it
+
+
+def test_bench_splits_replicas_over_cpu_devices():
+    """By default the bench asks for one CPU device per replica (here 2), as the sweep does, and
+    times the one-device loop over the replicas beside it."""
+    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flaxdepth.bench", "--variant", "tanh", "--depth", "3", "--steps", "1",
+         "--rounds", "1", "--compile-depths", "", "--json", "--batch-size", "32", "--replicas", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(proc.stdout)
+    assert result["jax_devices"] == 2
+    assert result["speedup_replicas"] == pytest.approx(
+        result["torch_ms_per_step"] / result["jax_ms_per_model_step_replicas"])
+    assert result["speedup_replicas_one_device"] > 0 and result["speedup_replicas_vmapped"] > 0
