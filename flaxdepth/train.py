@@ -41,12 +41,11 @@ def replica_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def cpu_device_count(replicas: int, cores: int | None = None) -> int:
-    """How many CPU devices to split `replicas` over: one program keeps only about 1.5 of 2 cores
-    busy (XLA's CPU runtime runs the scanned loop bodies mostly one operation at a time), so
-    programs running side by side train more models per second; measured on 2 cores, 1.2-1.3x per
-    model (experiments/BENCHMARKS.md), and 6 programs on 2 cores were slower than 3. So: one
-    device per replica up to the core count; beyond, the fewest devices (at most 2 per core) that
-    divide the replicas evenly, so that no padding replica is trained; else one per core."""
+    """How many CPU devices to split `replicas` over. One program keeps only about 1.5 of 2 cores
+    busy, so programs running side by side train more models per second: 1.1-1.2x on 2 cores,
+    and 6 programs on 2 cores were slower than 3 (experiments/BENCHMARKS.md). So: one device per
+    replica up to the core count; beyond, the fewest devices (at most 2 per core) that divide the
+    replicas evenly, so that no padding replica is trained; else one per core."""
     cores = cores or os.cpu_count() or 1
     if replicas <= cores:
         return max(replicas, 1)

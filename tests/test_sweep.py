@@ -146,8 +146,12 @@ def test_cpu_devices_are_requested_before_jax_starts(argv, expected, tmp_path, m
     requested = []
     monkeypatch.setattr(train, "request_cpu_devices", requested.append)
     never_train(monkeypatch)
-    # a missing data folder stops the sweep after the request, before any training
-    assert sweep.main(["--variant", "tanh", *argv, "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+
+    def stop(args):  # the next step after the request
+        raise search.ConfigError("stopped here")
+    monkeypatch.setattr(sweep, "join_processes", stop)
+    assert sweep.main(["--variant", "tanh", *argv, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"{PROG_ERROR}stopped here\n"
     assert requested == ([] if expected is None else [expected])
 
 

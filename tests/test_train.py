@@ -274,7 +274,7 @@ def test_eval_mode_step_freezes_batchnorm_statistics():
     (3, 2, 3),  # 3 devices rather than 2 and a padding replica
     (4, 2, 2), (6, 2, 2), (9, 2, 3),
     (5, 2, 2), (7, 2, 2),  # no divisor up to 2 per core: one per core, the last replica padded
-    (3, 16, 3), (32, 16, 16), (48, 16, 16), (17, 16, 16),
+    (3, 16, 3), (32, 16, 16), (48, 16, 16), (17, 16, 17), (35, 16, 16),
 ])
 def test_cpu_device_count(replicas, cores, expected):
     assert train.cpu_device_count(replicas, cores) == expected
