@@ -2,9 +2,11 @@
 
 Default: ms per training step (forward, backward, SGD-momentum update) of both frameworks on the
 same batch size and device, after warm-up, in interleaved rounds (median of the rounds), plus the
-per-model step time with R vmapped replicas, and compile time of the epoch program against depth.
+per-model step time with R replicas as the engine trains them (vmapped on a GPU; on CPUs split
+over `--cpu-devices`, with the one-device and vmapped forms beside it), and compile time of the
+epoch program against depth.
 `--full-run`: wall time of a whole training run, the notebook's loop (its DataLoader included)
-against flaxdepth's scanned epochs with R replicas.
+against flaxdepth's scanned epochs with R replicas (on several CPU devices, also on one of them).
 """
 
 from __future__ import annotations
