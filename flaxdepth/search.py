@@ -246,7 +246,10 @@ class Sweep:
         c = self.config
         # jax trains the runs side by side (a bar step per epoch); torch one after the other.
         steps = c.epochs if c.framework == "jax" else c.epochs * len(runs)
-        bar = self.progress(total=steps, desc=f"{c.variant} k={depth} ({len(runs)} runs)", unit="epoch",
+        where = ""
+        if self.mesh is not None and self.mesh.size > 1:
+            where = f" on {self.mesh.size} {self.mesh.devices.flat[0].platform} devices"
+        bar = self.progress(total=steps, desc=f"{c.variant} k={depth} ({len(runs)} runs{where})", unit="epoch",
                             leave=False) if self.progress else None
 
         def log_epoch(line: str) -> None:
@@ -267,7 +270,8 @@ class Sweep:
             from flaxdepth import torch_runner
 
             return torch_runner.train_torch_runs(c.variant, depth, self.dataset, runs, c.epochs, c.batch_size,
-                                                 c.notebook_quirks, c.fan, log=lambda line: log_epoch(f"  k={depth} {line}"))
+                                                 c.notebook_quirks, c.fan,
+                                                 log=lambda line: log_epoch(f"  k={depth} {line}"))
         finally:
             if bar is not None:
                 bar.close()
