@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         return 2
 
     sweeps = plan(entries, args.only, args.variants, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
-    # On CPUs, each process presents the cores as several devices (as the sweep command does).
-    cpu_devices = train.cpu_device_count(max((config.seeds * len(config.lrs or (None,)) for _, config in sweeps),
-                                             default=1))
+    # On CPUs, each process presents its share of the cores as several devices (as the sweep does).
+    cpu_devices = train.cpu_device_count(max((config.runs_per_depth for _, config in sweeps), default=1),
+                                         max(1, train.usable_cores() // args.jobs))
     train.request_cpu_devices(cpu_devices)  # before JAX starts (the parity check starts it)
     from flaxdepth import parity_check
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -42,7 +43,7 @@ def _time(fn, steps: int) -> float:
     return (time.perf_counter() - start) * 1000 / steps
 
 
-def replicas_mesh():
+def bench_mesh():
     """Where the benchmark trains replicas: every CPU device (train.request_cpu_devices), or one
     accelerator (the figures are per model on one GPU)."""
     devices = jax.local_devices()
@@ -75,7 +76,8 @@ def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, plat
                 mesh=None):
     """A closure running n jitted flaxdepth steps of R replicas (each its own weights), mapped
     over the replicas as the engine does on `platform` (default: the device's; "gpu" = vmapped).
-    With a `mesh`, the replicas are split over its devices as the engine splits them."""
+    With a `mesh`, the replicas are split over its devices as the engine splits them (`platform`
+    is then the mesh's)."""
     model, init, _, _ = train.compiled_functions(variant, depth, len(labels), mesh=mesh)
     lr = registry.get_variant(variant).lr
     if mesh is None:
@@ -102,10 +104,11 @@ def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, plat
 
 def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, steps: int, rounds: int,
                    device: str) -> dict:
-    mesh = replicas_mesh()
-    if replicas % mesh.size:
-        raise SystemExit(f"{PROG}: error: --replicas {replicas} must be a multiple of the {mesh.size} CPU devices "
-                         f"(see --cpu-devices)")
+    mesh = bench_mesh()
+    if replicas % mesh.size:  # a count set by XLA_FLAGS or $JAX_NUM_CPU_DEVICES
+        print(f"{PROG}: error: --replicas {replicas} must be a multiple of the {mesh.size} CPU devices",
+              file=sys.stderr)
+        raise SystemExit(2)
     images, labels = synthetic_batch(batch_size)
     runners = {"torch": torch_stepper(variant, depth, images, labels, device),
                "jax": jax_stepper(variant, depth, images, labels, 1)}
@@ -130,7 +133,7 @@ def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, ste
     }
     if replicas > 1:
         per_model = med["jax_replicas"] / replicas
-        result.update(replicas=replicas, jax_devices=jax.local_device_count(),
+        result.update(replicas=replicas, jax_devices=mesh.size,
                       jax_ms_per_step_replicas=med["jax_replicas"],
                       jax_ms_per_model_step_replicas=per_model, speedup_replicas=med["torch"] / per_model)
         if "jax_replicas_one_device" in med:
@@ -190,7 +193,7 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
     print(f"torch notebook loop: {torch_s:.1f}s for {epochs} epochs", file=sys.stderr, flush=True)
 
     runs = [(seed, spec.lr) for seed in range(replicas)]
-    meshes = {"jax": replicas_mesh()}
+    meshes = {"jax": bench_mesh()}
     if meshes["jax"].size > 1:  # several CPU devices: the same runs on one of them, in this process
         meshes["jax_one_device"] = train.local_mesh()
     result = {"variant": variant, "depth": depth, "epochs": epochs, "replicas": replicas,
@@ -230,7 +233,8 @@ def parse_args(argv=None):
     p.add_argument("--replicas", type=int, default=1,
                    help="also time R replicas as the engine trains them (per-model figure)")
     p.add_argument("--cpu-devices", type=int, default=None,
-                   help="on CPUs, split the replicas over N devices; default: flaxdepth.train.cpu_device_count")
+                   help="on CPUs, split the replicas over N devices (N divides R); default: as the sweep "
+                        "(flaxdepth.train.cpu_device_count), reduced to a divisor of R")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--compile-depths", default="30,300",
@@ -250,14 +254,16 @@ def parse_args(argv=None):
     for name in ("batch_size", "replicas", "steps", "rounds", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        p.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+    if args.cpu_devices is None:  # the sweep's count, made to divide the replicas (the step timing does not pad)
+        args.cpu_devices = math.gcd(train.cpu_device_count(args.replicas), args.replicas)
+    elif args.cpu_devices < 1 or args.replicas % args.cpu_devices:
+        p.error(f"--cpu-devices must be at least 1 and divide --replicas ({args.replicas}), got {args.cpu_devices}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    train.request_cpu_devices(args.cpu_devices or train.cpu_device_count(args.replicas))  # before JAX starts
+    train.request_cpu_devices(args.cpu_devices)  # before JAX starts
     device = "cuda" if torch.cuda.is_available() else "cpu"
     jax_device = jax.devices()[0]
     result = {"jax_device": f"{jax_device.platform}:{jax_device.device_kind}", "torch_device": device,

@@ -97,6 +97,11 @@ class SweepConfig:
         return list(range(self.first_seed, self.first_seed + self.seeds))
 
     @property
+    def runs_per_depth(self) -> int:
+        """Models trained side by side at each depth: seeds x learning rates."""
+        return self.seeds * len(self.learning_rates)
+
+    @property
     def protocol(self) -> str:
         return "faithful" if self.notebook_quirks else "corrected"
 

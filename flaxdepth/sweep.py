@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "GPUs) or highest (float32 in both; results go to their own file)")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="on CPUs, split each depth's runs over N devices that train side by side; default: "
-                        "by the number of runs and cores (flaxdepth.train.cpu_device_count)")
+                        "by the number of runs and cores (flaxdepth.train.cpu_device_count), 1 with --distributed")
     p.add_argument("--skip-parity", action="store_true", help="skip the quick check against torch_ref")
     p.add_argument("--quiet", action="store_true", help="no per-run epoch lines, only the summary")
     group = p.add_argument_group(
@@ -101,15 +101,18 @@ def configs(args) -> list[SweepConfig]:
     ).validate() for name in names]
 
 
-def cpu_devices(args) -> int:
-    """The CPU device count for this sweep's runs per depth (seeds x learning rates)."""
+def cpu_devices(args, sweep_configs: list[SweepConfig]) -> int | None:
+    """The CPU device count to ask JAX for, or None to leave JAX's default: with --distributed the
+    processes share the machine's cores, so each keeps one device unless --cpu-devices says."""
     if args.cpu_devices is not None:
         if args.cpu_devices < 1:
             raise ConfigError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
         return args.cpu_devices
+    if args.distributed or args.framework != "jax":
+        return None
     from flaxdepth import train
 
-    return train.cpu_device_count(args.seeds * len(args.lr or (None,)))
+    return train.cpu_device_count(max(config.runs_per_depth for config in sweep_configs))
 
 
 def main(argv=None) -> int:
@@ -118,8 +121,8 @@ def main(argv=None) -> int:
 
     try:
         sweep_configs = configs(args)  # every input checked before anything trains
-        device_count = cpu_devices(args)
-        if args.framework == "jax":  # before JAX starts, which fixes the device count
+        device_count = cpu_devices(args, sweep_configs)
+        if device_count is not None and args.framework == "jax":  # before JAX starts, which fixes the count
             from flaxdepth import train
 
             train.request_cpu_devices(device_count)

@@ -46,10 +46,15 @@ def cpu_device_count(replicas: int, cores: int | None = None) -> int:
     and 6 programs on 2 cores were slower than 3 (experiments/BENCHMARKS.md). So: one device per
     replica up to the core count; beyond, the fewest devices (at most 2 per core) that divide the
     replicas evenly, so that no padding replica is trained; else one per core."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     if replicas <= cores:
         return max(replicas, 1)
     return next((count for count in range(cores, 2 * cores + 1) if replicas % count == 0), cores)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: SLURM, cgroups, taskset), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def request_cpu_devices(count: int) -> None:
@@ -266,7 +271,7 @@ def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "ou
     """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant and depth.
 
     init(seeds, lrs) -> state; epoch(state, orders, data) -> (state, metrics); test(state, data)
-    -> errors. Replica counts must divide the mesh size (train_replicas pads); default mesh:
+    -> errors. Replica counts must be multiples of the mesh size (train_replicas pads); default mesh:
     `local_mesh()`."""
     mesh = mesh or local_mesh()
     model = models.build_model(variant, depth, fan)

@@ -141,6 +141,7 @@ def test_bad_input_exits_2_with_one_line_before_training(case, tmp_path, monkeyp
     (["--seeds", "2", "--lr", "0.01,0.02,0.05"], train.cpu_device_count(6)),
     (["--cpu-devices", "5"], 5),
     (["--framework", "torch"], None),  # torch_ref does not use JAX's devices
+    (["--distributed"], None),  # processes may share the cores: one device each unless asked
 ])
 def test_cpu_devices_are_requested_before_jax_starts(argv, expected, tmp_path, monkeypatch, capsys):
     requested = []
@@ -153,6 +154,30 @@ def test_cpu_devices_are_requested_before_jax_starts(argv, expected, tmp_path, m
     assert sweep.main(["--variant", "tanh", *argv, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"{PROG_ERROR}stopped here\n"
     assert requested == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], train.cpu_device_count(3)),
+    (["--cpu-devices", "4"], 4),
+    (["--distributed", "--cpu-devices", "2"], 2),
+])
+def test_a_real_sweep_process_gets_its_cpu_devices(argv, expected, tmp_path):
+    """In a fresh `python -m flaxdepth.sweep`-like process nothing starts JAX before the request:
+    the devices are there when the sweep joins the other processes (stopped there)."""
+    code = textwrap.dedent(f"""
+        import jax
+        from flaxdepth import sweep
+        def stop(args):
+            print(jax.device_count())
+            raise SystemExit(0)
+        sweep.join_processes = stop
+        sweep.main(["--variant", "tanh", "--out", {str(tmp_path)!r}, *{argv!r}])
+    """)
+    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == expected
 
 
 def test_bad_input_in_a_real_process(tmp_path):
