@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,10 @@ def load_experiment():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture
+def env_without_device_count() -> dict[str, str]:
+    """This process's environment less a CPU device count the user may have set (XLA_FLAGS,
+    $JAX_NUM_CPU_DEVICES), for a subprocess whose CPU devices flaxdepth must choose itself."""
+    return {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tomllib
@@ -131,7 +130,7 @@ def test_two_sweeps_in_two_workers_then_nothing_left_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs):
+def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs, env_without_device_count):
     """The main process (and, alike, each worker) splits its share of the cores, cores // jobs, into
     devices for the sweeps' 3 seeds; checked where the parity check would start JAX (stopped there)."""
     from flaxdepth import train
@@ -148,8 +147,7 @@ def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs):
         "    raise SystemExit(0)\n"
         "parity_check.quick_parity = stop\n"
         f"run.main(['--data-dir', {str(SHARED_MNIST)!r}, '--jobs', '{jobs}'])\n")
-    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_without_device_count,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) == train.cpu_device_count(3, max(1, train.usable_cores() // jobs))

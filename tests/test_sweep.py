@@ -161,7 +161,7 @@ def test_cpu_devices_are_requested_before_jax_starts(argv, expected, tmp_path, m
     (["--cpu-devices", "4"], 4),
     (["--distributed", "--cpu-devices", "2"], 2),
 ])
-def test_a_real_sweep_process_gets_its_cpu_devices(argv, expected, tmp_path):
+def test_a_real_sweep_process_gets_its_cpu_devices(argv, expected, tmp_path, env_without_device_count):
     """In a fresh `python -m flaxdepth.sweep`-like process nothing starts JAX before the request:
     the devices are there when the sweep joins the other processes (stopped there)."""
     code = textwrap.dedent(f"""
@@ -173,9 +173,8 @@ def test_a_real_sweep_process_gets_its_cpu_devices(argv, expected, tmp_path):
         sweep.join_processes = stop
         sweep.main(["--variant", "tanh", "--out", {str(tmp_path)!r}, *{argv!r}])
     """)
-    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_without_device_count,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) == expected
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -280,12 +279,11 @@ def test_cpu_device_count(replicas, cores, expected):
     assert train.cpu_device_count(replicas, cores) == expected
 
 
-def cpu_devices_in_a_fresh_process(requested: int, **environment: str) -> int:
+def cpu_devices_in_a_fresh_process(requested: int, env: dict[str, str]) -> int:
     """jax.device_count() of a new process that calls request_cpu_devices(requested) first."""
-    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     code = (f"from flaxdepth import train; train.request_cpu_devices({requested}); "
             "import jax; print(jax.device_count())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **environment},
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=True)
     return int(proc.stdout)
 
@@ -295,8 +293,8 @@ def cpu_devices_in_a_fresh_process(requested: int, **environment: str) -> int:
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, 2),  # the user's choice wins
     ({"JAX_NUM_CPU_DEVICES": "1"}, 1),
 ])
-def test_request_cpu_devices_before_jax_starts(environment, expected):
-    assert cpu_devices_in_a_fresh_process(3, **environment) == expected
+def test_request_cpu_devices_before_jax_starts(environment, expected, env_without_device_count):
+    assert cpu_devices_in_a_fresh_process(3, {**env_without_device_count, **environment}) == expected
 
 
 def test_request_cpu_devices_after_jax_started_changes_nothing():
@@ -326,14 +324,13 @@ def test_bench_prints_json(capsys):
     assert result["speedup_replicas_vmapped"] > 0  # on this CPU, the vmapped form is timed beside it
 
 
-def test_bench_splits_replicas_over_cpu_devices():
+def test_bench_splits_replicas_over_cpu_devices(env_without_device_count):
     """By default the bench asks for one CPU device per replica (here 2), as the sweep does, and
     times the one-device loop over the replicas beside it."""
-    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     proc = subprocess.run(
         [sys.executable, "-m", "flaxdepth.bench", "--variant", "tanh", "--depth", "3", "--steps", "1",
          "--rounds", "1", "--compile-depths", "", "--json", "--batch-size", "32", "--replicas", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=True)
+        cwd=REPO, env=env_without_device_count, capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(proc.stdout)
     assert result["jax_devices"] == train.cpu_device_count(2)  # 2 on this project's 2-core machines
     assert result["speedup_replicas"] == pytest.approx(
@@ -341,17 +338,16 @@ def test_bench_splits_replicas_over_cpu_devices():
     assert result["speedup_replicas_one_device"] > 0 and result["speedup_replicas_vmapped"] > 0
 
 
-def test_bench_full_run_times_both_loops_and_the_one_device_engine():
+def test_bench_full_run_times_both_loops_and_the_one_device_engine(env_without_device_count):
     """--full-run on a subset, in a fresh process with 2 CPU devices: the notebook loop, the
     engine over the devices and the engine on one device, each a positive time, ratios consistent."""
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the project's MNIST copy is absent ({SHARED_MNIST})")
-    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     proc = subprocess.run(
         [sys.executable, "-m", "flaxdepth.bench", "--full-run", "--variant", "tanh", "--depth", "3",
          "--replicas", "2", "--cpu-devices", "2", "--epochs", "1", "--limit-train", "300", "--limit-test", "100",
          "--data-dir", str(SHARED_MNIST), "--json"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=True)
+        cwd=REPO, env=env_without_device_count, capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(proc.stdout)
     assert (result["train_images"], result["test_images"], result["jax_devices"]) == (300, 100, 2)
     for key in ("torch_notebook_loop_s", "jax_run_s", "jax_one_device_run_s"):
