@@ -53,7 +53,8 @@ def cpu_device_count(replicas: int, cores: int | None = None) -> int:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity: SLURM, cgroups, taskset), not the machine's."""
+    """The cores this process may run on (its CPU affinity, as SLURM, cpuset cgroups or taskset set
+    it), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
