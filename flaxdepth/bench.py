@@ -160,9 +160,11 @@ def compile_benchmark(variant: str, depths: list[int], batch_size: int) -> dict[
 
 
 def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, device: str,
-                       data_dir: str | None, limit_train: int | None, limit_test: int | None = None) -> dict:
+                       data_dir: str | None, limit_train: int | None, limit_test: int | None = None,
+                       rounds: int = 1) -> dict:
     """A whole run: the notebook's loop with a shuffling DataLoader over per-sample transforms,
-    against flaxdepth's engine training `replicas` models at once (compile included and not)."""
+    against flaxdepth's engine training `replicas` models at once (compile included and not; the
+    median of `rounds` timed runs, interleaved with the one-device runs where there are those)."""
     from flaxdepth import data as data_module
 
     dataset = data_module.subset(data_module.load_dataset("mnist", data_dir), limit_train, limit_test)
@@ -196,31 +198,36 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
     meshes = {"jax": bench_mesh()}
     if meshes["jax"].size > 1:  # several CPU devices: the same runs on one of them, in this process
         meshes["jax_one_device"] = train.local_mesh()
-    result = {"variant": variant, "depth": depth, "epochs": epochs, "replicas": replicas,
-              "train_images": len(dataset.train_labels), "test_images": len(dataset.test_labels),
-              "jax_devices": meshes["jax"].size, "torch_notebook_loop_s": torch_s}
-    for name, mesh in meshes.items():
-        device_data = train.DeviceData.put(dataset, mesh)
-        # A one-epoch run compiles every program the timed run uses (init, epoch, test, orders);
-        # compile time = that run's time less one epoch of the timed run.
+    device_data = {name: train.DeviceData.put(dataset, mesh) for name, mesh in meshes.items()}
+
+    def train_runs(name: str, run_epochs: int) -> float:
         start = time.perf_counter()
-        train.train_replicas(variant, depth, device_data, runs, 1, mesh=mesh)
-        first_epoch_s = time.perf_counter() - start
-        print(f"{name}: compile + 1 epoch of {replicas} replicas on {mesh.size} device(s): {first_epoch_s:.1f}s",
+        train.train_replicas(variant, depth, device_data[name], runs, run_epochs, mesh=meshes[name])
+        return time.perf_counter() - start
+
+    # A one-epoch run compiles every program the timed runs use (init, epoch, test, orders);
+    # compile time = that run's time less one epoch of the timed runs.
+    first_epoch_s = {name: train_runs(name, 1) for name in meshes}
+    for name, seconds in first_epoch_s.items():
+        print(f"{name}: compile + 1 epoch of {replicas} replicas on {meshes[name].size} device(s): {seconds:.1f}s",
               file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        train.train_replicas(variant, depth, device_data, runs, epochs, mesh=mesh)
-        run_s = time.perf_counter() - start
-        compile_s = max(first_epoch_s - run_s / epochs, 0.0)
-        if name == "jax":
-            result.update(jax_run_s=run_s, jax_compile_s=compile_s, jax_run_with_compile_s=run_s + compile_s,
-                          model_epochs_per_s=replicas * epochs / run_s,
-                          speedup_per_model=torch_s / (run_s / replicas),
-                          speedup_per_model_with_compile=torch_s / ((run_s + compile_s) / replicas))
-        else:
-            result.update(jax_one_device_run_s=run_s,
-                          speedup_per_model_one_device=torch_s / (run_s / replicas),
-                          cpu_devices_speedup=run_s / result["jax_run_s"])
+    times = {name: [] for name in meshes}
+    for round_index in range(rounds):  # interleaved, in alternating order, so drift hits both alike
+        for name in (list(meshes) if round_index % 2 == 0 else list(meshes)[::-1]):
+            times[name].append(train_runs(name, epochs))
+    run_s = {name: statistics.median(t) for name, t in times.items()}
+    compile_s = max(first_epoch_s["jax"] - run_s["jax"] / epochs, 0.0)
+    result = {"variant": variant, "depth": depth, "epochs": epochs, "replicas": replicas, "rounds": rounds,
+              "train_images": len(dataset.train_labels), "test_images": len(dataset.test_labels),
+              "jax_devices": meshes["jax"].size, "torch_notebook_loop_s": torch_s,
+              "jax_run_s": run_s["jax"], "jax_compile_s": compile_s, "jax_run_with_compile_s": run_s["jax"] + compile_s,
+              "model_epochs_per_s": replicas * epochs / run_s["jax"],
+              "speedup_per_model": torch_s / (run_s["jax"] / replicas),
+              "speedup_per_model_with_compile": torch_s / ((run_s["jax"] + compile_s) / replicas)}
+    if "jax_one_device" in run_s:
+        result.update(jax_one_device_run_s=run_s["jax_one_device"],
+                      speedup_per_model_one_device=torch_s / (run_s["jax_one_device"] / replicas),
+                      cpu_devices_speedup=run_s["jax_one_device"] / run_s["jax"])
     return result
 
 
@@ -236,7 +243,8 @@ def parse_args(argv=None):
                    help="on CPUs, split the replicas over N devices (N divides R); default: as the sweep "
                         "(flaxdepth.train.cpu_device_count), reduced to a divisor of R")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds; the median is reported (default: 5, or 1 with --full-run)")
     p.add_argument("--compile-depths", default="30,300",
                    help="depths to time the epoch program's compilation at ('' to skip)")
     p.add_argument("--full-run", action="store_true", help="time whole training runs instead of steps")
@@ -251,6 +259,8 @@ def parse_args(argv=None):
         args.compile_depths = [registry.check_depth(int(d)) for d in args.compile_depths.split(",") if d.strip()]
     except ValueError as error:
         p.error(str(error))
+    if args.rounds is None:
+        args.rounds = 1 if args.full_run else 5
     for name in ("batch_size", "replicas", "steps", "rounds", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -270,7 +280,7 @@ def main(argv=None) -> int:
               "versions": {"jax": jax.__version__, "torch": torch.__version__}}
     if args.full_run:
         result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
-                                         args.data_dir, args.limit_train, args.limit_test))
+                                         args.data_dir, args.limit_train, args.limit_test, args.rounds))
     else:
         result.update(step_benchmark(args.variant, args.depth, args.batch_size, args.replicas, args.steps,
                                      args.rounds, device))

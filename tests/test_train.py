@@ -340,16 +340,17 @@ def test_bench_splits_replicas_over_cpu_devices(env_without_device_count):
 
 def test_bench_full_run_times_both_loops_and_the_one_device_engine(env_without_device_count):
     """--full-run on a subset, in a fresh process with 2 CPU devices: the notebook loop, the
-    engine over the devices and the engine on one device, each a positive time, ratios consistent."""
+    engine over the devices and the engine on one device (2 interleaved rounds), each a positive
+    time, ratios consistent."""
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the project's MNIST copy is absent ({SHARED_MNIST})")
     proc = subprocess.run(
         [sys.executable, "-m", "flaxdepth.bench", "--full-run", "--variant", "tanh", "--depth", "3",
-         "--replicas", "2", "--cpu-devices", "2", "--epochs", "1", "--limit-train", "300", "--limit-test", "100",
-         "--data-dir", str(SHARED_MNIST), "--json"],
+         "--replicas", "2", "--cpu-devices", "2", "--epochs", "1", "--rounds", "2", "--limit-train", "300",
+         "--limit-test", "100", "--data-dir", str(SHARED_MNIST), "--json"],
         cwd=REPO, env=env_without_device_count, capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(proc.stdout)
-    assert (result["train_images"], result["test_images"], result["jax_devices"]) == (300, 100, 2)
+    assert (result["train_images"], result["test_images"], result["jax_devices"], result["rounds"]) == (300, 100, 2, 2)
     for key in ("torch_notebook_loop_s", "jax_run_s", "jax_one_device_run_s"):
         assert result[key] > 0, key
     assert result["speedup_per_model"] == pytest.approx(result["torch_notebook_loop_s"] / (result["jax_run_s"] / 2))
