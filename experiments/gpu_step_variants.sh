@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Where the replicated GPU step's time goes, and which engine settings shorten it: one call on a lent
+# GPU machine (see experiments/BENCHMARKS.md, sixth session). Writes into $OUT (or ./gpu_out).
+#   bash experiments/gpu_step_variants.sh [VARIANT DEPTH]        (default: elu_bn 48)
+# 1. experiments/profile_step.py on the 32-replica step: device operation time against wall time,
+#    by class of operation.
+# 2. `python -m flaxdepth.bench` (step mode, torch_ref timed in the same process each time) under
+#    each setting of SETTINGS below, one process each (XLA flags are read once per process).
+# Each stage has its own time limit; a setting that fails (an XLA flag this jaxlib lacks) only
+# loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments"),
+# SKIP_PROFILE, STAGE_TIMEOUT (default 100 s).
+set -u
+VARIANT=${1:-elu_bn}; DEPTH=${2:-48}
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(realpath "$OUT")
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+stamp() { echo "== $(date +%T) $*"; }
+nvidia-smi -L
+python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)"
+
+if [ -z "${SKIP_PROFILE:-}" ]; then
+    stamp "profile of the 32-replica step"
+    timeout ${STAGE_TIMEOUT:-100} python3 experiments/profile_step.py --variant $VARIANT --depth $DEPTH \
+        --replicas 32 --json > "$OUT/profile_step.json" 2>>"$OUT/log.txt" &&
+        python3 - "$OUT/profile_step.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+steps = d["steps"]
+print(f"{d['device_ms_per_step']:.1f} ms of operations / {d['wall_ms_per_step']:.1f} ms wall per step "
+      f"(traced); lines {d['trace_lines']}")
+for label, c in d["classes"].items():
+    print(f"  {label:<14} {c['ms'] / steps:8.2f} ms/step {100 * c['share']:5.1f}%")
+for k in d["kinds"][:15]:
+    print(f"  {k['kind'][:60]:<60} {k['ms'] / steps:8.2f} ms/step x{k['count'] // steps}")
+EOF
+fi
+
+DEFAULT_SETTINGS="r32||--replicas 32
+r64||--replicas 64
+r32_cmdbuf_while|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL|--replicas 32
+r32_unroll_loops|--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL|--replicas 32"
+while IFS='|' read -r name flags bench_args; do
+    [ -n "$name" ] || continue
+    stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"
+    if result=$(XLA_FLAGS="$flags" timeout ${STAGE_TIMEOUT:-100} python3 -m flaxdepth.bench --variant $VARIANT \
+            --depth $DEPTH $bench_args --steps 5 --rounds 3 --compile-depths '' --json 2>>"$OUT/log.txt"); then
+        echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', xla_flags='$flags')
+print(json.dumps(d))" | tee -a "$OUT/step_variants.jsonl"
+    else
+        echo "$name: failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
+    fi
+done <<< "${SETTINGS:-$DEFAULT_SETTINGS}"
+
+stamp "summary (per model step, torch_ref's one model step timed in each process)"
+[ -f "$OUT/step_variants.jsonl" ] && python3 - "$OUT/step_variants.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    print(f"{d['setting']:<20} R={d['replicas']:<3} {d['jax_ms_per_step_replicas']:8.1f} ms/step "
+          f"{d['jax_ms_per_model_step_replicas']:6.2f} ms/model  torch {d['torch_ms_per_step']:5.1f} ms  "
+          f"speedup {d['speedup_replicas']:5.2f}x")
+EOF
+stamp done
