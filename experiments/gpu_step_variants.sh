@@ -6,9 +6,12 @@
 #    by class of operation.
 # 2. `python -m flaxdepth.bench` (step mode, torch_ref timed in the same process each time) under
 #    each setting of SETTINGS below, one process each (XLA flags are read once per process).
+# 3. With DATA_DIR set: the whole-run benchmark (--full-run, 3 epochs) under the first setting (the
+#    baseline) and under the setting with the fastest model step, if that is another one.
 # Each stage has its own time limit; a setting that fails (an XLA flag this jaxlib lacks) only
-# loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments"),
-# SKIP_PROFILE, STAGE_TIMEOUT (default 100 s).
+# loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
+# run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8"), SKIP_PROFILE, STAGE_TIMEOUT
+# (default 100 s), DATA_DIR, FULL_TIMEOUT (default 150 s).
 set -u
 VARIANT=${1:-elu_bn}; DEPTH=${2:-48}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(realpath "$OUT")
@@ -34,16 +37,21 @@ for k in d["kinds"][:15]:
 EOF
 fi
 
-DEFAULT_SETTINGS="r32||--replicas 32
-r64||--replicas 64
-r32_cmdbuf_while|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL|--replicas 32
-r32_unroll_loops|--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL|--replicas 32"
-while IFS='|' read -r name flags bench_args; do
+# flaxdepth.bench, with a Python statement run first (a setting of the engine's modules)
+# (python3 -c "$BENCH" SETUP ARGS...)
+BENCH="import sys, runpy, flaxdepth.conv; exec(sys.argv[1]); sys.argv[1:2] = []
+runpy.run_module('flaxdepth.bench', run_name='__main__', alter_sys=True)"
+
+DEFAULT_SETTINGS="r32||--replicas 32|
+r64||--replicas 64|
+r32_cmdbuf_while|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL|--replicas 32|
+r32_unroll_loops|--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL|--replicas 32|"
+while IFS='|' read -r name flags bench_args setup; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"
-    if result=$(XLA_FLAGS="$flags" timeout ${STAGE_TIMEOUT:-100} python3 -m flaxdepth.bench --variant $VARIANT \
-            --depth $DEPTH $bench_args --steps 5 --rounds 3 --compile-depths '' --json 2>>"$OUT/log.txt"); then
-        echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', xla_flags='$flags')
+    if result=$(XLA_FLAGS="$flags" timeout ${STAGE_TIMEOUT:-100} python3 -c "$BENCH" "$setup" --variant $VARIANT --depth $DEPTH \
+            $bench_args --steps 5 --rounds 3 --compile-depths '' --json 2>>"$OUT/log.txt"); then
+        echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', xla_flags='$flags', setup='$setup')
 print(json.dumps(d))" | tee -a "$OUT/step_variants.jsonl"
     else
         echo "$name: failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
@@ -59,4 +67,25 @@ for line in open(sys.argv[1]):
           f"{d['jax_ms_per_model_step_replicas']:6.2f} ms/model  torch {d['torch_ms_per_step']:5.1f} ms  "
           f"speedup {d['speedup_replicas']:5.2f}x")
 EOF
+
+if [ -n "${DATA_DIR:-}" ] && [ -f "$OUT/step_variants.jsonl" ]; then
+    # the baseline (first row) and the fastest setting per model step, one line each: name|flags|args|setup
+    python3 - "$OUT/step_variants.jsonl" > /tmp/full_settings <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+fastest = min(rows, key=lambda d: d["jax_ms_per_model_step_replicas"])
+for d in [rows[0]] + ([fastest] if fastest is not rows[0] else []):
+    print(f"{d['setting']}|{d['xla_flags']}|--replicas {d['replicas']}|{d['setup']}")
+EOF
+    while IFS='|' read -r name flags bench_args setup; do
+        stamp "whole-run benchmark (3 epochs, torch_ref's notebook loop in the same process): $name"
+        if result=$(XLA_FLAGS="$flags" timeout ${FULL_TIMEOUT:-150} python3 -c "$BENCH" "$setup" --full-run \
+                --variant $VARIANT --depth $DEPTH $bench_args --epochs 3 --data-dir "$DATA_DIR" --json 2>>"$OUT/log.txt"); then
+            echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', setup='$setup')
+print(json.dumps(d))" | tee -a "$OUT/full_run.jsonl"
+        else
+            echo "$name: whole run failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
+        fi
+    done < /tmp/full_settings
+fi
 stamp done
