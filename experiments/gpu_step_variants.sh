@@ -50,7 +50,7 @@ while IFS='|' read -r name flags bench_args setup; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"
     if result=$(XLA_FLAGS="$flags" timeout ${STAGE_TIMEOUT:-100} python3 -c "$BENCH" "$setup" --variant $VARIANT --depth $DEPTH \
-            $bench_args --steps 5 --rounds 3 --compile-depths '' --json 2>>"$OUT/log.txt"); then
+            $bench_args --steps 5 --rounds 3 --compile-depths '' --json 2>>"$OUT/log.txt" </dev/null); then
         echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', xla_flags='$flags', setup='$setup')
 print(json.dumps(d))" | tee -a "$OUT/step_variants.jsonl"
     else
@@ -80,12 +80,20 @@ EOF
     while IFS='|' read -r name flags bench_args setup; do
         stamp "whole-run benchmark (3 epochs, torch_ref's notebook loop in the same process): $name"
         if result=$(XLA_FLAGS="$flags" timeout ${FULL_TIMEOUT:-150} python3 -c "$BENCH" "$setup" --full-run \
-                --variant $VARIANT --depth $DEPTH $bench_args --epochs 3 --data-dir "$DATA_DIR" --json 2>>"$OUT/log.txt"); then
+                --variant $VARIANT --depth $DEPTH $bench_args --epochs 3 --data-dir "$DATA_DIR" --json 2>>"$OUT/log.txt" </dev/null); then
             echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', setup='$setup')
 print(json.dumps(d))" | tee -a "$OUT/full_run.jsonl"
         else
             echo "$name: whole run failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
         fi
     done < /tmp/full_settings
+    [ -f "$OUT/full_run.jsonl" ] && python3 - "$OUT/full_run.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    print(f"whole run {d['setting']:<16} R={d['replicas']:<3} torch {d['torch_notebook_loop_s']:5.1f} s  "
+          f"jax {d['jax_run_s']:5.1f} s + {d['jax_compile_s']:4.1f} s compile  "
+          f"speedup per model {d['speedup_per_model']:5.2f}x ({d['speedup_per_model_with_compile']:5.2f}x with compile)")
+EOF
 fi
 stamp done
