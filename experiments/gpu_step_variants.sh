@@ -3,11 +3,13 @@
 # GPU machine (see experiments/BENCHMARKS.md, sixth session). Writes into $OUT (or ./gpu_out).
 #   bash experiments/gpu_step_variants.sh [VARIANT DEPTH]        (default: elu_bn 48)
 # 1. experiments/profile_step.py on the 32-replica step: device operation time against wall time,
-#    by class of operation.
+#    by class of operation (about 20 s).
 # 2. `python -m flaxdepth.bench` (step mode, torch_ref timed in the same process each time) under
-#    each setting of SETTINGS below, one process each (XLA flags are read once per process).
+#    each setting of SETTINGS below, one process each (XLA flags are read once per process; about
+#    35 s each on an H200 at elu_bn k=48).
 # 3. With DATA_DIR set: the whole-run benchmark (--full-run, 3 epochs) under the first setting (the
-#    baseline) and under the setting with the fastest model step, if that is another one.
+#    baseline) and under the setting with the fastest model step, if that is another one (about
+#    120 s each at 32 replicas, 200 s at 64).
 # Each stage has its own time limit; a setting that fails (an XLA flag this jaxlib lacks) only
 # loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
 # run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8"), SKIP_PROFILE, STAGE_TIMEOUT
@@ -42,10 +44,15 @@ fi
 BENCH="import sys, runpy, flaxdepth.conv; exec(sys.argv[1]); sys.argv[1:2] = []
 runpy.run_module('flaxdepth.bench', run_name='__main__', alter_sys=True)"
 
-DEFAULT_SETTINGS="r32||--replicas 32|
-r64||--replicas 64|
-r32_cmdbuf_while|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL|--replicas 32|
-r32_unroll_loops|--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL|--replicas 32|"
+# Default: the engine as it is (replicas folded in blocks of 8, the first row: the whole-run
+# baseline), other block sizes, and more replicas. Measured in the sixth session (BENCHMARKS.md),
+# with no effect on the step: --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL and
+# --xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL.
+DEFAULT_SETTINGS="r32_b8||--replicas 32|
+r32_b32||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 32
+r32_b16||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 16
+r32_b4||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 4
+r64_b8||--replicas 64|"
 while IFS='|' read -r name flags bench_args setup; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"

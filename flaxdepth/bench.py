@@ -25,7 +25,7 @@ import torch
 
 import torch_ref
 from torch_ref import training as torch_training
-from flaxdepth import registry, train
+from flaxdepth import conv, registry, train
 
 PROG = "python -m flaxdepth.bench"
 
@@ -277,7 +277,9 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     jax_device = jax.devices()[0]
     result = {"jax_device": f"{jax_device.platform}:{jax_device.device_kind}", "torch_device": device,
-              "versions": {"jax": jax.__version__, "torch": torch.__version__}}
+              "versions": {"jax": jax.__version__, "torch": torch.__version__},
+              # the replicated convolution's setting (flaxdepth/conv.py), which the GPU timings depend on
+              "conv_replicas_per_block": conv.REPLICAS_PER_BLOCK}
     if args.full_run:
         result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
                                          args.data_dir, args.limit_train, args.limit_test, args.rounds))

@@ -3,12 +3,13 @@
 The engine trains R replicas, each with its own weights, under `jax.vmap`. Left to JAX, vmapping a
 convolution over its kernel gives a grouped convolution with R groups of 4-16 channels, which
 cuDNN runs far below the GPU's speed. Here the batching rule folds the replicas into the channel
-axis and runs one dense convolution with a block-diagonal kernel instead: R times the arithmetic,
-but a plain convolution of R * C channels. Written that way by hand (one block, JAX's autodiff),
-it was 2.3-3.8x faster per layer, forward and backward, than the grouped form on an H200 at 32
-replicas (`experiments/conv_formulations.py`); this module's own version has yet to be timed on
-a GPU. Past `REPLICAS_PER_BLOCK` replicas the wasted arithmetic would dominate, so larger replica
-counts are split into blocks that become the groups of a grouped convolution.
+axis and runs a dense convolution with a block-diagonal kernel instead: a block of B replicas
+costs B times the arithmetic, but is a plain convolution of B * C channels. With one block of 32
+replicas that was 2.3-3.8x faster per layer, forward and backward, than the grouped form on an
+H200 (`experiments/conv_formulations.py`). The wasted arithmetic grows with B, so replicas are
+folded in blocks of at most `REPLICAS_PER_BLOCK`, which become the groups of a grouped
+convolution: blocks of 8 instead of 32 made the 32-replica elu_bn k=48 training step 1.14x faster
+(`experiments/gpu_step_variants.sh`; BENCHMARKS.md, sixth session).
 
 Replicas stay independent: the zero blocks are exact zeros, and a replica whose input is not
 finite (a diverged run) is convolved as zeros and gets NaN outputs, because 0 * NaN = NaN would
@@ -30,9 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The most replicas folded into one dense convolution. Read when a program is traced: changing it
-# does not affect programs already compiled. 32 is the replica count timed on an H200.
-REPLICAS_PER_BLOCK = 32
+# The most replicas folded into one block of the block-diagonal convolution. Read when a program
+# is traced: changing it does not affect programs already compiled. On an H200, 32 replicas' step
+# at elu_bn k=48: 62.6 ms with blocks of 32, 57.5 of 16, 55.1 of 8, 56.6 of 4.
+REPLICAS_PER_BLOCK = 8
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 

@@ -306,9 +306,10 @@ def test_request_cpu_devices_after_jax_started_changes_nothing():
 # ------------------------------------------------------------------------------ bench
 
 
-def test_bench_prints_json(capsys):
-    from flaxdepth import bench
+def test_bench_prints_json(capsys, monkeypatch):
+    from flaxdepth import bench, conv
 
+    monkeypatch.setattr(conv, "REPLICAS_PER_BLOCK", 5)
     assert bench.main(["--variant", "tanh", "--depth", "3", "--steps", "1", "--rounds", "1",
                        "--compile-depths", "3", "--json", "--batch-size", "32", "--replicas", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -318,7 +319,7 @@ def test_bench_prints_json(capsys):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["torch_ms_per_step"] / result["jax_ms_per_step"])
     assert set(result["compile_s"]) == {"3"}
-    assert result["replicas"] == 2
+    assert (result["replicas"], result["conv_replicas_per_block"]) == (2, 5)
     assert result["speedup_replicas"] == pytest.approx(
         result["torch_ms_per_step"] / result["jax_ms_per_model_step_replicas"])
     assert result["speedup_replicas_vmapped"] > 0  # on this CPU, the vmapped form is timed beside it
