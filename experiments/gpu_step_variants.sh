@@ -13,7 +13,8 @@
 # Each stage has its own time limit; a setting that fails (an XLA flag this jaxlib lacks) only
 # loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
 # run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8"), SKIP_PROFILE, STAGE_TIMEOUT
-# (default 100 s), DATA_DIR, FULL_TIMEOUT (default 150 s).
+# (default 100 s), DATA_DIR, FULL_TIMEOUT (default 150 s), FULL_ARGS (more whole-run benchmark
+# arguments, e.g. --limit-train N). tests/test_experiments_run.py runs it on a CPU, tiny.
 set -u
 VARIANT=${1:-elu_bn}; DEPTH=${2:-48}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(realpath "$OUT")
@@ -87,7 +88,7 @@ EOF
     while IFS='|' read -r name flags bench_args setup; do
         stamp "whole-run benchmark (3 epochs, torch_ref's notebook loop in the same process): $name"
         if result=$(XLA_FLAGS="$flags" timeout ${FULL_TIMEOUT:-150} python3 -c "$BENCH" "$setup" --full-run \
-                --variant $VARIANT --depth $DEPTH $bench_args --epochs 3 --data-dir "$DATA_DIR" --json 2>>"$OUT/log.txt" </dev/null); then
+                --variant $VARIANT --depth $DEPTH $bench_args --epochs 3 --data-dir "$DATA_DIR" ${FULL_ARGS:-} --json 2>>"$OUT/log.txt" </dev/null); then
             echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', setup='$setup')
 print(json.dumps(d))" | tee -a "$OUT/full_run.jsonl"
         else

@@ -181,8 +181,10 @@ def train_epoch(model: models.DepthCNN, state: TrainState, order: jax.Array, dat
         return train_step(model, state, data.train_images[batch_indices],
                           data.train_labels[batch_indices], bn_train)
 
-    state, metrics = jax.lax.scan(step, state, order[: full_batches * batch_size].reshape(full_batches, -1))
-    correct, finite = metrics["correct"].sum(), jnp.isfinite(metrics["loss"]).all()
+    correct, finite = 0, True
+    if full_batches:  # none when the training set is smaller than a batch
+        state, metrics = jax.lax.scan(step, state, order[: full_batches * batch_size].reshape(full_batches, -1))
+        correct, finite = metrics["correct"].sum(), jnp.isfinite(metrics["loss"]).all()
     if n % batch_size:  # the partial last batch is a step of its own shape
         state, last = step(state, order[full_batches * batch_size:])
         correct, finite = correct + last["correct"], finite & jnp.isfinite(last["loss"])
@@ -198,9 +200,11 @@ def test_error(model: models.DepthCNN, state: TrainState, data: DeviceData, batc
 
     n = data.test_images.shape[0]
     full = n // batch_size * batch_size
-    images = data.test_images[:full].reshape(-1, batch_size, *data.test_images.shape[1:])
-    labels = data.test_labels[:full].reshape(-1, batch_size)
-    total = jax.lax.map(lambda batch: correct(*batch), (images, labels)).sum()
+    total = 0
+    if full:  # none when the test set is smaller than a batch
+        images = data.test_images[:full].reshape(-1, batch_size, *data.test_images.shape[1:])
+        labels = data.test_labels[:full].reshape(-1, batch_size)
+        total = jax.lax.map(lambda batch: correct(*batch), (images, labels)).sum()
     if n > full:
         total = total + correct(data.test_images[full:], data.test_labels[full:])
     return 1 - total / n

@@ -133,13 +133,15 @@ def test_accelerator_replica_path_gives_the_cpu_path_results(small_data, monkeyp
 # ------------------------------------------------------------------------------ partial last batch
 
 
-def test_partial_last_batch_is_trained_and_counted(small_data):
+@pytest.mark.parametrize("batch_size", [BATCH, 512])
+def test_partial_last_batch_is_trained_and_counted(small_data, batch_size):
     """With lr 0 the weights never move, so an epoch's batch-by-batch train error must equal the
     initial model's error on all 300 images: 256 in full batches plus the 44 of the last one,
-    over the denominator 300 (the notebook's DataLoader keeps the partial batch)."""
-    assert N_TRAIN % BATCH and N_TEST % BATCH  # the point of the sizes
-    results = run(small_data, [(0, 0.0), (1, 0.0)])
-    model, init, _, _ = train.compiled_functions(VARIANT, DEPTH, BATCH)
+    over the denominator 300 (the notebook's DataLoader keeps the partial batch). With batches of
+    512, larger than either set, each is one partial batch and nothing else."""
+    assert N_TRAIN % batch_size and N_TEST % batch_size  # the point of the sizes
+    results = train.train_replicas(VARIANT, DEPTH, small_data, [(0, 0.0), (1, 0.0)], EPOCHS, batch_size)
+    model, init, _, _ = train.compiled_functions(VARIANT, DEPTH, batch_size)
     state = init(jnp.asarray([0, 1], jnp.int32), jnp.zeros(2))
     apply = jax.jit(lambda params, images: model.apply({"params": params}, train.normalize(images)))
     for r, result in enumerate(results):
