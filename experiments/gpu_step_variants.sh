@@ -12,7 +12,8 @@
 #    120 s each at 32 replicas, 200 s at 64).
 # Each stage has its own time limit; a setting that fails (an XLA flag this jaxlib lacks) only
 # loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
-# run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8"), SKIP_PROFILE, STAGE_TIMEOUT
+# run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8; flaxdepth.conv and
+# flaxdepth.models are imported"), SKIP_PROFILE, STAGE_TIMEOUT
 # (default 100 s), DATA_DIR, FULL_TIMEOUT (default 150 s), FULL_ARGS (more whole-run benchmark
 # arguments, e.g. --limit-train N). tests/test_experiments_run.py runs it on a CPU, tiny.
 set -u
@@ -42,18 +43,19 @@ fi
 
 # flaxdepth.bench, with a Python statement run first (a setting of the engine's modules)
 # (python3 -c "$BENCH" SETUP ARGS...)
-BENCH="import sys, runpy, flaxdepth.conv; exec(sys.argv[1]); sys.argv[1:2] = []
+BENCH="import sys, runpy, flaxdepth.conv, flaxdepth.models; exec(sys.argv[1]); sys.argv[1:2] = []
 runpy.run_module('flaxdepth.bench', run_name='__main__', alter_sys=True)"
 
-# Default: the engine as it is (replicas folded in blocks of 8, the first row: the whole-run
-# baseline), other block sizes, and more replicas. Measured in the sixth session (BENCHMARKS.md),
-# with no effect on the step: --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL and
+# Default: the engine as it is (the first row: the whole-run baseline), the engine recomputing the
+# scanned layers' BatchNorm and activation in the backward pass (flaxdepth/models.py; untimed on a
+# GPU), other block sizes, and more replicas. Measured in the sixth session (BENCHMARKS.md), with
+# no effect on the step: --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL and
 # --xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL.
-DEFAULT_SETTINGS="r32_b8||--replicas 32|
-r32_b32||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 32
+DEFAULT_SETTINGS="r32||--replicas 32|
+r32_remat||--replicas 32|flaxdepth.models.REMATERIALIZE_LAYERS = True
 r32_b16||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 16
 r32_b4||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 4
-r64_b8||--replicas 64|"
+r64||--replicas 64|"
 while IFS='|' read -r name flags bench_args setup; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"

@@ -25,7 +25,7 @@ import torch
 
 import torch_ref
 from torch_ref import training as torch_training
-from flaxdepth import conv, registry, train
+from flaxdepth import conv, models, registry, train
 
 PROG = "python -m flaxdepth.bench"
 
@@ -278,8 +278,9 @@ def main(argv=None) -> int:
     jax_device = jax.devices()[0]
     result = {"jax_device": f"{jax_device.platform}:{jax_device.device_kind}", "torch_device": device,
               "versions": {"jax": jax.__version__, "torch": torch.__version__},
-              # the replicated convolution's setting (flaxdepth/conv.py), which the GPU timings depend on
-              "conv_replicas_per_block": conv.REPLICAS_PER_BLOCK}
+              # the engine's settings that the timings depend on (flaxdepth/conv.py, flaxdepth/models.py)
+              "conv_replicas_per_block": conv.REPLICAS_PER_BLOCK,
+              "rematerialize_layers": models.REMATERIALIZE_LAYERS}
     if args.full_run:
         result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
                                          args.data_dir, args.limit_train, args.limit_test, args.rounds))

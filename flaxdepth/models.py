@@ -6,7 +6,9 @@ and from the torch state_dict.
 
 A stage is its first conv (C_in -> C_out, never residual) plus k // 3 - 1 same-shape layers.
 Those are one `nn.scan`, so the traced program does not grow with depth: k = 300 compiles
-about as fast as k = 30. Their parameters carry a leading layer axis.
+about as fast as k = 30. Their parameters carry a leading layer axis. The names given to the
+convolutions' outputs and BatchNorm's statistics (`checkpoint_name`) are what the scanned layers
+keep for the backward pass under `REMATERIALIZE_LAYERS`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,21 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from flax.linen.dtypes import promote_dtype
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxdepth import conv, registry
 
 ACTIVATIONS = {"tanh": jnp.tanh, "elu": nn.elu}
+# With REMATERIALIZE_LAYERS, the backward pass keeps of each scanned layer only its input, its
+# convolution's output and BatchNorm's batch statistics, and recomputes BatchNorm's normalization
+# and the activation from them (jax.checkpoint); JAX's default keeps everything, for elu_bn five
+# float32 and two bool arrays of the activations' size per layer. On this project's 2-core CPU,
+# one elu_bn k=48 step was 1.12x faster with it (resnet k=102: 1.08x), a 3-replica epoch not
+# faster (0.98x); on a GPU, where the profile puts ~20% of the step in writing and reading those
+# arrays, it is untimed (experiments/gpu_step_variants.sh times it). Off until measured there.
+# Read when a program is traced.
+REMATERIALIZE_LAYERS = False
+SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output", "batchnorm_statistics")
 
 
 def torch_linear_init(fan_in: int):
@@ -61,8 +74,8 @@ class TorchBatchNorm(nn.Module):
         )
         if train:
             reduce_axes = tuple(range(x.ndim - 1))
-            mean = x.mean(reduce_axes)
-            var = jnp.square(x - mean).mean(reduce_axes)
+            mean = checkpoint_name(x.mean(reduce_axes), "batchnorm_statistics")
+            var = checkpoint_name(jnp.square(x - mean).mean(reduce_axes), "batchnorm_statistics")
             if not self.is_initializing():
                 n = x.size // features
                 m = self.momentum
@@ -105,7 +118,7 @@ class ConvLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None):
-        y = Conv3x3(self.features, self.init_std, name="conv")(x)
+        y = checkpoint_name(Conv3x3(self.features, self.init_std, name="conv")(x), "conv_output")
         if self.batchnorm:
             y = TorchBatchNorm(name="bn")(y, self.train)
         y = ACTIVATIONS[self.activation](y)
@@ -139,7 +152,7 @@ class Stage(nn.Module):
         if self.num_layers > 1:
             same_std = registry.conv_init_std(v, channels_out, channels_out, self.fan)
             scanned = nn.scan(
-                ConvLayer,
+                nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False) if REMATERIALIZE_LAYERS else ConvLayer,
                 variable_axes={"params": 0, "batch_stats": 0},
                 split_rngs={"params": True},
                 length=self.num_layers - 1,

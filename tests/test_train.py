@@ -309,9 +309,10 @@ def test_request_cpu_devices_after_jax_started_changes_nothing():
 
 
 def test_bench_prints_json(capsys, monkeypatch):
-    from flaxdepth import bench, conv
+    from flaxdepth import bench, conv, models
 
     monkeypatch.setattr(conv, "REPLICAS_PER_BLOCK", 5)
+    monkeypatch.setattr(models, "REMATERIALIZE_LAYERS", not models.REMATERIALIZE_LAYERS)
     assert bench.main(["--variant", "tanh", "--depth", "3", "--steps", "1", "--rounds", "1",
                        "--compile-depths", "3", "--json", "--batch-size", "32", "--replicas", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -322,6 +323,7 @@ def test_bench_prints_json(capsys, monkeypatch):
     assert result["speedup"] == pytest.approx(result["torch_ms_per_step"] / result["jax_ms_per_step"])
     assert set(result["compile_s"]) == {"3"}
     assert (result["replicas"], result["conv_replicas_per_block"]) == (2, 5)
+    assert result["rematerialize_layers"] == models.REMATERIALIZE_LAYERS  # the monkeypatched value
     assert result["speedup_replicas"] == pytest.approx(
         result["torch_ms_per_step"] / result["jax_ms_per_model_step_replicas"])
     assert result["speedup_replicas_vmapped"] > 0  # on this CPU, the vmapped form is timed beside it
