@@ -27,9 +27,10 @@ ACTIVATIONS = {"tanh": jnp.tanh, "elu": nn.elu}
 # convolution's output and BatchNorm's batch statistics, and recomputes BatchNorm's normalization
 # and the activation from them (jax.checkpoint); JAX's default keeps everything, for elu_bn five
 # float32 and two bool arrays of the activations' size per layer. On this project's 2-core CPU,
-# one elu_bn k=48 step was 1.12x faster with it (resnet k=102: 1.08x), a 3-replica epoch not
-# faster (0.98x); on a GPU, where the profile puts ~20% of the step in writing and reading those
-# arrays, it is untimed (experiments/gpu_step_variants.sh times it). Off until measured there.
+# one elu_bn k=48 step was 1.12x faster with it (resnet k=102: 1.08x), but a 3-replica epoch on
+# 3 CPU devices only 0.98-1.05x; on a GPU, where the profile puts ~20% of the step in writing and
+# reading those arrays, it is untimed (experiments/gpu_step_variants.sh times it). Off until then
+# (BENCHMARKS.md, sixth session).
 # Read when a program is traced.
 REMATERIALIZE_LAYERS = False
 SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output", "batchnorm_statistics")
