@@ -46,6 +46,20 @@ fi
 BENCH="import sys, runpy, flaxdepth.conv, flaxdepth.models; exec(sys.argv[1]); sys.argv[1:2] = []
 runpy.run_module('flaxdepth.bench', run_name='__main__', alter_sys=True)"
 
+# bench_row FILE TIME_LIMIT NAME XLA_FLAGS SETUP BENCH_ARGS...: one benchmark process; its JSON, tagged
+# with the setting, is appended to FILE; a failure prints the end of the log instead
+bench_row() {
+    local file=$1 limit=$2 name=$3 flags=$4 setup=$5; shift 5
+    if result=$(XLA_FLAGS="$flags" timeout $limit python3 -c "$BENCH" "$setup" --variant $VARIANT --depth $DEPTH "$@" \
+            --json 2>>"$OUT/log.txt" </dev/null); then
+        echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read())
+d.update(setting=sys.argv[1], xla_flags=sys.argv[2], setup=sys.argv[3]); print(json.dumps(d))" \
+            "$name" "$flags" "$setup" | tee -a "$file"
+    else
+        echo "$name: failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
+    fi
+}
+
 # Default: the engine as it is (the first row: the whole-run baseline), the engine recomputing the
 # scanned layers' BatchNorm and activation in the backward pass (flaxdepth/models.py; untimed on a
 # GPU), other block sizes, and more replicas. Measured in the sixth session (BENCHMARKS.md), with
@@ -59,13 +73,8 @@ r64||--replicas 64|"
 while IFS='|' read -r name flags bench_args setup; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"
-    if result=$(XLA_FLAGS="$flags" timeout ${STAGE_TIMEOUT:-100} python3 -c "$BENCH" "$setup" --variant $VARIANT --depth $DEPTH \
-            $bench_args --steps 5 --rounds 3 --compile-depths '' --json 2>>"$OUT/log.txt" </dev/null); then
-        echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', xla_flags='$flags', setup='$setup')
-print(json.dumps(d))" | tee -a "$OUT/step_variants.jsonl"
-    else
-        echo "$name: failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
-    fi
+    bench_row "$OUT/step_variants.jsonl" ${STAGE_TIMEOUT:-100} "$name" "$flags" "$setup" $bench_args \
+        --steps 5 --rounds 3 --compile-depths ''
 done <<< "${SETTINGS:-$DEFAULT_SETTINGS}"
 
 stamp "summary (per model step, torch_ref's one model step timed in each process)"
@@ -80,7 +89,8 @@ EOF
 
 if [ -n "${DATA_DIR:-}" ] && [ -f "$OUT/step_variants.jsonl" ]; then
     # the baseline (first row) and the fastest setting per model step, one line each: name|flags|args|setup
-    python3 - "$OUT/step_variants.jsonl" > /tmp/full_settings <<'EOF'
+    full_settings=$(mktemp)
+    python3 - "$OUT/step_variants.jsonl" > "$full_settings" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 fastest = min(rows, key=lambda d: d["jax_ms_per_model_step_replicas"])
@@ -89,14 +99,9 @@ for d in [rows[0]] + ([fastest] if fastest is not rows[0] else []):
 EOF
     while IFS='|' read -r name flags bench_args setup; do
         stamp "whole-run benchmark (3 epochs, torch_ref's notebook loop in the same process): $name"
-        if result=$(XLA_FLAGS="$flags" timeout ${FULL_TIMEOUT:-150} python3 -c "$BENCH" "$setup" --full-run \
-                --variant $VARIANT --depth $DEPTH $bench_args --epochs 3 --data-dir "$DATA_DIR" ${FULL_ARGS:-} --json 2>>"$OUT/log.txt" </dev/null); then
-            echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); d.update(setting='$name', setup='$setup')
-print(json.dumps(d))" | tee -a "$OUT/full_run.jsonl"
-        else
-            echo "$name: whole run failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
-        fi
-    done < /tmp/full_settings
+        bench_row "$OUT/full_run.jsonl" ${FULL_TIMEOUT:-150} "$name" "$flags" "$setup" $bench_args --full-run \
+            --epochs 3 --data-dir "$DATA_DIR" ${FULL_ARGS:-}
+    done < "$full_settings"
     [ -f "$OUT/full_run.jsonl" ] && python3 - "$OUT/full_run.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
