@@ -8,10 +8,11 @@
 #    each setting of SETTINGS below, one process each (XLA flags are read once per process; about
 #    35 s each on an H200 at elu_bn k=48).
 # 3. With DATA_DIR set: the whole-run benchmark (--full-run, 3 epochs) under the first setting (the
-#    baseline) and under the setting with the fastest model step, if that is another one (about
-#    120 s each at 32 replicas, 200 s at 64).
-# Each stage has its own time limit; a setting that fails (an XLA flag this jaxlib lacks) only
-# loses its own row. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
+#    baseline) and under the setting with the fastest model step among those with the baseline's
+#    replica count, if that is another one (about 120 s each at 32 replicas, 200 s at 64).
+# Each stage has its own time limit, and a stage that could end past CALL_LIMIT (default 560 s after
+# the start, under a call's 600) is skipped; a setting that fails (an XLA flag this jaxlib lacks)
+# only loses its own row. Exits 1 if no step benchmark finished. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
 # run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8; flaxdepth.conv and
 # flaxdepth.models are imported"), SKIP_PROFILE, STAGE_TIMEOUT
 # (default 100 s), DATA_DIR, FULL_TIMEOUT (default 150 s), FULL_ARGS (more whole-run benchmark
@@ -19,6 +20,10 @@
 set -u
 VARIANT=${1:-elu_bn}; DEPTH=${2:-48}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; OUT=$(realpath "$OUT")
+[ -z "${DATA_DIR:-}" ] || DATA_DIR=$(realpath "$DATA_DIR")
+cd "$(dirname "$0")/.."  # the repository root
+rm -f "$OUT/step_variants.jsonl" "$OUT/full_run.jsonl"  # this call's rows only
+started=$(date +%s)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 stamp() { echo "== $(date +%T) $*"; }
 nvidia-smi -L
@@ -26,7 +31,7 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'tor
 
 if [ -z "${SKIP_PROFILE:-}" ]; then
     stamp "profile of the 32-replica step"
-    timeout ${STAGE_TIMEOUT:-100} python3 experiments/profile_step.py --variant $VARIANT --depth $DEPTH \
+    timeout -k 10 ${STAGE_TIMEOUT:-100} python3 experiments/profile_step.py --variant $VARIANT --depth $DEPTH \
         --replicas 32 --json > "$OUT/profile_step.json" 2>>"$OUT/log.txt" &&
         python3 - "$OUT/profile_step.json" <<'EOF'
 import json, sys
@@ -46,15 +51,18 @@ fi
 BENCH="import sys, runpy, flaxdepth.conv, flaxdepth.models; exec(sys.argv[1]); sys.argv[1:2] = []
 runpy.run_module('flaxdepth.bench', run_name='__main__', alter_sys=True)"
 
-# bench_row FILE TIME_LIMIT NAME XLA_FLAGS SETUP BENCH_ARGS...: one benchmark process; its JSON, tagged
-# with the setting, is appended to FILE; a failure prints the end of the log instead
+# bench_row FILE TIME_LIMIT NAME XLA_FLAGS SETUP BENCH_ARGS [MORE ARGS...]: one benchmark process;
+# its JSON, tagged with the setting, is appended to FILE; a failure prints the end of the log instead
 bench_row() {
-    local file=$1 limit=$2 name=$3 flags=$4 setup=$5; shift 5
-    if result=$(XLA_FLAGS="$flags" timeout $limit python3 -c "$BENCH" "$setup" --variant $VARIANT --depth $DEPTH "$@" \
-            --json 2>>"$OUT/log.txt" </dev/null); then
+    local file=$1 limit=$2 name=$3 flags=$4 setup=$5 bench_args=$6; shift 6
+    if [ $(( $(date +%s) + limit )) -gt $(( started + ${CALL_LIMIT:-560} )) ]; then
+        echo "$name: skipped (its ${limit} s could end past CALL_LIMIT)"; return
+    fi
+    if result=$(XLA_FLAGS="$flags" timeout -k 10 $limit python3 -c "$BENCH" "$setup" --variant $VARIANT \
+            --depth $DEPTH $bench_args "$@" --json 2>>"$OUT/log.txt" </dev/null); then
         echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read())
-d.update(setting=sys.argv[1], xla_flags=sys.argv[2], setup=sys.argv[3]); print(json.dumps(d))" \
-            "$name" "$flags" "$setup" | tee -a "$file"
+d.update(setting=sys.argv[1], xla_flags=sys.argv[2], setup=sys.argv[3], bench_args=sys.argv[4]); print(json.dumps(d))" \
+            "$name" "$flags" "$setup" "$bench_args" | tee -a "$file"
     else
         echo "$name: failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
     fi
@@ -73,12 +81,13 @@ r64||--replicas 64|"
 while IFS='|' read -r name flags bench_args setup; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"
-    bench_row "$OUT/step_variants.jsonl" ${STAGE_TIMEOUT:-100} "$name" "$flags" "$setup" $bench_args \
+    bench_row "$OUT/step_variants.jsonl" ${STAGE_TIMEOUT:-100} "$name" "$flags" "$setup" "$bench_args" \
         --steps 5 --rounds 3 --compile-depths ''
 done <<< "${SETTINGS:-$DEFAULT_SETTINGS}"
 
 stamp "summary (per model step, torch_ref's one model step timed in each process)"
-[ -f "$OUT/step_variants.jsonl" ] && python3 - "$OUT/step_variants.jsonl" <<'EOF'
+[ -f "$OUT/step_variants.jsonl" ] || { echo "no step benchmark finished"; exit 1; }
+python3 - "$OUT/step_variants.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
@@ -87,19 +96,21 @@ for line in open(sys.argv[1]):
           f"speedup {d['speedup_replicas']:5.2f}x")
 EOF
 
-if [ -n "${DATA_DIR:-}" ] && [ -f "$OUT/step_variants.jsonl" ]; then
-    # the baseline (first row) and the fastest setting per model step, one line each: name|flags|args|setup
-    full_settings=$(mktemp)
+if [ -n "${DATA_DIR:-}" ]; then
+    # the baseline (first row) and the fastest setting per model step at its replica count (a larger
+    # count's whole run takes longer than a stage may), one line each: name|flags|bench args|setup
+    full_settings=$(mktemp); trap 'rm -f "$full_settings"' EXIT
     python3 - "$OUT/step_variants.jsonl" > "$full_settings" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-fastest = min(rows, key=lambda d: d["jax_ms_per_model_step_replicas"])
+fastest = min((d for d in rows if d["replicas"] == rows[0]["replicas"]),
+              key=lambda d: d["jax_ms_per_model_step_replicas"])
 for d in [rows[0]] + ([fastest] if fastest is not rows[0] else []):
-    print(f"{d['setting']}|{d['xla_flags']}|--replicas {d['replicas']}|{d['setup']}")
+    print(f"{d['setting']}|{d['xla_flags']}|{d['bench_args']}|{d['setup']}")
 EOF
     while IFS='|' read -r name flags bench_args setup; do
         stamp "whole-run benchmark (3 epochs, torch_ref's notebook loop in the same process): $name"
-        bench_row "$OUT/full_run.jsonl" ${FULL_TIMEOUT:-150} "$name" "$flags" "$setup" $bench_args --full-run \
+        bench_row "$OUT/full_run.jsonl" ${FULL_TIMEOUT:-150} "$name" "$flags" "$setup" "$bench_args" --full-run \
             --epochs 3 --data-dir "$DATA_DIR" ${FULL_ARGS:-}
     done < "$full_settings"
     [ -f "$OUT/full_run.jsonl" ] && python3 - "$OUT/full_run.jsonl" <<'EOF'
