@@ -313,8 +313,11 @@ def test_bench_prints_json(capsys, monkeypatch):
 
     monkeypatch.setattr(conv, "REPLICAS_PER_BLOCK", 5)
     monkeypatch.setattr(models, "REMATERIALIZE_LAYERS", not models.REMATERIALIZE_LAYERS)
-    assert bench.main(["--variant", "tanh", "--depth", "3", "--steps", "1", "--rounds", "1",
-                       "--compile-depths", "3", "--json", "--batch-size", "32", "--replicas", "2"]) == 0
+    # in-process, JAX may have started earlier with several CPU devices (another test of this
+    # worker): the replicas must be a multiple of them
+    replicas = 2 * jax.device_count()
+    assert bench.main(["--variant", "tanh", "--depth", "3", "--steps", "1", "--rounds", "1", "--compile-depths", "3",
+                       "--json", "--batch-size", "32", "--replicas", str(replicas)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     result = json.loads(out[0])
@@ -322,7 +325,7 @@ def test_bench_prints_json(capsys, monkeypatch):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["torch_ms_per_step"] / result["jax_ms_per_step"])
     assert set(result["compile_s"]) == {"3"}
-    assert (result["replicas"], result["conv_replicas_per_block"]) == (2, 5)
+    assert (result["replicas"], result["conv_replicas_per_block"]) == (replicas, 5)
     assert result["rematerialize_layers"] == models.REMATERIALIZE_LAYERS  # the monkeypatched value
     assert result["speedup_replicas"] == pytest.approx(
         result["torch_ms_per_step"] / result["jax_ms_per_model_step_replicas"])
