@@ -18,7 +18,8 @@ otherwise carry its NaN into every replica of its block.
 Unbatched calls (one model, or the CPU engine's replicas one after the other) are plain XLA
 convolutions. Gradients come from a custom VJP, because custom_vmap functions have no reverse-mode
 autodiff: the input gradient is the same convolution with the kernel flipped and its in/out axes
-swapped, the kernel gradient the convolution XLA's own autodiff writes. (So forward-mode autodiff,
+swapped, the kernel gradient the convolution XLA's own autodiff writes (on CPUs with its operands
+transposed, which makes XLA run it with YNNPACK: 4-11x faster). (So forward-mode autodiff,
 `jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map`, a gradient
 for an input or kernel shared by the devices is summed over them, as JAX's autodiff would.
 """
@@ -35,23 +36,67 @@ from jax import lax
 # is traced: changing it does not affect programs already compiled. On an H200, 32 replicas' step
 # at elu_bn k=48: 62.6 ms with blocks of 32, 57.5 of 16, 55.1 of 8, 56.6 of 4.
 REPLICAS_PER_BLOCK = 8
+# On CPUs, convolutions of at most CPU_FOLD_MAX_CHANNELS channels fold CPU_FOLD_IMAGES images into
+# their channels (see _cpu_folded_conv): 8 x 4 channels is over YNNPACK's 16. Read when traced.
+CPU_FOLD_MAX_CHANNELS = 4
+CPU_FOLD_IMAGES = 8
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
+    if groups > 1 or max(kernel.shape[2:]) > CPU_FOLD_MAX_CHANNELS or x.shape[0] % CPU_FOLD_IMAGES:
+        return _plain_conv(x, kernel, groups)
+    return lax.platform_dependent(x, kernel, cpu=_cpu_folded_conv, default=_plain_conv)
+
+
+def _plain_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSIONS,
                                     feature_group_count=groups)
+
+
+def _cpu_folded_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The convolution of a few channels on CPUs: CPU_FOLD_IMAGES images at a time folded into the
+    channel axis, with a block-diagonal kernel, so that XLA hands it to YNNPACK (which takes
+    convolutions over 16 channels wide) instead of running its own (Eigen) convolution, slow at
+    4 channels. 8x the arithmetic, yet at 28x28x4 (batch 256, this project's 2-core CPU) 16 -> 9 ms
+    inside a loop, transposes included; at 14x14x8 the plain one is faster (2.7 vs 5.7 ms with 4
+    images folded), hence CPU_FOLD_MAX_CHANNELS. The zero blocks add exact zeros; only a
+    non-finite activation (a diverged model) reaches the other images of its fold."""
+    n, h, w, c_in = x.shape
+    fold = CPU_FOLD_IMAGES
+    folded = x.reshape(n // fold, fold, h, w, c_in).transpose(0, 2, 3, 1, 4).reshape(n // fold, h, w, fold * c_in)
+    block_diagonal = jnp.einsum("pq,hwio->hwpiqo", jnp.eye(fold, dtype=kernel.dtype), kernel)
+    y = _plain_conv(folded, block_diagonal.reshape(3, 3, fold * c_in, -1))
+    return y.reshape(n // fold, h, w, fold, -1).transpose(0, 3, 1, 2, 4).reshape(n, h, w, -1)
 
 
 def _xla_kernel_grad(x: jax.Array, grad_out: jax.Array, groups: int = 1) -> jax.Array:
     """d(sum(conv(x, k) * grad_out)) / dk, written as XLA's own autodiff writes it: a convolution
     of x with grad_out as the window, contracting over the batch (roles relabelled: the images'
-    N is the feature axis, C_in the batch axis; groups become batch groups).
+    N is the feature axis, C_in the batch axis; groups become batch groups). On CPUs, ungrouped,
+    the same convolution in `_cpu_kernel_grad`'s layout.
 
     Not `jax.vjp` with respect to a placeholder kernel: under `shard_map` that placeholder would be
     the same on every device, and its cotangent would be summed over the devices."""
+    if groups > 1:  # the GPU engine's replica blocks
+        return _autodiff_kernel_grad(x, grad_out, groups)
+    return lax.platform_dependent(x, grad_out, cpu=_cpu_kernel_grad, default=_autodiff_kernel_grad)
+
+
+def _autodiff_kernel_grad(x: jax.Array, grad_out: jax.Array, groups: int = 1) -> jax.Array:
     return lax.conv_general_dilated(x, grad_out, (1, 1), ((1, 1), (1, 1)),
                                     dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=groups)
+
+
+def _cpu_kernel_grad(x: jax.Array, grad_out: jax.Array) -> jax.Array:
+    """`_autodiff_kernel_grad` with its operands transposed to (C_in, H, W, N) and (H, W, N, C_out):
+    the layout in which XLA's CPU backend hands the convolution to YNNPACK (it takes convolutions
+    whose feature axis, here the batch, is over 16 wide). Left in autodiff's form, XLA runs it
+    with its own (Eigen) convolution inside loops such as the scanned layers: 43 -> 11 ms at
+    28x28x4, 29 -> 5 ms at 14x14x8, 33 -> 3 ms at 7x7x16 (batch 256, this project's 2-core CPU;
+    BENCHMARKS.md, seventh session)."""
+    return lax.conv_general_dilated(x.transpose(3, 1, 2, 0), grad_out.transpose(1, 2, 0, 3), (1, 1),
+                                    ((1, 1), (1, 1)), dimension_numbers=_DIMENSIONS).transpose(1, 2, 0, 3)
 
 
 def _blocks(replicas: int) -> tuple[int, int]:

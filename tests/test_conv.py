@@ -101,13 +101,25 @@ def test_replicated_kernels_fold_into_channels(monkeypatch):
     assert "group_count=6" not in jaxpr
 
 
-def test_unbatched_is_xla_conv():
-    rng = np.random.default_rng(0)
-    x, kernel, weights = rng.normal(size=(2, 5, 5, 4)), rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(2, 5, 5, 8))
+# (batch, C_in, C_out): a plain convolution; on CPUs, images folded into the channels (a batch
+# that is a multiple of conv.CPU_FOLD_IMAGES, at most conv.CPU_FOLD_MAX_CHANNELS channels)
+@pytest.mark.parametrize("batch, channels_in, channels_out", [(2, 4, 8), (8, 1, 4), (16, 4, 4), (12, 4, 4)])
+def test_unbatched_is_xla_conv(batch, channels_in, channels_out):
+    rng = np.random.default_rng(batch)
+    x, kernel = rng.normal(size=(batch, 5, 5, channels_in)), rng.normal(size=(3, 3, channels_in, channels_out))
+    weights = rng.normal(size=(batch, 5, 5, channels_out))
     with jax.enable_x64(True):
         loss = lambda f: jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * weights), argnums=(0, 1))
         for g, w in zip(jax.tree.leaves(loss(conv.conv3x3)(x, kernel)), jax.tree.leaves(loss(xla_conv)(x, kernel))):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_folded_conv_is_the_convolution():
+    """Folding images into the channels adds exact zeros only (float64: 1e-12)."""
+    rng = np.random.default_rng(1)
+    x, kernel = rng.normal(size=(2 * conv.CPU_FOLD_IMAGES, 5, 5, 3)), rng.normal(size=(3, 3, 3, 4))
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(conv._cpu_folded_conv(x, kernel), xla_conv(x, kernel), rtol=1e-12, atol=1e-12)
 
 
 def test_every_benchmarked_formulation_is_the_same_convolution(load_experiment):
@@ -154,3 +166,15 @@ def test_gradients_of_inputs_shared_by_shard_map_devices_are_summed():
     assert proc.returncode == 0, proc.stderr
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(errors) == 6 and max(errors) < 1e-6
+
+
+@pytest.mark.parametrize("channels_in, channels_out", [(1, 4), (4, 4), (8, 16)])
+def test_cpu_kernel_gradient_is_autodiffs(channels_in, channels_out):
+    """The CPU's transposed kernel gradient is the convolution autodiff writes (float64: 1e-12)."""
+    rng = np.random.default_rng(channels_in)
+    x, grad_out = rng.normal(size=(3, 6, 6, channels_in)), rng.normal(size=(3, 6, 6, channels_out))
+    with jax.enable_x64(True):
+        want = jax.vjp(lambda k: xla_conv(x, k), jnp.zeros((3, 3, channels_in, channels_out)))[1](grad_out)[0]
+        for got in (conv._cpu_kernel_grad(x, grad_out), conv._autodiff_kernel_grad(x, grad_out)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
