@@ -16,12 +16,14 @@ finite (a diverged run) is convolved as zeros and gets NaN outputs, because 0 * 
 otherwise carry its NaN into every replica of its block.
 
 Unbatched calls (one model, or the CPU engine's replicas one after the other) are plain XLA
-convolutions. Gradients come from a custom VJP, because custom_vmap functions have no reverse-mode
-autodiff: the input gradient is the same convolution with the kernel flipped and its in/out axes
-swapped, the kernel gradient the convolution XLA's own autodiff writes (on CPUs with its operands
-transposed, which makes XLA run it with YNNPACK: 4-11x faster). (So forward-mode autodiff,
-`jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map`, a gradient
-for an input or kernel shared by the devices is summed over them, as JAX's autodiff would.
+convolutions, except on CPUs, where those of at most 4 channels fold 8 images into the channels
+(`_cpu_folded_conv`) so that XLA hands them to YNNPACK. Gradients come from a custom VJP, because
+custom_vmap functions have no reverse-mode autodiff: the input gradient is the same convolution
+with the kernel flipped and its in/out axes swapped, the kernel gradient the convolution XLA's own
+autodiff writes (on CPUs with its operands transposed, which makes XLA run it with YNNPACK: 4-11x
+faster inside loops). (So forward-mode autodiff, `jax.jvp`, of the models is not available;
+nothing here uses it.) Under `shard_map`, a gradient for an input or kernel shared by the devices
+is summed over them, as JAX's autodiff would.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
+    """The 3x3 pad-1 convolution, NHWC/HWIO: `_cpu_folded_conv` where it applies, else plain."""
     if groups > 1 or max(kernel.shape[2:]) > CPU_FOLD_MAX_CHANNELS or x.shape[0] % CPU_FOLD_IMAGES:
         return _plain_conv(x, kernel, groups)
     return lax.platform_dependent(x, kernel, cpu=_cpu_folded_conv, default=_plain_conv)
