@@ -17,10 +17,10 @@ otherwise carry its NaN into every replica of its block.
 
 Unbatched calls (one model, or the CPU engine's replicas one after the other) are plain XLA
 convolutions, except on CPUs, where those of at most 4 channels fold 8 images into the channels
-(`_cpu_folded_conv`) so that XLA hands them to YNNPACK. Gradients come from a custom VJP, because
+(`_cpu_folded_conv`; float32, batches of a multiple of 8) so that XLA hands them to YNNPACK. Gradients come from a custom VJP, because
 custom_vmap functions have no reverse-mode autodiff: the input gradient is the same convolution
 with the kernel flipped and its in/out axes swapped, the kernel gradient the convolution XLA's own
-autodiff writes (on CPUs with its operands transposed, which makes XLA run it with YNNPACK: 4-11x
+autodiff writes (on CPUs with its operands transposed, which makes XLA run it with YNNPACK: 4-12x
 faster inside loops). (So forward-mode autodiff, `jax.jvp`, of the models is not available;
 nothing here uses it.) Under `shard_map`, a gradient for an input or kernel shared by the devices
 is summed over them, as JAX's autodiff would.
@@ -42,12 +42,16 @@ REPLICAS_PER_BLOCK = 8
 # their channels (see _cpu_folded_conv): 8 x 4 channels is over YNNPACK's 16. Read when traced.
 CPU_FOLD_MAX_CHANNELS = 4
 CPU_FOLD_IMAGES = 8
+_YNN_MIN_CHANNELS = 16  # XLA hands YNNPACK only float32 convolutions over 16 channels wide
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
-    """The 3x3 pad-1 convolution, NHWC/HWIO: `_cpu_folded_conv` where it applies, else plain."""
-    if groups > 1 or max(kernel.shape[2:]) > CPU_FOLD_MAX_CHANNELS or x.shape[0] % CPU_FOLD_IMAGES:
+    """The 3x3 pad-1 convolution, NHWC/HWIO: on CPUs `_cpu_folded_conv` where it applies, else plain."""
+    channels = max(kernel.shape[2:])
+    foldable = (groups == 1 and x.dtype == jnp.float32 and x.shape[0] % CPU_FOLD_IMAGES == 0
+                and channels <= CPU_FOLD_MAX_CHANNELS and CPU_FOLD_IMAGES * channels > _YNN_MIN_CHANNELS)
+    if not foldable:
         return _plain_conv(x, kernel, groups)
     return lax.platform_dependent(x, kernel, cpu=_cpu_folded_conv, default=_plain_conv)
 
@@ -63,12 +67,19 @@ def _cpu_folded_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     convolutions over 16 channels wide) instead of running its own (Eigen) convolution, slow at
     4 channels. 8x the arithmetic, yet at 28x28x4 (batch 256, this project's 2-core CPU) 16 -> 9 ms
     inside a loop, transposes included; at 14x14x8 the plain one is faster (2.7 vs 5.7 ms with 4
-    images folded), hence CPU_FOLD_MAX_CHANNELS. The zero blocks add exact zeros; only a
-    non-finite activation (a diverged model) reaches the other images of its fold."""
+    images folded), hence CPU_FOLD_MAX_CHANNELS. The zero blocks add exact zeros. An input with a
+    non-finite value takes the plain convolution instead: folded, 0 * inf = NaN would reach the
+    other images of its fold (e.g. test images of a model that overflows on a few)."""
+    return lax.cond(jnp.isfinite(x).all(), _folded_conv, _plain_conv, x, kernel)
+
+
+def _folded_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     n, h, w, c_in = x.shape
     fold = CPU_FOLD_IMAGES
     folded = x.reshape(n // fold, fold, h, w, c_in).transpose(0, 2, 3, 1, 4).reshape(n // fold, h, w, fold * c_in)
-    block_diagonal = jnp.einsum("pq,hwio->hwpiqo", jnp.eye(fold, dtype=kernel.dtype), kernel)
+    # [h, w, p * C_in + i, q * C_out + o] = kernel[h, w, i, o] where p == q, an exact zero elsewhere
+    on_diagonal = jnp.eye(fold, dtype=bool)[None, None, :, None, :, None]
+    block_diagonal = jnp.where(on_diagonal, kernel[:, :, None, :, None, :], 0)
     y = _plain_conv(folded, block_diagonal.reshape(3, 3, fold * c_in, -1))
     return y.reshape(n // fold, h, w, fold, -1).transpose(0, 3, 1, 2, 4).reshape(n, h, w, -1)
 
@@ -81,7 +92,7 @@ def _xla_kernel_grad(x: jax.Array, grad_out: jax.Array, groups: int = 1) -> jax.
 
     Not `jax.vjp` with respect to a placeholder kernel: under `shard_map` that placeholder would be
     the same on every device, and its cotangent would be summed over the devices."""
-    if groups > 1:  # the GPU engine's replica blocks
+    if groups > 1:  # the replica rule's blocks
         return _autodiff_kernel_grad(x, grad_out, groups)
     return lax.platform_dependent(x, grad_out, cpu=_cpu_kernel_grad, default=_autodiff_kernel_grad)
 

@@ -28,7 +28,8 @@ ACTIVATIONS = {"tanh": jnp.tanh, "elu": nn.elu}
 # and the activation from them (jax.checkpoint); JAX's default keeps everything, for elu_bn five
 # float32 and two bool arrays of the activations' size per layer. On this project's 2-core CPU,
 # one elu_bn k=48 step was 1.12x faster with it (resnet k=102: 1.08x), but a 3-replica epoch on
-# 3 CPU devices only 0.98-1.05x, and since conv.py's CPU path uses YNNPACK the step 1.02x; on a GPU, where the profile puts ~16% of the step in writing and
+# 3 CPU devices only 0.98-1.05x (since conv.py's CPU convolutions run on YNNPACK, the step 1.02x:
+# BENCHMARKS.md, seventh session); on a GPU, where the profile puts ~16% of the step in writing and
 # reading those arrays, it is untimed (experiments/gpu_step_variants.sh times it). Off until then
 # (BENCHMARKS.md, sixth session).
 # Read when a program is traced.

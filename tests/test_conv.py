@@ -101,8 +101,7 @@ def test_replicated_kernels_fold_into_channels(monkeypatch):
     assert "group_count=6" not in jaxpr
 
 
-# (batch, C_in, C_out): a plain convolution; on CPUs, images folded into the channels (a batch
-# that is a multiple of conv.CPU_FOLD_IMAGES, at most conv.CPU_FOLD_MAX_CHANNELS channels)
+# (batch, C_in, C_out); in float64 the CPU's folded convolution never applies (YNNPACK is float32)
 @pytest.mark.parametrize("batch, channels_in, channels_out", [(2, 4, 8), (8, 1, 4), (16, 4, 4), (12, 4, 4)])
 def test_unbatched_is_xla_conv(batch, channels_in, channels_out):
     rng = np.random.default_rng(batch)
@@ -120,6 +119,48 @@ def test_cpu_folded_conv_is_the_convolution():
     x, kernel = rng.normal(size=(2 * conv.CPU_FOLD_IMAGES, 5, 5, 3)), rng.normal(size=(3, 3, 3, 4))
     with jax.enable_x64(True):
         np.testing.assert_allclose(conv._cpu_folded_conv(x, kernel), xla_conv(x, kernel), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_in, channels_out", [(1, 4), (4, 4), (4, 1), (4, 8)])
+def test_float32_cpu_paths_match_float64(channels_in, channels_out):
+    """conv3x3 as the CPU engine runs it (float32, a batch of a multiple of 8: the folded
+    convolution and the transposed kernel gradient on CPUs), against float64 XLA: the same sums
+    in another order, 1e-5 of the largest value."""
+    rng = np.random.default_rng(channels_in * 10 + channels_out)
+    x = rng.normal(size=(4 * conv.CPU_FOLD_IMAGES, 6, 6, channels_in))
+    kernel, weights = rng.normal(size=(3, 3, channels_in, channels_out)), rng.normal(size=(x.shape[0], 6, 6, channels_out))
+    loss = lambda f: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * weights), argnums=(0, 1)))
+    got = loss(conv.conv3x3)(x.astype(np.float32), kernel.astype(np.float32))
+    with jax.enable_x64(True):
+        want = loss(xla_conv)(x, kernel)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the folded convolution is the CPU's")
+def test_cpu_folds_few_channel_convolutions():
+    """On CPUs, 4-channel convolutions of a batch of 32 run as 4 convolutions of 8 x 4 channels
+    (the compiled program's shapes), 8-channel ones as they are."""
+    x = jnp.ones((4 * conv.CPU_FOLD_IMAGES, 5, 5, 4), jnp.float32)
+    folded = jax.jit(conv.conv3x3).lower(x, jnp.ones((3, 3, 4, 4), jnp.float32)).compile().as_text()
+    assert "f32[4,5,5,32]" in folded
+    plain = jax.jit(conv.conv3x3).lower(x, jnp.ones((3, 3, 4, 8), jnp.float32)).compile().as_text()
+    assert "f32[4,5,5,64]" not in plain and "f32[32,5,5,8]" in plain
+
+
+def test_a_non_finite_image_stays_its_own():
+    """Folded, 0 * inf = NaN would reach the other images of a fold; with a non-finite input the
+    CPU path takes the plain convolution, so exactly the plain convolution's outputs are NaN."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2 * conv.CPU_FOLD_IMAGES, 5, 5, 4)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+    x[0, 2, 2, 0], x[9, 0, 0, 1] = np.inf, np.nan
+    got, want = np.asarray(jax.jit(conv.conv3x3)(x, kernel)), np.asarray(xla_conv(x, kernel))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isfinite(got[1:9]).all() and np.isfinite(got[10:]).all()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_every_benchmarked_formulation_is_the_same_convolution(load_experiment):
