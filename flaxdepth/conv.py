@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flaxdepth import cpu_kernels
+
 # The most replicas folded into one block of the block-diagonal convolution. Read when a program
 # is traced: changing it does not affect programs already compiled. On an H200, 32 replicas' step
 # at elu_bn k=48: 62.6 ms with blocks of 32, 57.5 of 16, 55.1 of 8, 56.6 of 4.
@@ -47,13 +49,27 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
-    """The 3x3 pad-1 convolution, NHWC/HWIO: on CPUs `_cpu_folded_conv` where it applies, else plain."""
+    """The 3x3 pad-1 convolution, NHWC/HWIO: on CPUs flaxdepth's kernel (float32) or
+    `_cpu_folded_conv` where it applies, else XLA's."""
+    if groups == 1 and x.dtype == jnp.float32 and cpu_kernels.usable():
+        return lax.platform_dependent(x, kernel, cpu=_cpu_kernel(cpu_kernels.conv3x3), default=_plain_conv)
     channels = max(kernel.shape[2:])
     foldable = (groups == 1 and x.dtype == jnp.float32 and x.shape[0] % CPU_FOLD_IMAGES == 0
                 and channels <= CPU_FOLD_MAX_CHANNELS and CPU_FOLD_IMAGES * channels > _YNN_MIN_CHANNELS)
     if not foldable:
         return _plain_conv(x, kernel, groups)
     return lax.platform_dependent(x, kernel, cpu=_cpu_folded_conv, default=_plain_conv)
+
+
+def _cpu_kernel(kernel_call):
+    """A cpu_kernels call whose output varies over the shard_map axes its inputs vary over, as
+    XLA's own operations' outputs do (an FFI call's output is taken as varying over none)."""
+
+    def call(a: jax.Array, b: jax.Array) -> jax.Array:
+        axes = tuple(sorted(_varying_axes(a) | _varying_axes(b)))
+        out = kernel_call(a, b)
+        return lax.pcast(out, axes, to="varying") if axes else out
+    return call
 
 
 def _plain_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
@@ -94,6 +110,9 @@ def _xla_kernel_grad(x: jax.Array, grad_out: jax.Array, groups: int = 1) -> jax.
     the same on every device, and its cotangent would be summed over the devices."""
     if groups > 1:  # the replica rule's blocks
         return _autodiff_kernel_grad(x, grad_out, groups)
+    if x.dtype == jnp.float32 and cpu_kernels.usable():
+        return lax.platform_dependent(x, grad_out, cpu=_cpu_kernel(cpu_kernels.conv3x3_kernel_grad),
+                                      default=_autodiff_kernel_grad)
     return lax.platform_dependent(x, grad_out, cpu=_cpu_kernel_grad, default=_autodiff_kernel_grad)
 
 

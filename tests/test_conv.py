@@ -139,9 +139,10 @@ def test_float32_cpu_paths_match_float64(channels_in, channels_out):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the folded convolution is the CPU's")
-def test_cpu_folds_few_channel_convolutions():
-    """On CPUs, 4-channel convolutions of a batch of 32 run as 4 convolutions of 8 x 4 channels
-    (the compiled program's shapes), 8-channel ones as they are."""
+def test_cpu_folds_few_channel_convolutions(monkeypatch):
+    """Without flaxdepth's CPU kernels, 4-channel convolutions of a batch of 32 run as 4
+    convolutions of 8 x 4 channels (the compiled program's shapes), 8-channel ones as they are."""
+    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", "0")
     x = jnp.ones((4 * conv.CPU_FOLD_IMAGES, 5, 5, 4), jnp.float32)
     folded = jax.jit(conv.conv3x3).lower(x, jnp.ones((3, 3, 4, 4), jnp.float32)).compile().as_text()
     assert "f32[4,5,5,32]" in folded

@@ -1,0 +1,291 @@
+// The models' 3x3, pad-1 convolution on CPUs, float32, NHWC input, HWIO kernel: forward (which is
+// also the input gradient, with the kernel flipped and transposed) and kernel gradient, as XLA FFI
+// handlers (flaxdepth/cpu_kernels.py compiles this file and registers them).
+//
+// Why: XLA's CPU convolutions run 4-16-channel convolutions far below the machine's speed (Eigen,
+// or YNNPACK only above 16 channels), and they were most of a training step (BENCHMARKS.md).
+// Here each output pixel's channels are a few SIMD registers, a block of pixels is kept in
+// registers while the kernel streams through them, and images are split over XLA's own intra-op
+// thread pool.
+//
+// Work is cut into fixed chunks of images, whatever the number of threads, and the kernel
+// gradient sums per image, then per chunk, then over chunks in order: the same inputs give the
+// same bits on any number of threads (the engine's determinism tests rely on it).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kImagesPerChunk = 8;
+
+template <int L>
+struct VecOf {
+  typedef float type __attribute__((vector_size(4 * L), aligned(4)));
+};
+
+// Lanes of the SIMD vector holding CO output channels: 8 (AVX) or 4 (SSE), else scalars.
+template <int CO>
+constexpr int Lanes() {
+  return CO % 8 == 0 ? 8 : (CO % 4 == 0 ? 4 : 1);
+}
+
+// Runs body(chunk) for chunk in [0, chunks) on the pool's threads and the calling one. A task
+// that starts after every chunk is taken does nothing, so waiting only ever waits on running work.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const Body& body) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  const Body* shared_body = &body;
+  auto work = [state, chunks, shared_body]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      (*shared_body)(c);
+      if (state->done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->all_done.notify_all();
+      }
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_done.wait(lock, [&] { return state->done.load() == chunks; });
+}
+
+// Image n of x (H x W x C) into P ((H + 2) x (W + 2) x C) with a zero border.
+void PadImage(const float* x, int64_t H, int64_t W, int64_t C, float* P) {
+  const int64_t Wp = W + 2;
+  std::fill(P, P + (H + 2) * Wp * C, 0.f);
+  for (int64_t h = 0; h < H; ++h) std::memcpy(P + ((h + 1) * Wp + 1) * C, x + h * W * C, sizeof(float) * W * C);
+}
+
+// BW output pixels (row h, columns w..w+BW-1) of one image: CI x 9 kernel rows stream through
+// BW x CO accumulators held in registers.
+template <int CI, int CO, int BW>
+inline void ConvPixels(const float* P, int64_t Wp, const float* k, float* out, int64_t h, int64_t w) {
+  constexpr int L = Lanes<CO>(), NV = CO / L;
+  typedef typename VecOf<L>::type V;
+  V acc[BW][NV];
+  for (int p = 0; p < BW; ++p)
+    for (int j = 0; j < NV; ++j) acc[p][j] = V{};
+  for (int dy = 0; dy < 3; ++dy) {
+    for (int dx = 0; dx < 3; ++dx) {
+      const float* xs = P + ((h + dy) * Wp + w + dx) * CI;
+      const float* ks = k + (dy * 3 + dx) * CI * CO;
+      for (int ci = 0; ci < CI; ++ci) {
+        V kv[NV];
+        for (int j = 0; j < NV; ++j) kv[j] = *reinterpret_cast<const V*>(ks + ci * CO + j * L);
+        for (int p = 0; p < BW; ++p) {
+          const float xv = xs[p * CI + ci];
+          for (int j = 0; j < NV; ++j) acc[p][j] += xv * kv[j];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < BW; ++p)
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(out + (p * CO) + j * L) = acc[p][j];
+}
+
+template <int CI, int CO>
+void ConvChunk(const float* x, const float* k, float* y, int64_t n0, int64_t n1, int64_t H, int64_t W) {
+  constexpr int BW = Lanes<CO>() == 8 && CO >= 16 ? 4 : 8;  // BW x CO / lanes accumulators: 8 registers
+  const int64_t Wp = W + 2;
+  std::vector<float> P((H + 2) * Wp * CI);
+  for (int64_t n = n0; n < n1; ++n) {
+    PadImage(x + n * H * W * CI, H, W, CI, P.data());
+    float* yn = y + n * H * W * CO;
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t w = 0;
+      for (; w + BW <= W; w += BW) ConvPixels<CI, CO, BW>(P.data(), Wp, k, yn + (h * W + w) * CO, h, w);
+      for (; w < W; ++w) ConvPixels<CI, CO, 1>(P.data(), Wp, k, yn + (h * W + w) * CO, h, w);
+    }
+  }
+}
+
+// Any channel counts, plain loops: shapes the models do not use (tests, other callers).
+void ConvChunkAny(const float* x, const float* k, float* y, int64_t n0, int64_t n1, int64_t H, int64_t W,
+                  int64_t CI, int64_t CO) {
+  const int64_t Wp = W + 2;
+  std::vector<float> P((H + 2) * Wp * CI);
+  for (int64_t n = n0; n < n1; ++n) {
+    PadImage(x + n * H * W * CI, H, W, CI, P.data());
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t w = 0; w < W; ++w) {
+        float* out = y + ((n * H + h) * W + w) * CO;
+        std::fill(out, out + CO, 0.f);
+        for (int dy = 0; dy < 3; ++dy)
+          for (int dx = 0; dx < 3; ++dx)
+            for (int64_t ci = 0; ci < CI; ++ci) {
+              const float xv = P[((h + dy) * Wp + w + dx) * CI + ci];
+              const float* ks = k + ((dy * 3 + dx) * CI + ci) * CO;
+              for (int64_t co = 0; co < CO; ++co) out[co] += xv * ks[co];
+            }
+      }
+    }
+  }
+}
+
+// Adds image n's kernel gradient, sum over pixels of patch (x) outer grad_out, into dk (3x3xCIxCO):
+// for each tap and block of B input channels, B x CO accumulators in registers run along a row.
+template <int CI, int CO>
+void KernelGradImage(const float* P, const float* g, float* dk, int64_t H, int64_t W) {
+  constexpr int L = Lanes<CO>(), NV = CO / L;
+  constexpr int B = CI < 8 / NV ? CI : 8 / NV;
+  static_assert(CI % B == 0, "input channels must be a multiple of the block");
+  typedef typename VecOf<L>::type V;
+  const int64_t Wp = W + 2;
+  for (int64_t h = 0; h < H; ++h) {
+    const float* gs = g + h * W * CO;
+    for (int dy = 0; dy < 3; ++dy) {
+      for (int dx = 0; dx < 3; ++dx) {
+        const float* xs = P + ((h + dy) * Wp + dx) * CI;
+        float* dks = dk + (dy * 3 + dx) * CI * CO;
+        for (int c0 = 0; c0 < CI; c0 += B) {
+          V acc[B][NV];
+          for (int b = 0; b < B; ++b)
+            for (int j = 0; j < NV; ++j) acc[b][j] = V{};
+          for (int64_t w = 0; w < W; ++w) {
+            V gv[NV];
+            for (int j = 0; j < NV; ++j) gv[j] = *reinterpret_cast<const V*>(gs + w * CO + j * L);
+            for (int b = 0; b < B; ++b) {
+              const float xv = xs[w * CI + c0 + b];
+              for (int j = 0; j < NV; ++j) acc[b][j] += xv * gv[j];
+            }
+          }
+          for (int b = 0; b < B; ++b)
+            for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(dks + (c0 + b) * CO + j * L) += acc[b][j];
+        }
+      }
+    }
+  }
+}
+
+void KernelGradImageAny(const float* P, const float* g, float* dk, int64_t H, int64_t W, int64_t CI, int64_t CO) {
+  const int64_t Wp = W + 2;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w)
+      for (int dy = 0; dy < 3; ++dy)
+        for (int dx = 0; dx < 3; ++dx)
+          for (int64_t ci = 0; ci < CI; ++ci) {
+            const float xv = P[((h + dy) * Wp + w + dx) * CI + ci];
+            float* dks = dk + ((dy * 3 + dx) * CI + ci) * CO;
+            const float* gs = g + (h * W + w) * CO;
+            for (int64_t co = 0; co < CO; ++co) dks[co] += xv * gs[co];
+          }
+}
+
+typedef void (*ConvFn)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+typedef void (*KernelGradFn)(const float*, const float*, float*, int64_t, int64_t);
+
+// The channel pairs of the models' layers (forward C_in -> C_out, and the input gradients' reverse).
+template <int CI, int CO>
+struct Pair {
+  static constexpr int ci = CI, co = CO;
+};
+#define FLAXDEPTH_CHANNEL_PAIRS(X) X(1, 4) X(4, 1) X(4, 4) X(4, 8) X(8, 4) X(8, 8) X(8, 16) X(16, 8) X(16, 16)
+
+ConvFn FindConv(int64_t ci, int64_t co) {
+#define X(a, b) \
+  if (ci == a && co == b) return &ConvChunk<a, b>;
+  FLAXDEPTH_CHANNEL_PAIRS(X)
+#undef X
+  return nullptr;
+}
+
+KernelGradFn FindKernelGrad(int64_t ci, int64_t co) {
+#define X(a, b) \
+  if (ci == a && co == b) return &KernelGradImage<a, b>;
+  FLAXDEPTH_CHANNEL_PAIRS(X)
+#undef X
+  return nullptr;
+}
+
+ffi::Error CheckNHWC(const char* what, ffi::Span<const int64_t> d) {
+  if (d.size() != 4) return ffi::Error::InvalidArgument(std::string(what) + " must be NHWC (rank 4)");
+  return ffi::Error::Success();
+}
+
+ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), kd = kernel.dimensions();
+  if (auto e = CheckNHWC("input", xd); e.failure()) return e;
+  if (kd.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3])
+    return ffi::Error::InvalidArgument("kernel must be 3 x 3 x C_in x C_out (HWIO)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = kd[3];
+  const float *xp = x.typed_data(), *kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  const ConvFn fn = FindConv(CI, CO);
+  const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t n0 = c * kImagesPerChunk, n1 = std::min(N, n0 + kImagesPerChunk);
+    if (fn) fn(xp, kp, yp, n0, n1, H, W);
+    else ConvChunkAny(xp, kp, yp, n0, n1, H, W, CI, CO);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Conv3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> grad_out,
+                             ffi::ResultBuffer<ffi::F32> grad_kernel) {
+  auto xd = x.dimensions(), gd = grad_out.dimensions();
+  if (auto e = CheckNHWC("input", xd); e.failure()) return e;
+  if (auto e = CheckNHWC("output gradient", gd); e.failure()) return e;
+  if (gd[0] != xd[0] || gd[1] != xd[1] || gd[2] != xd[2])
+    return ffi::Error::InvalidArgument("input and output gradient must have the same N, H, W");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3], taps = 9 * CI * CO;
+  const float *xp = x.typed_data(), *gp = grad_out.typed_data();
+  const KernelGradFn fn = FindKernelGrad(CI, CO);
+  const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
+  std::vector<float> partial(chunks * taps, 0.f);
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t n0 = c * kImagesPerChunk, n1 = std::min(N, n0 + kImagesPerChunk);
+    std::vector<float> P((H + 2) * (W + 2) * CI), image(taps);
+    float* chunk_sum = partial.data() + c * taps;
+    for (int64_t n = n0; n < n1; ++n) {
+      PadImage(xp + n * H * W * CI, H, W, CI, P.data());
+      std::fill(image.begin(), image.end(), 0.f);
+      if (fn) fn(P.data(), gp + n * H * W * CO, image.data(), H, W);
+      else KernelGradImageAny(P.data(), gp + n * H * W * CO, image.data(), H, W, CI, CO);
+      for (int64_t i = 0; i < taps; ++i) chunk_sum[i] += image[i];
+    }
+  });
+  float* out = grad_kernel->typed_data();
+  std::fill(out, out + taps, 0.f);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < taps; ++i) out[i] += partial[c * taps + i];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthConv3x3, Conv3x3,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthConv3x3KernelGrad, Conv3x3KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
