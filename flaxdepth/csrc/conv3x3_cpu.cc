@@ -34,10 +34,16 @@ struct VecOf {
   typedef float type __attribute__((vector_size(4 * L), aligned(4)));
 };
 
-// Lanes of the SIMD vector holding CO output channels: 8 (AVX) or 4 (SSE), else scalars.
+#ifdef __AVX512F__
+constexpr int kMaxLanes = 16;
+#else
+constexpr int kMaxLanes = 8;
+#endif
+
+// Lanes of the SIMD vectors holding CO output channels: as many as the processor has, at most CO.
 template <int CO>
 constexpr int Lanes() {
-  return CO % 8 == 0 ? 8 : (CO % 4 == 0 ? 4 : 1);
+  return CO % kMaxLanes == 0 ? kMaxLanes : CO % 8 == 0 ? 8 : CO % 4 == 0 ? 4 : 1;
 }
 
 // Runs body(chunk) for chunk in [0, chunks) on the pool's threads and the calling one. A task
@@ -121,6 +127,84 @@ void ConvChunk(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
   }
 }
 
+
+// Few output channels (CO <= 4, e.g. the first stage's 4): vectors of one channel's PB adjacent
+// pixels instead, from a channel-planar copy of the image whose rows are padded to whole blocks
+// (zeros, so a block past the last column reads and adds zeros).
+template <int C>
+void PlanarImage(const float* x, int64_t H, int64_t W, int64_t Wq, float* Q) {
+  const int64_t Hp = H + 2;
+  std::fill(Q, Q + C * Hp * Wq, 0.f);
+  for (int64_t h = 0; h < H; ++h)
+    for (int c = 0; c < C; ++c) {
+      float* row = Q + (c * Hp + h + 1) * Wq + 1;
+      const float* xs = x + h * W * C + c;
+      for (int64_t w = 0; w < W; ++w) row[w] = xs[w * C];  // constant stride: vectorized with shuffles
+    }
+}
+
+constexpr int64_t WholeBlocks(int64_t W, int64_t PB) { return (W + PB - 1) / PB * PB; }
+
+template <int CI, int CO, int PB>
+void ConvChunkPlanar(const float* x, const float* k, float* y, int64_t n0, int64_t n1, int64_t H, int64_t W) {
+  typedef typename VecOf<PB>::type V;
+  const int64_t Hp = H + 2, Wq = WholeBlocks(W, PB) + 2;
+  std::vector<float> Q(CI * Hp * Wq);
+  alignas(64) float block[CO][PB];
+  for (int64_t n = n0; n < n1; ++n) {
+    PlanarImage<CI>(x + n * H * W * CI, H, W, Wq, Q.data());
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t w0 = 0; w0 < W; w0 += PB) {
+        V acc[CO];
+        for (int co = 0; co < CO; ++co) acc[co] = V{};
+        for (int dy = 0; dy < 3; ++dy)
+          for (int dx = 0; dx < 3; ++dx)
+            for (int ci = 0; ci < CI; ++ci) {
+              const V xv = *reinterpret_cast<const V*>(Q.data() + (ci * Hp + h + dy) * Wq + w0 + dx);
+              const float* ks = k + ((dy * 3 + dx) * CI + ci) * CO;
+              for (int co = 0; co < CO; ++co) acc[co] += ks[co] * xv;
+            }
+        for (int co = 0; co < CO; ++co) *reinterpret_cast<V*>(block[co]) = acc[co];
+        float* out = y + ((n * H + h) * W + w0) * CO;
+        for (int64_t p = 0; p < std::min<int64_t>(PB, W - w0); ++p)
+          for (int co = 0; co < CO; ++co) out[p * CO + co] = block[co][p];
+      }
+    }
+  }
+}
+
+// The kernel gradient the same way: per tap, CI x CO vectors of pixel-wise products summed along
+// the rows, then over their lanes.
+template <int CI, int CO, int PB>
+void KernelGradImagePlanar(const float* x, const float* g, float* dk, int64_t H, int64_t W, float* Q, float* G) {
+  typedef typename VecOf<PB>::type V;
+  const int64_t Hp = H + 2, Wq = WholeBlocks(W, PB) + 2;
+  PlanarImage<CI>(x, H, W, Wq, Q);
+  PlanarImage<CO>(g, H, W, Wq, G);  // the same layout: the gradient at (h, w) is G[co][h + 1][w + 1]
+  for (int dy = 0; dy < 3; ++dy)
+    for (int dx = 0; dx < 3; ++dx) {
+      V acc[CI][CO];
+      for (int ci = 0; ci < CI; ++ci)
+        for (int co = 0; co < CO; ++co) acc[ci][co] = V{};
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w0 = 0; w0 < W; w0 += PB) {
+          V gv[CO];
+          for (int co = 0; co < CO; ++co) gv[co] = *reinterpret_cast<const V*>(G + (co * Hp + h + 1) * Wq + w0 + 1);
+          for (int ci = 0; ci < CI; ++ci) {
+            const V xv = *reinterpret_cast<const V*>(Q + (ci * Hp + h + dy) * Wq + w0 + dx);
+            for (int co = 0; co < CO; ++co) acc[ci][co] += xv * gv[co];
+          }
+        }
+      float* dks = dk + (dy * 3 + dx) * CI * CO;
+      for (int ci = 0; ci < CI; ++ci)
+        for (int co = 0; co < CO; ++co) {
+          float sum = 0.f;
+          for (int p = 0; p < PB; ++p) sum += acc[ci][co][p];
+          dks[ci * CO + co] += sum;
+        }
+    }
+}
+
 // Any channel counts, plain loops: shapes the models do not use (tests, other callers).
 void ConvChunkAny(const float* x, const float* k, float* y, int64_t n0, int64_t n1, int64_t H, int64_t W,
                   int64_t CI, int64_t CO) {
@@ -193,29 +277,54 @@ void KernelGradImageAny(const float* P, const float* g, float* dk, int64_t H, in
           }
 }
 
-typedef void (*ConvFn)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-typedef void (*KernelGradFn)(const float*, const float*, float*, int64_t, int64_t);
-
-// The channel pairs of the models' layers (forward C_in -> C_out, and the input gradients' reverse).
+// Adds image n's kernel gradient into dk, with `scratch` for the padded copies.
 template <int CI, int CO>
-struct Pair {
-  static constexpr int ci = CI, co = CO;
-};
-#define FLAXDEPTH_CHANNEL_PAIRS(X) X(1, 4) X(4, 1) X(4, 4) X(4, 8) X(8, 4) X(8, 8) X(8, 16) X(16, 8) X(16, 16)
+void KernelGradChannels(const float* x, const float* g, float* dk, int64_t H, int64_t W, std::vector<float>& scratch) {
+  scratch.resize((H + 2) * (W + 2) * CI);
+  PadImage(x, H, W, CI, scratch.data());
+  KernelGradImage<CI, CO>(scratch.data(), g, dk, H, W);
+}
 
-ConvFn FindConv(int64_t ci, int64_t co) {
-#define X(a, b) \
+template <int CI, int CO, int PB>
+void KernelGradPlanar(const float* x, const float* g, float* dk, int64_t H, int64_t W, std::vector<float>& scratch) {
+  const int64_t plane = (H + 2) * (WholeBlocks(W, PB) + 2);
+  scratch.resize((CI + CO) * plane);
+  KernelGradImagePlanar<CI, CO, PB>(x, g, dk, H, W, scratch.data(), scratch.data() + CI * plane);
+}
+
+typedef void (*ConvFn)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+typedef void (*KernelGradFn)(const float*, const float*, float*, int64_t, int64_t, std::vector<float>&);
+
+// Pixels per vector of the planar kernels: 16 where the rows are that wide and the processor has
+// the lanes, else 8.
+constexpr bool WidePixels(int64_t W) { return kMaxLanes == 16 && W >= 16; }
+
+// The channel pairs of the models' layers: forward C_in -> C_out, and the input gradients' reverse
+// (CO <= 4: planar; more: channels in the vectors). Other pairs take the plain loops.
+#define FLAXDEPTH_PLANAR_PAIRS(X) X(1, 4) X(4, 1) X(4, 4) X(8, 4)
+#define FLAXDEPTH_CHANNEL_PAIRS(X) X(4, 8) X(8, 8) X(8, 16) X(16, 8) X(16, 16)
+
+ConvFn FindConv(int64_t ci, int64_t co, int64_t W) {
+#define PLANAR(a, b) \
+  if (ci == a && co == b) return WidePixels(W) ? &ConvChunkPlanar<a, b, 16> : &ConvChunkPlanar<a, b, 8>;
+#define CHANNELS(a, b) \
   if (ci == a && co == b) return &ConvChunk<a, b>;
-  FLAXDEPTH_CHANNEL_PAIRS(X)
-#undef X
+  FLAXDEPTH_PLANAR_PAIRS(PLANAR)
+  FLAXDEPTH_CHANNEL_PAIRS(CHANNELS)
+#undef PLANAR
+#undef CHANNELS
   return nullptr;
 }
 
-KernelGradFn FindKernelGrad(int64_t ci, int64_t co) {
-#define X(a, b) \
-  if (ci == a && co == b) return &KernelGradImage<a, b>;
-  FLAXDEPTH_CHANNEL_PAIRS(X)
-#undef X
+KernelGradFn FindKernelGrad(int64_t ci, int64_t co, int64_t W) {
+#define PLANAR(a, b) \
+  if (ci == a && co == b) return WidePixels(W) ? &KernelGradPlanar<a, b, 16> : &KernelGradPlanar<a, b, 8>;
+#define CHANNELS(a, b) \
+  if (ci == a && co == b) return &KernelGradChannels<a, b>;
+  FLAXDEPTH_PLANAR_PAIRS(PLANAR)
+  FLAXDEPTH_CHANNEL_PAIRS(CHANNELS)
+#undef PLANAR
+#undef CHANNELS
   return nullptr;
 }
 
@@ -233,7 +342,7 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t N = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = kd[3];
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* yp = y->typed_data();
-  const ConvFn fn = FindConv(CI, CO);
+  const ConvFn fn = FindConv(CI, CO, W);
   const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
   ParallelFor(pool, chunks, [&](int64_t c) {
     const int64_t n0 = c * kImagesPerChunk, n1 = std::min(N, n0 + kImagesPerChunk);
@@ -252,18 +361,23 @@ ffi::Error Conv3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     return ffi::Error::InvalidArgument("input and output gradient must have the same N, H, W");
   const int64_t N = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3], taps = 9 * CI * CO;
   const float *xp = x.typed_data(), *gp = grad_out.typed_data();
-  const KernelGradFn fn = FindKernelGrad(CI, CO);
+  const KernelGradFn fn = FindKernelGrad(CI, CO, W);
   const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
   std::vector<float> partial(chunks * taps, 0.f);
   ParallelFor(pool, chunks, [&](int64_t c) {
     const int64_t n0 = c * kImagesPerChunk, n1 = std::min(N, n0 + kImagesPerChunk);
-    std::vector<float> P((H + 2) * (W + 2) * CI), image(taps);
+    std::vector<float> scratch, image(taps);
     float* chunk_sum = partial.data() + c * taps;
     for (int64_t n = n0; n < n1; ++n) {
-      PadImage(xp + n * H * W * CI, H, W, CI, P.data());
+      const float *xn = xp + n * H * W * CI, *gn = gp + n * H * W * CO;
       std::fill(image.begin(), image.end(), 0.f);
-      if (fn) fn(P.data(), gp + n * H * W * CO, image.data(), H, W);
-      else KernelGradImageAny(P.data(), gp + n * H * W * CO, image.data(), H, W, CI, CO);
+      if (fn) {
+        fn(xn, gn, image.data(), H, W, scratch);
+      } else {
+        scratch.resize((H + 2) * (W + 2) * CI);
+        PadImage(xn, H, W, CI, scratch.data());
+        KernelGradImageAny(scratch.data(), gn, image.data(), H, W, CI, CO);
+      }
       for (int64_t i = 0; i < taps; ++i) chunk_sum[i] += image[i];
     }
   });
