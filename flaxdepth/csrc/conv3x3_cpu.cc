@@ -111,6 +111,15 @@ inline void ConvPixels(const float* P, int64_t Wp, const float* k, float* out, i
     for (int j = 0; j < NV; ++j) *reinterpret_cast<V*>(out + (p * CO) + j * L) = acc[p][j];
 }
 
+// The last pixels of a row, fewer than a block: one call of ConvPixels with their number.
+template <int CI, int CO, int R>
+inline void ConvTail(int64_t remaining, const float* P, int64_t Wp, const float* k, float* out, int64_t h, int64_t w) {
+  if constexpr (R > 0) {
+    if (remaining == R) return ConvPixels<CI, CO, R>(P, Wp, k, out, h, w);
+    ConvTail<CI, CO, R - 1>(remaining, P, Wp, k, out, h, w);
+  }
+}
+
 template <int CI, int CO>
 void ConvChunk(const float* x, const float* k, float* y, int64_t n0, int64_t n1, int64_t H, int64_t W) {
   constexpr int BW = Lanes<CO>() == 8 && CO >= 16 ? 4 : 8;  // BW x CO / lanes accumulators: 8 registers
@@ -122,7 +131,7 @@ void ConvChunk(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
     for (int64_t h = 0; h < H; ++h) {
       int64_t w = 0;
       for (; w + BW <= W; w += BW) ConvPixels<CI, CO, BW>(P.data(), Wp, k, yn + (h * W + w) * CO, h, w);
-      for (; w < W; ++w) ConvPixels<CI, CO, 1>(P.data(), Wp, k, yn + (h * W + w) * CO, h, w);
+      if (w < W) ConvTail<CI, CO, BW - 1>(W - w, P.data(), Wp, k, yn + (h * W + w) * CO, h, w);
     }
   }
 }
