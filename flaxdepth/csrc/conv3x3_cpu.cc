@@ -137,7 +137,7 @@ void ConvChunk(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
 }
 
 
-// Few output channels (CO <= 4, e.g. the first stage's 4): vectors of one channel's PB adjacent
+// Few output channels (up to 8): vectors of one channel's PB adjacent
 // pixels instead, from a channel-planar copy of the image whose rows are padded to whole blocks
 // (zeros, so a block past the last column reads and adds zeros).
 template <int C>
@@ -304,22 +304,25 @@ void KernelGradPlanar(const float* x, const float* g, float* dk, int64_t H, int6
 typedef void (*ConvFn)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 typedef void (*KernelGradFn)(const float*, const float*, float*, int64_t, int64_t, std::vector<float>&);
 
-// Pixels per vector of the planar kernels: 16 where the rows are that wide and the processor has
+// Pixels per vector of the planar kernels: 16 where a row has more than 8 and the processor has
 // the lanes, else 8.
-constexpr bool WidePixels(int64_t W) { return kMaxLanes == 16 && W >= 16; }
+constexpr bool WidePixels(int64_t W) { return kMaxLanes == 16 && W > 8; }
 
-// The channel pairs of the models' layers: forward C_in -> C_out, and the input gradients' reverse
-// (CO <= 4: planar; more: channels in the vectors). Other pairs take the plain loops.
-#define FLAXDEPTH_PLANAR_PAIRS(X) X(1, 4) X(4, 1) X(4, 4) X(8, 4)
-#define FLAXDEPTH_CHANNEL_PAIRS(X) X(4, 8) X(8, 8) X(8, 16) X(16, 8) X(16, 16)
+// The channel pairs of the models' layers (forward C_in -> C_out and the input gradients'
+// reverse), each with the faster of the two layouts measured on an AVX-512 CPU (BENCHMARKS.md):
+// pixels in the vectors up to 8 output channels, channels at 16. Other pairs take plain loops.
+#define FLAXDEPTH_CONV_PLANAR(X) X(1, 4) X(4, 1) X(4, 4) X(8, 4) X(4, 8) X(8, 8) X(16, 8)
+#define FLAXDEPTH_CONV_CHANNELS(X) X(8, 16) X(16, 16)
+#define FLAXDEPTH_KERNEL_GRAD_PLANAR(X) X(1, 4) X(4, 4)
+#define FLAXDEPTH_KERNEL_GRAD_CHANNELS(X) X(4, 8) X(8, 8) X(8, 16) X(16, 16)
 
 ConvFn FindConv(int64_t ci, int64_t co, int64_t W) {
 #define PLANAR(a, b) \
   if (ci == a && co == b) return WidePixels(W) ? &ConvChunkPlanar<a, b, 16> : &ConvChunkPlanar<a, b, 8>;
 #define CHANNELS(a, b) \
   if (ci == a && co == b) return &ConvChunk<a, b>;
-  FLAXDEPTH_PLANAR_PAIRS(PLANAR)
-  FLAXDEPTH_CHANNEL_PAIRS(CHANNELS)
+  FLAXDEPTH_CONV_PLANAR(PLANAR)
+  FLAXDEPTH_CONV_CHANNELS(CHANNELS)
 #undef PLANAR
 #undef CHANNELS
   return nullptr;
@@ -330,8 +333,8 @@ KernelGradFn FindKernelGrad(int64_t ci, int64_t co, int64_t W) {
   if (ci == a && co == b) return WidePixels(W) ? &KernelGradPlanar<a, b, 16> : &KernelGradPlanar<a, b, 8>;
 #define CHANNELS(a, b) \
   if (ci == a && co == b) return &KernelGradChannels<a, b>;
-  FLAXDEPTH_PLANAR_PAIRS(PLANAR)
-  FLAXDEPTH_CHANNEL_PAIRS(CHANNELS)
+  FLAXDEPTH_KERNEL_GRAD_PLANAR(PLANAR)
+  FLAXDEPTH_KERNEL_GRAD_CHANNELS(CHANNELS)
 #undef PLANAR
 #undef CHANNELS
   return nullptr;
