@@ -33,7 +33,7 @@ import jaxlib
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3_cpu.cc"
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> the handler symbol csrc/conv3x3_cpu.cc exports
-_TARGETS = {"flaxdepth_conv3x3": "FlaxdepthConv3x3",
+TARGETS = {"flaxdepth_conv3x3": "FlaxdepthConv3x3",
             "flaxdepth_conv3x3_kernel_grad": "FlaxdepthConv3x3KernelGrad"}
 
 
@@ -50,14 +50,21 @@ def usable() -> bool:
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """conv.conv3x3's forward convolution: NHWC float32 x, HWIO float32 kernel."""
+    _require()
     out = jax.ShapeDtypeStruct((*x.shape[:-1], kernel.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call("flaxdepth_conv3x3", out, vmap_method="sequential")(x, kernel)
 
 
 def conv3x3_kernel_grad(x: jax.Array, grad_out: jax.Array) -> jax.Array:
     """d(sum(conv3x3(x, k) * grad_out)) / dk, HWIO."""
+    _require()
     out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], grad_out.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call("flaxdepth_conv3x3_kernel_grad", out, vmap_method="sequential")(x, grad_out)
+
+
+def _require() -> None:
+    if reason := _load():
+        raise RuntimeError(f"flaxdepth's CPU kernels are unavailable: {reason}")
 
 
 def _compiler() -> list[str]:
@@ -108,7 +115,7 @@ def _load() -> str | None:
         if not path.exists():
             build(path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in _TARGETS.items():
+        for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         reason = f"{type(error).__name__}: {error}"

@@ -1,0 +1,166 @@
+"""flaxdepth.cpu_kernels: the C++ CPU convolutions against XLA's, their use by conv.py, their
+build and their fallback.
+
+The kernels compute in float32 and sum in their own order, so they are compared with float64
+XLA at 1e-5 of the largest value (float32 rounding through at most 9 x 16 products per output
+and a few thousand per kernel-gradient entry: ~1e-6 measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxdepth import conv, cpu_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the kernels are the CPU's")
+
+
+def xla_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def xla_kernel_grad(x, grad_out):
+    kernel = jnp.zeros((3, 3, x.shape[-1], grad_out.shape[-1]), x.dtype)
+    return jax.vjp(lambda k: xla_conv(x, k), kernel)[1](grad_out)[0]
+
+
+def test_the_kernels_build_on_this_machine():
+    """This project's machines have a C++ compiler: a failure to build is a bug, not a fallback."""
+    assert cpu_kernels._load() is None
+    assert cpu_kernels.usable()
+
+
+# Every channel pair of the models (forward, and the input gradients' reverse), a pair no layout
+# covers (plain loops), at the models' widths and at widths with partial pixel blocks (5, 9, 17),
+# with a batch that is not a whole number of the kernels' chunks of 8 images.
+PAIRS = [(1, 4), (4, 1), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 16), (16, 16), (3, 5)]
+
+
+@pytest.mark.parametrize("channels_in, channels_out", PAIRS)
+@pytest.mark.parametrize("size, batch", [(28, 3), (14, 2), (7, 4), (5, 13), (9, 2), (17, 1)])
+def test_kernels_are_the_convolution(channels_in, channels_out, size, batch):
+    rng = np.random.default_rng([channels_in, channels_out, size, batch])
+    x = rng.normal(size=(batch, size, size, channels_in))
+    kernel = rng.normal(size=(3, 3, channels_in, channels_out))
+    grad_out = rng.normal(size=(batch, size, size, channels_out))
+    got = (cpu_kernels.conv3x3(x.astype(np.float32), kernel.astype(np.float32)),
+           cpu_kernels.conv3x3_kernel_grad(x.astype(np.float32), grad_out.astype(np.float32)))
+    with jax.enable_x64(True):
+        want = (xla_conv(x, kernel), xla_kernel_grad(x, grad_out))
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_an_empty_batch():
+    x, kernel = np.zeros((0, 5, 5, 4), np.float32), np.ones((3, 3, 4, 4), np.float32)
+    assert cpu_kernels.conv3x3(x, kernel).shape == (0, 5, 5, 4)
+    np.testing.assert_array_equal(cpu_kernels.conv3x3_kernel_grad(x, np.zeros((0, 5, 5, 4), np.float32)), 0)
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
+def test_conv3x3_compiles_to_the_kernels_when_enabled(monkeypatch, kernels):
+    """With the kernels, the forward, input-gradient and kernel-gradient convolutions of a float32
+    training step are the FFI calls; with FLAXDEPTH_CPU_KERNELS=0, XLA's convolutions."""
+    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", kernels)
+    x, kernel = jnp.ones((16, 6, 6, 4), jnp.float32), jnp.ones((3, 3, 4, 8), jnp.float32)
+    step = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1)))
+    program = step.lower(x, kernel).compile().as_text()
+    if kernels == "1":
+        assert program.count('custom_call_target="flaxdepth_conv3x3"') == 2
+        assert program.count('custom_call_target="flaxdepth_conv3x3_kernel_grad"') == 1
+        assert "convolution(" not in program
+    else:
+        assert "flaxdepth_conv3x3" not in program
+
+
+def test_float64_keeps_xla():
+    with jax.enable_x64(True):
+        x, kernel = jnp.ones((2, 5, 5, 4)), jnp.ones((3, 3, 4, 4))
+        assert "flaxdepth_conv3x3" not in jax.jit(conv.conv3x3).lower(x, kernel).as_text()
+
+
+def test_gpu_programs_have_no_cpu_kernel():
+    """Lowered for CUDA (no GPU needed to lower), conv3x3 and its gradients are XLA's convolutions:
+    `lax.platform_dependent` keeps the FFI calls in the CPU's branch only."""
+    x, kernel = jnp.ones((16, 6, 6, 4), jnp.float32), jnp.ones((3, 3, 4, 4), jnp.float32)
+    step = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1)))
+    allow = [jax.export.DisabledSafetyCheck.custom_call(target) for target in cpu_kernels.TARGETS]
+    cuda, cpu = (jax.export.export(step, platforms=[p], disabled_checks=allow)(x, kernel).mlir_module()
+                 for p in ("cuda", "cpu"))
+    assert "flaxdepth_conv3x3" not in cuda and "convolution" in cuda
+    assert "flaxdepth_conv3x3" in cpu
+
+
+SAME_BITS = """
+import hashlib, json, numpy as np
+from flaxdepth import cpu_kernels
+rng = np.random.default_rng(0)
+x, g = (rng.normal(size=(40, 14, 14, c)).astype(np.float32) for c in (8, 16))
+k = rng.normal(size=(3, 3, 8, 16)).astype(np.float32)
+digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
+print(json.dumps({"conv": digest(cpu_kernels.conv3x3(x, k)), "kernel_grad": digest(cpu_kernels.conv3x3_kernel_grad(x, g))}))
+"""
+
+
+def run_python(code: str, env: dict, cores=None) -> str:
+    command = [sys.executable, "-c", code]
+    if cores is not None:  # XLA sizes its intra-op thread pool by the cores it may use
+        command = ["taskset", "-c", cores, *command]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(os.cpu_count() < 2 or not Path("/usr/bin/taskset").exists(), reason="needs 2 cores and taskset")
+def test_same_bits_on_any_number_of_threads(env_without_device_count):
+    """The kernel gradient sums per image, per chunk of 8 images and over chunks in order, so one
+    thread and two give the same bits (the engine's determinism across CPU devices needs it)."""
+    env = {**env_without_device_count, "JAX_PLATFORMS": "cpu"}
+    one, two = (json.loads(run_python(SAME_BITS, env, cores)) for cores in ("0", "0,1"))
+    assert one["kernel_grad"] == two["kernel_grad"] and one["conv"] == two["conv"]
+
+
+FALLBACK = """
+import warnings, numpy as np, jax, jax.numpy as jnp
+from flaxdepth import conv, cpu_kernels
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    usable = cpu_kernels.usable()
+x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype(np.float32)
+k = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
+program = jax.jit(conv.conv3x3).lower(x, k).as_text()
+error = float(np.abs(conv.conv3x3(x, k) - jax.lax.conv_general_dilated(
+    x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))).max())
+print(usable, "flaxdepth_conv3x3" in program, error < 1e-4, "|".join(str(w.message) for w in caught))
+"""
+
+
+def test_without_a_compiler_xla_convolves_and_a_warning_says_why(tmp_path, env_without_device_count):
+    env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "CXX": "false", "XDG_CACHE_HOME": str(tmp_path)}
+    usable, uses_kernel, correct, message = run_python(FALLBACK, env).split(" ", 3)
+    assert (usable, uses_kernel, correct) == ("False", "False", "True")
+    assert "CPU convolution kernels are unavailable" in message and "slower" in message
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
+
+
+def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    """A new cache folder gets one build; the library's name changes with the compile flags."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = cpu_kernels.library_path()
+    assert path.parent == tmp_path / "flaxdepth" / "kernels" and not path.exists()
+    cpu_kernels.build(path)
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
+    monkeypatch.setattr(cpu_kernels, "COMPILE_FLAGS", (*cpu_kernels.COMPILE_FLAGS, "-DFLAXDEPTH_TEST"))
+    assert cpu_kernels.library_path() != path
