@@ -25,7 +25,7 @@ import torch
 
 import torch_ref
 from torch_ref import training as torch_training
-from flaxdepth import conv, models, registry, train
+from flaxdepth import conv, cpu_kernels, models, registry, train
 
 PROG = "python -m flaxdepth.bench"
 
@@ -280,6 +280,7 @@ def main(argv=None) -> int:
               "versions": {"jax": jax.__version__, "torch": torch.__version__},
               # the engine's settings that the timings depend on (flaxdepth/conv.py, flaxdepth/models.py)
               "conv_replicas_per_block": conv.REPLICAS_PER_BLOCK,
+              "cpu_kernels": cpu_kernels.usable(),
               "rematerialize_layers": models.REMATERIALIZE_LAYERS}
     if args.full_run:
         result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,

@@ -16,13 +16,16 @@ finite (a diverged run) is convolved as zeros and gets NaN outputs, because 0 * 
 otherwise carry its NaN into every replica of its block.
 
 Unbatched calls (one model, or the CPU engine's replicas one after the other) are plain XLA
-convolutions, except on CPUs, where those of at most 4 channels fold 8 images into the channels
-(`_cpu_folded_conv`; float32, batches of a multiple of 8) so that XLA hands them to YNNPACK.
-Gradients come from a custom VJP, because custom_vmap functions have no reverse-mode autodiff:
-the input gradient is the same convolution with the kernel flipped and its in/out axes swapped,
-the kernel gradient the convolution XLA's own autodiff writes (on CPUs with its operands
-transposed, which makes XLA run it with YNNPACK: 4-12x faster inside loops). (So forward-mode
-autodiff, `jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map`, a
+convolutions, except on CPUs. There, float32 convolutions and kernel gradients are flaxdepth's own
+C++ kernels (`flaxdepth.cpu_kernels`: 2-5x faster than XLA's at the models' 4-16 channels,
+experiments/cpu_conv_kernels.py); where those are off or cannot be built, XLA's, with those of at
+most 4 channels folding 8 images into the channels (`_cpu_folded_conv`; batches of a multiple of
+8) so that XLA hands them to YNNPACK. Gradients come from a custom VJP, because custom_vmap
+functions have no reverse-mode autodiff: the input gradient is the same convolution with the
+kernel flipped and its in/out axes swapped, the kernel gradient the convolution XLA's own
+autodiff writes (on CPUs without the kernels with its operands transposed, which makes XLA run it
+with YNNPACK: 4-12x faster inside loops). (So forward-mode autodiff, `jax.jvp`, of the models is
+not available; nothing here uses it.) Under `shard_map`, a
 gradient for an input or kernel shared by the devices is summed over them, as JAX's autodiff would.
 """
 
