@@ -6,9 +6,10 @@ and from the torch state_dict.
 
 A stage is its first conv (C_in -> C_out, never residual) plus k // 3 - 1 same-shape layers.
 Those are one `nn.scan`, so the traced program does not grow with depth: k = 300 compiles
-about as fast as k = 30. Their parameters carry a leading layer axis. The names given to the
-convolutions' outputs and BatchNorm's statistics (`checkpoint_name`) are what the scanned layers
-keep for the backward pass under `REMATERIALIZE_LAYERS`.
+about as fast as k = 30. Their parameters carry a leading layer axis. The name given to the
+convolutions' outputs (`checkpoint_name`) marks what the scanned layers keep for the backward pass
+under `REMATERIALIZE_LAYERS`. BatchNorm's train-mode normalization and the activations are
+`flaxdepth.ops`'s, whose hand-written gradients keep less for the backward pass than autodiff.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxdepth import conv, registry
+from flaxdepth import conv, ops, registry
 
-ACTIVATIONS = {"tanh": jnp.tanh, "elu": nn.elu}
-# With REMATERIALIZE_LAYERS, the backward pass keeps of each scanned layer only its input, its
-# convolution's output and BatchNorm's batch statistics, and recomputes BatchNorm's normalization
-# and the activation from them (jax.checkpoint); JAX's default keeps everything, for elu_bn five
-# float32 and two bool arrays of the activations' size per layer. On this project's 2-core CPU,
-# one elu_bn k=48 step was 1.12x faster with it (resnet k=102: 1.08x), but a 3-replica epoch on
-# 3 CPU devices only 0.98-1.05x (since conv.py's CPU convolutions run on YNNPACK, the step 1.02x:
-# BENCHMARKS.md, seventh session); on a GPU, where the profile puts ~16% of the step in writing and
-# reading those arrays, it is untimed (experiments/gpu_step_variants.sh times it). Off until then
-# (BENCHMARKS.md, sixth session).
+ACTIVATIONS = {"tanh": ops.tanh, "elu": ops.elu}
+# With REMATERIALIZE_LAYERS, the backward pass keeps of each scanned layer only its input and its
+# convolution's output, and recomputes BatchNorm and the activation from them (jax.checkpoint);
+# without it, the layer keeps its input, the activation's slope and, with BatchNorm, the normalized
+# activations (flaxdepth/ops.py; JAX's autodiff alone kept five float32 and two bool arrays per
+# elu_bn layer). Before ops.py, on this project's 2-core CPU, rematerializing made one elu_bn k=48
+# step 1.02-1.12x faster (BENCHMARKS.md, seventh session); with ops.py and the CPU kernels, 0.97-1.03x
+# (eighth session). On a GPU it is untimed (experiments/gpu_step_variants.sh times it). Off.
 # Read when a program is traced.
 REMATERIALIZE_LAYERS = False
-SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output", "batchnorm_statistics")
+SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output")
 
 
 def torch_linear_init(fan_in: int):
@@ -74,19 +73,16 @@ class TorchBatchNorm(nn.Module):
         batches_tracked = self.variable(
             "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
         )
-        if train:
-            reduce_axes = tuple(range(x.ndim - 1))
-            mean = checkpoint_name(x.mean(reduce_axes), "batchnorm_statistics")
-            var = checkpoint_name(jnp.square(x - mean).mean(reduce_axes), "batchnorm_statistics")
-            if not self.is_initializing():
-                n = x.size // features
-                m = self.momentum
-                running_mean.value = (1 - m) * running_mean.value + m * mean
-                running_var.value = (1 - m) * running_var.value + m * var * (n / (n - 1))
-                batches_tracked.value = batches_tracked.value + 1
-        else:
-            mean, var = running_mean.value, running_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        if not train:
+            return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+        out, mean, var = ops.batch_normalize(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n = x.size // features
+            m = self.momentum
+            running_mean.value = (1 - m) * running_mean.value + m * mean
+            running_var.value = (1 - m) * running_var.value + m * var * (n / (n - 1))
+            batches_tracked.value = batches_tracked.value + 1
+        return out
 
 
 class Conv3x3(nn.Module):
