@@ -19,32 +19,23 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-@jax.custom_jvp
-def tanh(x: jax.Array) -> jax.Array:
-    return jnp.tanh(x)
+def _activation(function, slope_from_output):
+    """`function` whose derivative autodiff takes from its output: the slope is the one array the
+    backward pass keeps (autodiff of jnp.tanh kept two more, of nn.elu three and two masks)."""
+    activation = jax.custom_jvp(function)
+
+    @activation.defjvp
+    def jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        y = activation(x)
+        return y, t * slope_from_output(y)
+    return activation
 
 
-@tanh.defjvp
-def _tanh_jvp(primals, tangents):
-    # JAX's own slope, 1 - tanh(x)^2, kept as the one saved array (autodiff kept two more)
-    (x,), (t,) = primals, tangents
-    y = tanh(x)
-    return y, t * (1 - y * y)
-
-
-@jax.custom_jvp
-def elu(x: jax.Array) -> jax.Array:
-    """ELU (alpha 1), as flax.linen.elu and torch's nn.ELU (expm1 on the negative side)."""
-    return nn.elu(x)
-
-
-@elu.defjvp
-def _elu_jvp(primals, tangents):
-    # The slope from the output, exp(x) = elu(x) + 1 for x <= 0 (torch's in-place ELU backward
-    # does the same): one saved array, and no second exponential.
-    (x,), (t,) = primals, tangents
-    y = elu(x)
-    return y, t * jnp.where(y > 0, 1, y + 1)
+tanh = _activation(lambda x: jnp.tanh(x), lambda y: 1 - y * y)
+# ELU (alpha 1, expm1 on the negative side, as flax.linen.elu and torch's nn.ELU); its slope there,
+# exp(x), is elu(x) + 1 (as torch's in-place ELU backward takes it): no second exponential
+elu = _activation(lambda x: nn.elu(x), lambda y: jnp.where(y > 0, 1, y + 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
