@@ -35,7 +35,8 @@ from flaxdepth import bench, registry
 # Classes of operation kinds, first match wins. Anchored, so that e.g. convert_* or
 # bitcast_dynamic-update-slice fusions are not taken for convolutions or copies. The GPU kernel
 # names are cuDNN's and CUTLASS's for convolutions (implicit GEMM, Winograd, fprop/dgrad/wgrad).
-CLASSES = (("convolution", r"^conv_general|convolution|cudnn|xmma|implicit_gemm|winograd|fprop|dgrad|wgrad"),
+CLASSES = (("convolution", r"^conv_general|convolution|cudnn|xmma|implicit_gemm|winograd|fprop|dgrad|wgrad"
+                           r"|^ffi_call"),  # a CPU program's FFI calls: flaxdepth's convolution kernels
            ("layout", r"^(copy|transpose)"),
            ("reduction", r"reduce|reduction"),
            ("other fusion", r"fusion"))

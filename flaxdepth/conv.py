@@ -17,7 +17,7 @@ otherwise carry its NaN into every replica of its block.
 
 Unbatched calls (one model, or the CPU engine's replicas one after the other) are plain XLA
 convolutions, except on CPUs. There, float32 convolutions and kernel gradients are flaxdepth's own
-C++ kernels (`flaxdepth.cpu_kernels`: 2-5x faster than XLA's at the models' 4-16 channels,
+C++ kernels (`flaxdepth.cpu_kernels`: 1.1-5x faster than XLA's at the models' 4-16 channels,
 experiments/cpu_conv_kernels.py); where those are off or cannot be built, XLA's, with those of at
 most 4 channels folding 8 images into the channels (`_cpu_folded_conv`; batches of a multiple of
 8) so that XLA hands them to YNNPACK. Gradients come from a custom VJP, because custom_vmap

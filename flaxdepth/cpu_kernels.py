@@ -9,8 +9,9 @@ The source is compiled on first use, once per source, jaxlib, compiler and proce
 C++ compiler `$CXX` (else `c++`) and `-O3 -march=native`, into the user cache
 (`$XDG_CACHE_HOME/flaxdepth/kernels`, else `~/.cache/...`), and registered as XLA FFI targets of
 the CPU platform. Where that cannot be done (no compiler, say), one warning says why and
-`flaxdepth.conv` keeps XLA's convolutions: the same results, slower. `FLAXDEPTH_CPU_KERNELS=0`
-turns the kernels off (read when a program is traced, like `conv.REPLICAS_PER_BLOCK`).
+`flaxdepth.conv` keeps XLA's convolutions: the same results up to float32 rounding (other
+summation orders), slower. `FLAXDEPTH_CPU_KERNELS=0` turns the kernels off (read when a program is
+traced, like `conv.REPLICAS_PER_BLOCK`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -84,8 +86,8 @@ def _processor() -> str:
 def library_path() -> Path:
     """Where the compiled kernels for this source, jaxlib, compiler and processor are cached."""
     compiler = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(COMPILE_FLAGS),
-                                    _processor()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, shlex.join(_compiler()), compiler,
+                                    " ".join(COMPILE_FLAGS), _processor()]).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "flaxdepth" / "kernels" / f"conv3x3_cpu-{key}.so"
 
@@ -97,7 +99,7 @@ def build(target: Path) -> None:
     os.close(fd)
     try:
         command = [*_compiler(), *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode:
             raise RuntimeError(f"{shlex.join(command)} failed: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -106,10 +108,18 @@ def build(target: Path) -> None:
             os.remove(tmp)
 
 
+_LOADING = threading.Lock()  # two threads tracing at once build and register once
+
+
 @functools.cache
 def _load() -> str | None:
     """Builds (if not cached), loads and registers the kernels once per process; None when done,
     else why not (and a warning saying so)."""
+    with _LOADING:
+        return _build_and_register()
+
+
+def _build_and_register() -> str | None:
     try:
         path = library_path()
         if not path.exists():
@@ -117,7 +127,7 @@ def _load() -> str | None:
         library = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, ValueError) as error:
         reason = f"{type(error).__name__}: {error}"
         warnings.warn(f"flaxdepth: its CPU convolution kernels are unavailable ({reason}); using XLA's "
                       "convolutions, which are slower on CPUs", RuntimeWarning, stacklevel=2)

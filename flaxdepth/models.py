@@ -29,8 +29,8 @@ ACTIVATIONS = {"tanh": ops.tanh, "elu": ops.elu}
 # without it, the layer keeps its input, the activation's slope and, with BatchNorm, the normalized
 # activations (flaxdepth/ops.py; JAX's autodiff alone kept five float32 and two bool arrays per
 # elu_bn layer). Before ops.py, on this project's 2-core CPU, rematerializing made one elu_bn k=48
-# step 1.02-1.12x faster (BENCHMARKS.md, seventh session); with ops.py and the CPU kernels, 0.97-1.03x
-# (eighth session). On a GPU it is untimed (experiments/gpu_step_variants.sh times it). Off.
+# step 1.02-1.12x faster (BENCHMARKS.md, seventh session); since ops.py it is untimed there, and on a
+# GPU (experiments/gpu_step_variants.sh times it). Off.
 # Read when a program is traced.
 REMATERIALIZE_LAYERS = False
 SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,23 @@ def test_kernels_are_the_convolution(channels_in, channels_out, size, batch):
     for g, w in zip(got, want):
         assert g.dtype == np.float32 and g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("channels_in, channels_out", [(1, 4), (4, 4), (8, 8), (16, 16)])
+@pytest.mark.parametrize("size", [5, 28])
+def test_a_non_finite_pixel_reaches_only_the_taps_that_see_it(channels_in, channels_out, size):
+    """An inf in an image's last column: the kernel gradient's entries that are not finite are
+    exactly XLA's (the kernels' lanes past a row's end must not turn 0 * inf into NaN elsewhere)."""
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(2, size, size, channels_in)).astype(np.float32)
+    grad_out = rng.normal(size=(2, size, size, channels_out)).astype(np.float32)
+    x[0, size // 2, size - 1, 0] = np.inf
+    got = np.asarray(cpu_kernels.conv3x3_kernel_grad(x, grad_out))
+    want = np.asarray(xla_kernel_grad(x, grad_out))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    assert not np.isfinite(want).all()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5 * float(np.abs(want[finite]).max()))
 
 
 def test_an_empty_batch():
@@ -147,12 +165,23 @@ print(usable, "flaxdepth_conv3x3" in program, error < 1e-4, "|".join(str(w.messa
 """
 
 
-def test_without_a_compiler_xla_convolves_and_a_warning_says_why(tmp_path, env_without_device_count):
-    env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "CXX": "false", "XDG_CACHE_HOME": str(tmp_path)}
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_without_a_compiler_xla_convolves_and_a_warning_says_why(tmp_path, env_without_device_count, compiler):
+    """No compiler on the PATH, or one that fails to compile (it answers --version, then exits 1):
+    one warning with the reason, XLA's convolution, nothing half-built left in the cache."""
+    fake = tmp_path / "fake-c++"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\n'
+                    'echo "fake-c++: cannot compile" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    cxx = str(tmp_path / "no-such-compiler") if compiler == "missing" else str(fake)
+    env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "CXX": cxx, "XDG_CACHE_HOME": str(tmp_path)}
     usable, uses_kernel, correct, message = run_python(FALLBACK, env).split(" ", 3)
     assert (usable, uses_kernel, correct) == ("False", "False", "True")
     assert "CPU convolution kernels are unavailable" in message and "slower" in message
-    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
+    if compiler == "failing":
+        assert "cannot compile" in message
+        assert (tmp_path / "flaxdepth" / "kernels").is_dir()
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
@@ -164,3 +193,34 @@ def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
     monkeypatch.setattr(cpu_kernels, "COMPILE_FLAGS", (*cpu_kernels.COMPILE_FLAGS, "-DFLAXDEPTH_TEST"))
     assert cpu_kernels.library_path() != path
+
+
+WITHOUT_AVX512 = """
+import json, numpy as np, jax, jax.numpy as jnp
+from flaxdepth import cpu_kernels
+cpu_kernels.COMPILE_FLAGS = (*cpu_kernels.COMPILE_FLAGS, "-mno-avx512f")  # 8-lane vectors, as on AVX2 machines
+jax.config.update("jax_enable_x64", True)
+def xla(x, k, g):
+    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, vjp = jax.vjp(conv, k)
+    return y, vjp(g)[0]
+errors = []
+for ci, co in [(1, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 16), (16, 16)]:
+    for size in (28, 14, 7, 17):
+        rng = np.random.default_rng(size + ci + co)
+        x, k, g = rng.normal(size=(3, size, size, ci)), rng.normal(size=(3, 3, ci, co)), rng.normal(size=(3, size, size, co))
+        got = (cpu_kernels.conv3x3(x.astype(np.float32), k.astype(np.float32)),
+               cpu_kernels.conv3x3_kernel_grad(x.astype(np.float32), g.astype(np.float32)))
+        errors += [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, xla(x, k, g))]
+print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMPILE_FLAGS), "max_error": max(errors)}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
+def test_the_8_lane_kernels_where_avx512_is_missing(tmp_path, env_without_device_count):
+    """Machines without AVX-512 compile other instantiations (8-lane vectors: two per 16 channels,
+    8-pixel planar blocks, smaller register blocks): built here with -mno-avx512f, in their own
+    cache, they must compute the same convolutions."""
+    env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path)}
+    result = json.loads(run_python(WITHOUT_AVX512, env))
+    assert result["avx512_in_flags"] and result["max_error"] < 1e-5

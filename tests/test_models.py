@@ -55,7 +55,7 @@ def problem(variant: str, seed: int = 0):
 def test_scanned_layers_save_one_array_per_operation(monkeypatch, variant, rematerialize):
     """Per scanned layer of the first stage (arrays of shape (layers, N, 28, 28, 4)) the backward
     pass keeps the layer's input and, recomputing the rest, its convolution's output; or, saving
-    (flaxdepth.ops), the activation's slope and, with BatchNorm, the normalized activations:
+    (flaxdepth.ops), the activation's slope and, with BatchNorm, the centred activations:
     nothing else of that size (JAX's own autodiff kept 3-7)."""
     monkeypatch.setattr(models, "REMATERIALIZE_LAYERS", rematerialize)
     model, params, batch_stats, images, labels = problem(variant)

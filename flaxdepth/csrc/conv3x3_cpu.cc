@@ -29,9 +29,11 @@ namespace {
 
 constexpr int64_t kImagesPerChunk = 8;
 
+// L floats, unaligned, allowed to alias float memory (as the compilers' own __m256_u types are).
 template <int L>
 struct VecOf {
-  typedef float type __attribute__((vector_size(4 * L), aligned(4)));
+  typedef float type __attribute__((vector_size(4 * L), aligned(4), may_alias));
+  typedef int32_t mask __attribute__((vector_size(4 * L)));
 };
 
 #ifdef __AVX512F__
@@ -187,6 +189,9 @@ void ConvChunkPlanar(const float* x, const float* k, float* y, int64_t n0, int64
 template <int CI, int CO, int PB>
 void KernelGradImagePlanar(const float* x, const float* g, float* dk, int64_t H, int64_t W, float* Q, float* G) {
   typedef typename VecOf<PB>::type V;
+  typedef typename VecOf<PB>::mask M;
+  M lanes;
+  for (int p = 0; p < PB; ++p) lanes[p] = p;
   const int64_t Hp = H + 2, Wq = WholeBlocks(W, PB) + 2;
   PlanarImage<CI>(x, H, W, Wq, Q);
   PlanarImage<CO>(g, H, W, Wq, G);  // the same layout: the gradient at (h, w) is G[co][h + 1][w + 1]
@@ -199,8 +204,11 @@ void KernelGradImagePlanar(const float* x, const float* g, float* dk, int64_t H,
         for (int64_t w0 = 0; w0 < W; w0 += PB) {
           V gv[CO];
           for (int co = 0; co < CO; ++co) gv[co] = *reinterpret_cast<const V*>(G + (co * Hp + h + 1) * Wq + w0 + 1);
+          const M valid = w0 + PB <= W ? ~M{} : lanes < static_cast<int32_t>(W - w0);
           for (int ci = 0; ci < CI; ++ci) {
-            const V xv = *reinterpret_cast<const V*>(Q + (ci * Hp + h + dy) * Wq + w0 + dx);
+            // lanes past the row's end read real pixels (the next taps'); zeroed, not multiplied
+            // by G's zeros, so that 0 * inf = NaN cannot reach taps that never see the pixel
+            const V xv = (V)((M)*reinterpret_cast<const V*>(Q + (ci * Hp + h + dy) * Wq + w0 + dx) & valid);
             for (int co = 0; co < CO; ++co) acc[ci][co] += xv * gv[co];
           }
         }
@@ -352,6 +360,9 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (kd.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3])
     return ffi::Error::InvalidArgument("kernel must be 3 x 3 x C_in x C_out (HWIO)");
   const int64_t N = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = kd[3];
+  auto yd = y->dimensions();
+  if (yd.size() != 4 || yd[0] != N || yd[1] != H || yd[2] != W || yd[3] != CO)
+    return ffi::Error::InvalidArgument("output must be N x H x W x C_out");
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* yp = y->typed_data();
   const ConvFn fn = FindConv(CI, CO, W);
@@ -372,6 +383,9 @@ ffi::Error Conv3x3KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   if (gd[0] != xd[0] || gd[1] != xd[1] || gd[2] != xd[2])
     return ffi::Error::InvalidArgument("input and output gradient must have the same N, H, W");
   const int64_t N = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3], taps = 9 * CI * CO;
+  auto kd = grad_kernel->dimensions();
+  if (kd.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[2] != CI || kd[3] != CO)
+    return ffi::Error::InvalidArgument("kernel gradient must be 3 x 3 x C_in x C_out");
   const float *xp = x.typed_data(), *gp = grad_out.typed_data();
   const KernelGradFn fn = FindKernelGrad(CI, CO, W);
   const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
