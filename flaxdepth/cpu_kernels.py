@@ -17,7 +17,6 @@ traced, like `conv.REPLICAS_PER_BLOCK`).
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -109,14 +108,16 @@ def build(target: Path) -> None:
 
 
 _LOADING = threading.Lock()  # two threads tracing at once build and register once
+_LOADED: list[str | None] = []  # the one outcome of _build_and_register in this process
 
 
-@functools.cache
 def _load() -> str | None:
     """Builds (if not cached), loads and registers the kernels once per process; None when done,
     else why not (and a warning saying so)."""
     with _LOADING:
-        return _build_and_register()
+        if not _LOADED:
+            _LOADED.append(_build_and_register())
+        return _LOADED[0]
 
 
 def _build_and_register() -> str | None:
