@@ -4,8 +4,9 @@
 //
 // Why: XLA's CPU convolutions run 4-16-channel convolutions far below the machine's speed (Eigen,
 // or YNNPACK only above 16 channels), and they were most of a training step (BENCHMARKS.md).
-// Here each output pixel's channels are a few SIMD registers, a block of pixels is kept in
-// registers while the kernel streams through them, and images are split over XLA's own intra-op
+// Here, up to 8 output channels, the SIMD lanes hold adjacent pixels of one channel (from a
+// channel-planar copy of each image); at 16, they hold a pixel's channels, and a block of pixels
+// stays in registers while the kernel streams through. Images are split over XLA's own intra-op
 // thread pool.
 //
 // Work is cut into fixed chunks of images, whatever the number of threads, and the kernel
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
