@@ -58,8 +58,8 @@ def _batch_normalize_fwd(x, scale, bias, epsilon):
 
 
 def _batch_normalize_bwd(epsilon, residuals, cotangents):
-    # torch's CPU BatchNorm backward, term for term (batch_norm_cpu_backward): its rounding, not
-    # only its value, since the parity suite's deep trajectories amplify the difference
+    # torch's CPU BatchNorm backward, term for term (batch_norm_cpu_backward); the normalized form
+    # (saving x_hat) gave the same parity errors, this one saves the centred input instead
     centred, inv_std, scale = residuals
     grad_out, grad_mean, grad_var = cotangents  # the statistics' cotangents: zero when only the running statistics use them
     axes = tuple(range(centred.ndim - 1))

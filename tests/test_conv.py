@@ -121,8 +121,15 @@ def test_cpu_folded_conv_is_the_convolution():
         np.testing.assert_allclose(conv._cpu_folded_conv(x, kernel), xla_conv(x, kernel), rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture(params=["1", "0"], ids=["cpu_kernels", "xla_fallback"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths of conv.py: flaxdepth's kernels, and XLA's (fold, transposed kernel gradient)."""
+    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("channels_in, channels_out", [(1, 4), (4, 4), (4, 1), (4, 8)])
-def test_float32_cpu_paths_match_float64(channels_in, channels_out):
+def test_float32_cpu_paths_match_float64(cpu_path, channels_in, channels_out):
     """conv3x3 as the CPU engine runs it (float32, a batch of a multiple of 8: the folded
     convolution and the transposed kernel gradient on CPUs), against float64 XLA: the same sums
     in another order, 1e-5 of the largest value."""
@@ -152,14 +159,14 @@ def test_cpu_folds_few_channel_convolutions(monkeypatch):
     assert "f32[4,5,5,64]" not in plain and "f32[32,5,5,8]" in plain
 
 
-def test_a_non_finite_image_stays_its_own():
+def test_a_non_finite_image_stays_its_own(cpu_path):
     """Folded, 0 * inf = NaN would reach the other images of a fold; with a non-finite input the
     CPU path takes the plain convolution, so exactly the plain convolution's outputs are NaN."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2 * conv.CPU_FOLD_IMAGES, 5, 5, 4)).astype(np.float32)
     kernel = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
     x[0, 2, 2, 0], x[9, 0, 0, 1] = np.inf, np.nan
-    got, want = np.asarray(jax.jit(conv.conv3x3)(x, kernel)), np.asarray(xla_conv(x, kernel))
+    got, want = np.asarray(jax.jit(lambda x, k: conv.conv3x3(x, k))(x, kernel)), np.asarray(xla_conv(x, kernel))
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isfinite(got[1:9]).all() and np.isfinite(got[10:]).all()
     finite = np.isfinite(want)
