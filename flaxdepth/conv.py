@@ -55,24 +55,13 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
     """The 3x3 pad-1 convolution, NHWC/HWIO: on CPUs flaxdepth's kernel (float32) or
     `_cpu_folded_conv` where it applies, else XLA's."""
     if groups == 1 and x.dtype == jnp.float32 and cpu_kernels.usable():
-        return lax.platform_dependent(x, kernel, cpu=_cpu_kernel(cpu_kernels.conv3x3), default=_plain_conv)
+        return lax.platform_dependent(x, kernel, cpu=cpu_kernels.conv3x3, default=_plain_conv)
     channels = max(kernel.shape[2:])
     foldable = (groups == 1 and x.dtype == jnp.float32 and x.shape[0] % CPU_FOLD_IMAGES == 0
                 and channels <= CPU_FOLD_MAX_CHANNELS and CPU_FOLD_IMAGES * channels > _YNN_MIN_CHANNELS)
     if not foldable:
         return _plain_conv(x, kernel, groups)
     return lax.platform_dependent(x, kernel, cpu=_cpu_folded_conv, default=_plain_conv)
-
-
-def _cpu_kernel(kernel_call):
-    """A cpu_kernels call whose output varies over the shard_map axes its inputs vary over, as
-    XLA's own operations' outputs do (an FFI call's output is taken as varying over none)."""
-
-    def call(a: jax.Array, b: jax.Array) -> jax.Array:
-        axes = tuple(sorted(_varying_axes(a) | _varying_axes(b)))
-        out = kernel_call(a, b)
-        return lax.pcast(out, axes, to="varying") if axes else out
-    return call
 
 
 def _plain_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
@@ -114,7 +103,7 @@ def _xla_kernel_grad(x: jax.Array, grad_out: jax.Array, groups: int = 1) -> jax.
     if groups > 1:  # the replica rule's blocks
         return _autodiff_kernel_grad(x, grad_out, groups)
     if x.dtype == jnp.float32 and cpu_kernels.usable():
-        return lax.platform_dependent(x, grad_out, cpu=_cpu_kernel(cpu_kernels.conv3x3_kernel_grad),
+        return lax.platform_dependent(x, grad_out, cpu=cpu_kernels.conv3x3_kernel_grad,
                                       default=_autodiff_kernel_grad)
     return lax.platform_dependent(x, grad_out, cpu=_cpu_kernel_grad, default=_autodiff_kernel_grad)
 
@@ -225,19 +214,11 @@ def _conv3x3_fwd(x, kernel):
     return _conv(x, kernel), (x, kernel)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The shard_map mesh axes x varies over (none outside shard_map). JAX 0.10 spells it
-    `manual_axis_type.varying`, other versions `vma`."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
 def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     """The cotangent summed over the mesh axes it varies over and its primal does not: an input
     shared by the devices of a shard_map collects every device's contribution (what JAX's own
     autodiff does for the implicit broadcast of such an input)."""
-    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    extra = tuple(sorted(cpu_kernels.varying_axes(cotangent) - cpu_kernels.varying_axes(primal)))
     return lax.psum(cotangent, extra) if extra else cotangent
 
 

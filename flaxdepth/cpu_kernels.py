@@ -1,17 +1,19 @@
-"""flaxdepth's own CPU convolution kernels (csrc/conv3x3_cpu.cc), called through XLA's FFI.
+"""flaxdepth's own CPU kernels (csrc/*.cc), called through XLA's FFI.
 
 XLA's CPU convolutions run the models' 1-16-channel 3x3 convolutions far below the machine's
 speed; they were most of a CPU training step (experiments/BENCHMARKS.md). The C++ kernels
 compute the same convolution (forward, which with the kernel flipped is also the input gradient,
-and the kernel gradient) for float32 NHWC/HWIO arrays, on XLA's own intra-op threads.
+and the kernel gradient) for float32 NHWC/HWIO arrays, on XLA's own intra-op threads; and, once
+those were fast, the next largest part of an elu_bn step, train-mode BatchNorm followed by ELU,
+and its gradient (`flaxdepth.ops.batch_normalize_elu`).
 
-The source is compiled on first use, once per source, jaxlib, compiler and processor, with the
-C++ compiler `$CXX` (else `c++`) and `-O3 -march=native`, into the user cache
+The sources are compiled on first use, once per source, jaxlib, compiler and processor, with the
+C++ compiler `$CXX` (else `c++`) and `-O3 -march=native`, into one library in the user cache
 (`$XDG_CACHE_HOME/flaxdepth/kernels`, else `~/.cache/...`), and registered as XLA FFI targets of
 the CPU platform. Where that cannot be done (no compiler, say), one warning says why and
-`flaxdepth.conv` keeps XLA's convolutions: the same results up to float32 rounding (other
-summation orders), slower. `FLAXDEPTH_CPU_KERNELS=0` turns the kernels off (read when a program is
-traced, like `conv.REPLICAS_PER_BLOCK`).
+`flaxdepth.conv` and `flaxdepth.ops` keep XLA's operations: the same results up to float32
+rounding (other summation orders), slower. `FLAXDEPTH_CPU_KERNELS=0` turns the kernels off (read
+when a program is traced, like `conv.REPLICAS_PER_BLOCK`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
-SOURCE = Path(__file__).with_name("csrc") / "conv3x3_cpu.cc"
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(SOURCE_DIR.glob("*.cc")))  # compiled together into one library
+HEADERS = tuple(sorted(SOURCE_DIR.glob("*.h")))
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-# FFI target name -> the handler symbol csrc/conv3x3_cpu.cc exports
+# FFI target name -> the handler symbol the library exports
 TARGETS = {"flaxdepth_conv3x3": "FlaxdepthConv3x3",
-            "flaxdepth_conv3x3_kernel_grad": "FlaxdepthConv3x3KernelGrad"}
+           "flaxdepth_conv3x3_kernel_grad": "FlaxdepthConv3x3KernelGrad",
+           "flaxdepth_batch_norm_elu": "FlaxdepthBatchNormElu",
+           "flaxdepth_batch_norm_elu_grad": "FlaxdepthBatchNormEluGrad"}
 
 
 def enabled() -> bool:
@@ -44,23 +51,55 @@ def enabled() -> bool:
 
 
 def usable() -> bool:
-    """Whether conv.py should call the kernels: wanted, JAX computes on the CPU by default, and
+    """Whether conv.py and ops.py should call the kernels: wanted, JAX computes on the CPU by default, and
     they are built and registered (built here on the first call)."""
     return enabled() and jax.default_backend() == "cpu" and _load() is None
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """conv.conv3x3's forward convolution: NHWC float32 x, HWIO float32 kernel."""
-    _require()
     out = jax.ShapeDtypeStruct((*x.shape[:-1], kernel.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("flaxdepth_conv3x3", out, vmap_method="sequential")(x, kernel)
+    return _call("flaxdepth_conv3x3", out, x, kernel)
 
 
 def conv3x3_kernel_grad(x: jax.Array, grad_out: jax.Array) -> jax.Array:
     """d(sum(conv3x3(x, k) * grad_out)) / dk, HWIO."""
-    _require()
     out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], grad_out.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("flaxdepth_conv3x3_kernel_grad", out, vmap_method="sequential")(x, grad_out)
+    return _call("flaxdepth_conv3x3_kernel_grad", out, x, grad_out)
+
+
+def batch_norm_elu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """(elu(train-mode BatchNorm(x)), batch mean, biased batch variance) over every axis but the
+    last: ops.batch_normalize then ops.elu, for float32 NHWC x."""
+    channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    outputs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels)
+    return _call("flaxdepth_batch_norm_elu", outputs, x, scale, bias, epsilon=np.float32(epsilon))
+
+
+def batch_norm_elu_grad(grad_y, y, x, mean, var, scale, grad_mean, grad_var, epsilon: float):
+    """batch_norm_elu's gradient: (grad_x, grad_scale, grad_bias) from the output's cotangent, the
+    output, the input, the statistics and their cotangents."""
+    channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    outputs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels)
+    return _call("flaxdepth_batch_norm_elu_grad", outputs, grad_y, y, x, mean, var, scale, grad_mean, grad_var,
+                 epsilon=np.float32(epsilon))
+
+
+def _call(target: str, outputs, *args, **attributes):
+    """The FFI call, its outputs varying over the shard_map axes its inputs vary over, as XLA's
+    own operations' outputs do (an FFI call's outputs are taken as varying over none)."""
+    _require()
+    result = jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(*args, **attributes)
+    axes = tuple(sorted(frozenset().union(*map(varying_axes, args))))
+    return jax.tree.map(lambda out: jax.lax.pcast(out, axes, to="varying"), result) if axes else result
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map mesh axes x varies over (none outside shard_map). JAX 0.10 spells it
+    `manual_axis_type.varying`, other versions `vma`."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _require() -> None:
@@ -83,21 +122,22 @@ def _processor() -> str:
 
 
 def library_path() -> Path:
-    """Where the compiled kernels for this source, jaxlib, compiler and processor are cached."""
+    """Where the compiled kernels for these sources, jaxlib, compiler and processor are cached."""
     compiler = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, shlex.join(_compiler()), compiler,
+    sources = [f"{path.name}\0{path.read_text()}" for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*sources, jaxlib.__version__, shlex.join(_compiler()), compiler,
                                     " ".join(COMPILE_FLAGS), _processor()]).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "flaxdepth" / "kernels" / f"conv3x3_cpu-{key}.so"
+    return base / "flaxdepth" / "kernels" / f"flaxdepth_cpu-{key}.so"
 
 
 def build(target: Path) -> None:
-    """Compiles SOURCE into `target`, atomically (concurrent builds, e.g. test workers, are safe)."""
+    """Compiles SOURCES into `target`, atomically (concurrent builds, e.g. test workers, are safe)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        command = [*_compiler(), *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        command = [*_compiler(), *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode:
             raise RuntimeError(f"{shlex.join(command)} failed: {result.stderr.strip()[-2000:]}")
@@ -130,7 +170,7 @@ def _build_and_register() -> str | None:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, ValueError) as error:
         reason = f"{type(error).__name__}: {error}"
-        warnings.warn(f"flaxdepth: its CPU convolution kernels are unavailable ({reason}); using XLA's "
-                      "convolutions, which are slower on CPUs", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"flaxdepth: its CPU kernels are unavailable ({reason}); using XLA's "
+                      "convolutions and BatchNorm, which are slower on CPUs", RuntimeWarning, stacklevel=2)
         return reason
     return None

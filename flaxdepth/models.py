@@ -23,7 +23,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from flaxdepth import conv, ops, registry
 
-ACTIVATIONS = {"tanh": ops.tanh, "elu": ops.elu}
 # With REMATERIALIZE_LAYERS, the backward pass keeps of each scanned layer only its input and its
 # convolution's output, and recomputes BatchNorm and the activation from them (jax.checkpoint);
 # without it, the layer keeps its input, the activation's slope and, with BatchNorm, the normalized
@@ -51,7 +50,8 @@ def torch_linear_init(fan_in: int):
 
 
 class TorchBatchNorm(nn.Module):
-    """BatchNorm2d with torch's semantics, which flax.linen.BatchNorm does not have.
+    """BatchNorm2d with torch's semantics, which flax.linen.BatchNorm does not have, followed by
+    `activation` (BatchNorm2d then nn.ELU / nn.Tanh: one fused operation on CPUs, ops.py).
 
     Train mode normalizes with the batch's biased variance but stores the *unbiased* one
     (n / (n - 1), n = N * H * W) in the running variance, with torch's momentum convention
@@ -60,6 +60,7 @@ class TorchBatchNorm(nn.Module):
     `num_batches_tracked` is kept so that a torch state_dict round-trips exactly.
     """
 
+    activation: str
     momentum: float = 0.1
     epsilon: float = 1e-5
 
@@ -74,8 +75,9 @@ class TorchBatchNorm(nn.Module):
             "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
         )
         if not train:
-            return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
-        out, mean, var = ops.batch_normalize(x, scale, bias, self.epsilon)
+            normalized = (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+            return ops.ACTIVATIONS[self.activation](normalized)
+        out, mean, var = ops.batch_normalize_activation(x, scale, bias, self.epsilon, self.activation)
         if not self.is_initializing():
             n = x.size // features
             m = self.momentum
@@ -118,8 +120,9 @@ class ConvLayer(nn.Module):
     def __call__(self, x: jax.Array, _=None):
         y = checkpoint_name(Conv3x3(self.features, self.init_std, name="conv")(x), "conv_output")
         if self.batchnorm:
-            y = TorchBatchNorm(name="bn")(y, self.train)
-        y = ACTIVATIONS[self.activation](y)
+            y = TorchBatchNorm(self.activation, name="bn")(y, self.train)
+        else:
+            y = ops.ACTIVATIONS[self.activation](y)
         if self.residual:
             y = y + x
         return y, None

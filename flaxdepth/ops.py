@@ -18,6 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
+
+from flaxdepth import cpu_kernels
 
 
 def _activation(function, slope_from_output):
@@ -39,6 +42,7 @@ tanh = _activation(lambda x: jnp.tanh(x), lambda y: 1 - y * y)
 # computes exp(x)): no second exponential, for an absolute error of at most one rounding of 1
 # (float32: 6e-8; relative to exp(x), 1e-3 at x = -10), far inside the parity tolerances
 elu = _activation(lambda x: nn.elu(x), lambda y: jnp.where(y > 0, 1, y + 1))
+ACTIVATIONS = {"tanh": tanh, "elu": elu}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -73,3 +77,50 @@ def _batch_normalize_bwd(epsilon, residuals, cotangents):
 
 
 batch_normalize.defvjp(_batch_normalize_fwd, _batch_normalize_bwd)
+
+
+def batch_normalize_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str):
+    """(ACTIVATIONS[activation](normalized * scale + bias), batch mean, biased batch variance):
+    `batch_normalize` followed by the activation. On CPUs, BatchNorm + ELU in float32 is one
+    flaxdepth kernel forward and one backward (`cpu_kernels.batch_norm_elu`): XLA's CPU code for the
+    pair was the largest part of an elu_bn step once the convolutions were fast (BENCHMARKS.md,
+    ninth session)."""
+    if activation == "elu" and x.dtype == jnp.float32 and cpu_kernels.usable():
+        return _fused_batch_normalize_elu(x, scale, bias, epsilon)
+    out, mean, var = batch_normalize(x, scale, bias, epsilon)
+    return ACTIVATIONS[activation](out), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_batch_normalize_elu(x, scale, bias, epsilon):
+    return _fused_fwd(x, scale, bias, epsilon)[0]
+
+
+def _fused_fwd(x, scale, bias, epsilon):
+    # the kernel on CPUs; a program lowered for another platform (jax.export, a GPU device while
+    # the default is the CPU) gets the same math from XLA
+    y, mean, var = lax.platform_dependent(x, scale, bias, cpu=lambda *a: cpu_kernels.batch_norm_elu(*a, epsilon),
+                                          default=lambda *a: _xla_batch_normalize_elu(*a, epsilon))
+    return (y, mean, var), (x, y, mean, var, scale)
+
+
+def _fused_bwd(epsilon, residuals, cotangents):
+    return lax.platform_dependent(*residuals, *cotangents,
+                                  cpu=lambda x, y, mean, var, scale, *grads: cpu_kernels.batch_norm_elu_grad(
+                                      grads[0], y, x, mean, var, scale, grads[1], grads[2], epsilon),
+                                  default=lambda *a: _xla_batch_normalize_elu_grad(*a, epsilon))
+
+
+def _xla_batch_normalize_elu(x, scale, bias, epsilon):
+    out, mean, var = batch_normalize(x, scale, bias, epsilon)
+    return elu(out), mean, var
+
+
+def _xla_batch_normalize_elu_grad(x, y, mean, var, scale, grad_y, grad_mean, grad_var, epsilon):
+    """_batch_normalize_bwd after ELU's slope (from its output, as `elu`)."""
+    centred, inv_std = x - mean, lax.rsqrt(var + epsilon)
+    return _batch_normalize_bwd(epsilon, (centred, inv_std, scale),
+                                (grad_y * jnp.where(y > 0, 1, y + 1), grad_mean, grad_var))
+
+
+_fused_batch_normalize_elu.defvjp(_fused_fwd, _fused_bwd)

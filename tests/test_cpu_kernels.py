@@ -1,9 +1,10 @@
-"""flaxdepth.cpu_kernels: the C++ CPU convolutions against XLA's, their use by conv.py, their
-build and their fallback.
+"""flaxdepth.cpu_kernels: the C++ CPU convolutions and BatchNorm + ELU against XLA's, their use by
+conv.py and ops.py, their build and their fallback.
 
 The kernels compute in float32 and sum in their own order, so they are compared with float64
-XLA at 1e-5 of the largest value (float32 rounding through at most 9 x 16 products per output
-and a few thousand per kernel-gradient entry: ~1e-6 measured).
+XLA: the convolutions at 1e-5 of the largest value (float32 rounding through at most 9 x 16
+products per output and a few thousand per kernel-gradient entry: ~1e-6 measured), BatchNorm +
+ELU's outputs and input gradient at 2e-6 (a few float32 roundings per value: 3e-7 measured).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxdepth import conv, cpu_kernels
+from flaxdepth import conv, cpu_kernels, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the kernels are the CPU's")
@@ -87,6 +88,124 @@ def test_an_empty_batch():
     np.testing.assert_array_equal(cpu_kernels.conv3x3_kernel_grad(x, np.zeros((0, 5, 5, 4), np.float32)), 0)
 
 
+def reference_batch_norm_elu(x, scale, bias, epsilon=1e-5):
+    """XLA's BatchNorm then ELU (ops.py's separate operations), float64 under enable_x64."""
+    out, mean, var = ops.batch_normalize(x, scale, bias, epsilon)
+    return ops.elu(out), mean, var
+
+
+# Channel counts with vector loops (1-32) and without (3, 5), image sizes whose floats are not a
+# whole number of vectors (5 x 5 x 4 = 100: a tail), a batch that is not whole chunks of 8 images.
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5, 8, 16, 32])
+@pytest.mark.parametrize("size, batch", [(28, 3), (14, 9), (7, 2), (5, 17)])
+def test_batch_norm_elu_is_batchnorm_then_elu(channels, size, batch):
+    """Outputs, statistics and the gradient for cotangents on all three outputs (the statistics'
+    too, as the custom VJP receives them) against float64 XLA."""
+    rng = np.random.default_rng([channels, size, batch])
+    shape = (batch, size, size, channels)
+    x = rng.normal(1.0, 2.0, size=shape)
+    scale, bias = rng.normal(1.0, 0.5, size=channels), rng.normal(size=channels)
+    cotangents = (rng.normal(size=shape), rng.normal(size=channels), rng.normal(size=channels))
+    f32 = lambda a: np.asarray(a, np.float32)
+    y, mean, var = cpu_kernels.batch_norm_elu(f32(x), f32(scale), f32(bias), 1e-5)
+    grads = cpu_kernels.batch_norm_elu_grad(f32(cotangents[0]), y, f32(x), mean, var, f32(scale),
+                                            f32(cotangents[1]), f32(cotangents[2]), 1e-5)
+    with jax.enable_x64(True):
+        want, vjp = jax.vjp(reference_batch_norm_elu, x, scale, bias)
+        want, want_grads = [np.asarray(a) for a in want], [np.asarray(a) for a in vjp(cotangents)]
+    for got, w in zip((y, grads[0]), (want[0], want_grads[0])):
+        assert got.dtype == np.float32 and got.shape == w.shape
+        np.testing.assert_allclose(got, w, rtol=0, atol=2e-6 * float(np.abs(w).max()))
+    # Per-channel sums (mean, variance, scale and bias gradients) can cancel to far below their
+    # terms, so their rounding is measured against the sum of the terms' magnitudes: 1e-6 of it
+    # (float32 terms summed per image in float32 vectors, then in float64: up to 1e-7 measured).
+    y64, mean64, var64 = want
+    normalized = (x - mean64) / np.sqrt(var64 + 1e-5)
+    slope_times_g = cotangents[0] * np.where(y64 > 0, 1, y64 + 1)
+    axes = (0, 1, 2)
+    magnitudes = (np.abs(x).mean(axes), np.square(x - mean64).mean(axes), np.abs(slope_times_g * normalized).sum(axes),
+                  np.abs(slope_times_g).sum(axes))
+    for got, w, magnitude in zip((mean, var, *grads[1:]), (mean64, var64, *want_grads[1:]), magnitudes):
+        assert got.dtype == np.float32 and got.shape == w.shape
+        np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - w), 1e-6 * magnitude + 1e-30)
+
+
+def test_batch_norm_elu_elu_is_accurate_everywhere():
+    """ELU of 2^20 points from -100 to 5 (the C++ exp(x) - 1: a polynomial near 0, range reduction
+    elsewhere, -1 below -88) within 3e-7 of the exact value, relatively."""
+    x = np.linspace(-100, 5, 2**20).astype(np.float32).reshape(1, 1, -1, 4)
+    y, mean, var = cpu_kernels.batch_norm_elu(x, np.ones(4, np.float32), np.zeros(4, np.float32), 0.0)
+    normalized = (x - np.asarray(mean, np.float64)) / np.sqrt(np.asarray(var, np.float64))
+    exact = np.where(normalized > 0, normalized, np.expm1(normalized))
+    relative = np.abs(np.asarray(y, np.float64) - exact) / np.maximum(np.abs(exact), 1e-30)
+    assert relative.max() < 3e-7
+
+
+def test_batch_norm_elu_keeps_a_nan_in_its_channel():
+    """A NaN makes its channel's statistics and outputs NaN (a diverged run), not another's; an
+    infinite input's channel likewise, and elu(-inf) is -1 where the statistics are finite."""
+    x = np.random.default_rng(0).normal(size=(9, 4, 4, 8)).astype(np.float32)
+    x[3, 1, 2, 0], x[8, 3, 3, 5] = np.nan, -np.inf
+    y, mean, var = map(np.asarray, cpu_kernels.batch_norm_elu(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-5))
+    assert np.isnan(y[..., 0]).all() and np.isnan(mean[0]) and np.isnan(y[..., 5]).all()
+    assert np.isfinite(y[..., [1, 2, 3, 4, 6, 7]]).all() and np.isfinite(mean[[1, 2, 3, 4, 6, 7]]).all()
+    # two values normalize to -1 and 1; scaled by 1000, ELU's input is below -88 (exp underflows) and 1000
+    pair = np.array([-1.0, 1.0], np.float32).reshape(1, 1, 2, 1)
+    y, _, _ = cpu_kernels.batch_norm_elu(pair, np.full(1, 1e3, np.float32), np.zeros(1, np.float32), 0.0)
+    np.testing.assert_allclose(np.asarray(y).ravel(), [-1.0, 1e3], rtol=1e-6)
+
+
+def test_batch_norm_elu_of_an_empty_batch_has_nan_statistics():
+    """As XLA's mean over no values: 0 / 0."""
+    y, mean, var = cpu_kernels.batch_norm_elu(np.zeros((0, 3, 3, 4), np.float32), np.ones(4, np.float32),
+                                               np.zeros(4, np.float32), 1e-5)
+    assert y.shape == (0, 3, 3, 4) and np.isnan(mean).all() and np.isnan(var).all()
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batch_normalize_elu_compiles_to_the_kernels_when_enabled(monkeypatch, kernels, dtype):
+    """A float32 training step's BatchNorm + ELU is one FFI call forward and one backward; with
+    FLAXDEPTH_CPU_KERNELS=0, or in float64, XLA's operations. Either way the values and gradients
+    are ops.batch_normalize then ops.elu's (float32: to 2e-6 of the largest)."""
+    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", kernels)
+    rng = np.random.default_rng(1)
+    x, scale, bias = rng.normal(size=(10, 6, 6, 4)), rng.normal(size=4), rng.normal(size=4)
+
+    def loss(x, scale, bias, batch_norm_elu):
+        y, mean, var = batch_norm_elu(x, scale, bias)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)  # cotangents on every output
+
+    fused = lambda x, s, b: ops.batch_normalize_activation(x, s, b, 1e-5, "elu")
+    with jax.enable_x64(dtype == "float64"):
+        args = [jnp.asarray(a, dtype) for a in (x, scale, bias)]
+        step = jax.jit(jax.value_and_grad(lambda *a: loss(*a, fused), argnums=(0, 1, 2)))
+        program = step.lower(*args).compile().as_text()
+        got = step(*args)
+    with jax.enable_x64(True):
+        want = jax.value_and_grad(lambda *a: loss(*a, reference_batch_norm_elu), argnums=(0, 1, 2))(x, scale, bias)
+    uses_kernels = kernels == "1" and dtype == "float32"
+    assert program.count('custom_call_target="flaxdepth_batch_norm_elu"') == uses_kernels
+    assert program.count('custom_call_target="flaxdepth_batch_norm_elu_grad"') == uses_kernels
+    tolerance = 2e-6 if dtype == "float32" else 1e-12
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=tolerance * float(np.abs(w).max()))
+
+
+def test_the_fused_batch_normalize_elu_of_other_platforms_is_the_same_math():
+    """The XLA branch that `lax.platform_dependent` lowers for other platforms (a GPU) than the
+    CPU: the same values and gradients, in float64 to rounding."""
+    rng = np.random.default_rng(2)
+    x, scale, bias = rng.normal(size=(4, 5, 5, 8)), rng.normal(size=8), rng.normal(size=8)
+    cotangents = (rng.normal(size=x.shape), rng.normal(size=8), rng.normal(size=8))
+    with jax.enable_x64(True):
+        want, vjp = jax.vjp(reference_batch_norm_elu, x, scale, bias)
+        y, mean, var = ops._xla_batch_normalize_elu(x, scale, bias, 1e-5)
+        grads = ops._xla_batch_normalize_elu_grad(x, y, mean, var, scale, *cotangents, 1e-5)
+        for g, w in zip((y, mean, var, *grads), (*want, *vjp(cotangents))):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
 def test_conv3x3_compiles_to_the_kernels_when_enabled(monkeypatch, kernels):
     """With the kernels, the forward, input-gradient and kernel-gradient convolutions of a float32
@@ -110,15 +229,22 @@ def test_float64_keeps_xla():
 
 
 def test_gpu_programs_have_no_cpu_kernel():
-    """Lowered for CUDA (no GPU needed to lower), conv3x3 and its gradients are XLA's convolutions:
-    `lax.platform_dependent` keeps the FFI calls in the CPU's branch only."""
+    """Lowered for CUDA (no GPU needed to lower), conv3x3 and its gradients are XLA's convolutions
+    and BatchNorm + ELU XLA's operations: `lax.platform_dependent` keeps the FFI calls in the
+    CPU's branch only."""
     x, kernel = jnp.ones((16, 6, 6, 4), jnp.float32), jnp.ones((3, 3, 4, 4), jnp.float32)
-    step = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1)))
+    scale, bias = jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)
+
+    def loss(x, k):
+        y, _, _ = ops.batch_normalize_activation(conv.conv3x3(x, k), scale, bias, 1e-5, "elu")
+        return jnp.sum(y ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     allow = [jax.export.DisabledSafetyCheck.custom_call(target) for target in cpu_kernels.TARGETS]
     cuda, cpu = (jax.export.export(step, platforms=[p], disabled_checks=allow)(x, kernel).mlir_module()
                  for p in ("cuda", "cpu"))
-    assert "flaxdepth_conv3x3" not in cuda and "convolution" in cuda
-    assert "flaxdepth_conv3x3" in cpu
+    assert "flaxdepth_" not in cuda and "convolution" in cuda
+    assert all(target in cpu for target in cpu_kernels.TARGETS)
 
 
 SAME_BITS = """
@@ -128,7 +254,11 @@ rng = np.random.default_rng(0)
 x, g = (rng.normal(size=(40, 14, 14, c)).astype(np.float32) for c in (8, 16))
 k = rng.normal(size=(3, 3, 8, 16)).astype(np.float32)
 digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
-print(json.dumps({"conv": digest(cpu_kernels.conv3x3(x, k)), "kernel_grad": digest(cpu_kernels.conv3x3_kernel_grad(x, g))}))
+s, b = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+bn = cpu_kernels.batch_norm_elu(x, s, b, 1e-5)
+bn_grad = cpu_kernels.batch_norm_elu_grad(x[..., ::-1].copy(), bn[0], x, bn[1], bn[2], s, s, b, 1e-5)
+print(json.dumps({"conv": digest(cpu_kernels.conv3x3(x, k)), "kernel_grad": digest(cpu_kernels.conv3x3_kernel_grad(x, g)),
+                  "batch_norm_elu": [digest(a) for a in (*bn, *bn_grad)]}))
 """
 
 
@@ -143,32 +273,35 @@ def run_python(code: str, env: dict, cores=None) -> str:
 
 @pytest.mark.skipif(os.cpu_count() < 2 or not Path("/usr/bin/taskset").exists(), reason="needs 2 cores and taskset")
 def test_same_bits_on_any_number_of_threads(env_without_device_count):
-    """The kernel gradient sums per image, per chunk of 8 images and over chunks in order, so one
-    thread and two give the same bits (the engine's determinism across CPU devices needs it)."""
+    """The kernel gradient and BatchNorm's statistics sum per image, per chunk of 8 images and over
+    chunks in order, so one thread and two give the same bits (the engine's determinism across CPU
+    devices needs it)."""
     env = {**env_without_device_count, "JAX_PLATFORMS": "cpu"}
     one, two = (json.loads(run_python(SAME_BITS, env, cores)) for cores in ("0", "0,1"))
-    assert one["kernel_grad"] == two["kernel_grad"] and one["conv"] == two["conv"]
+    assert one == two
 
 
 FALLBACK = """
 import warnings, numpy as np, jax, jax.numpy as jnp
-from flaxdepth import conv, cpu_kernels
+from flaxdepth import conv, cpu_kernels, ops
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     usable = cpu_kernels.usable()
 x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype(np.float32)
 k = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
-program = jax.jit(conv.conv3x3).lower(x, k).as_text()
+program = jax.jit(conv.conv3x3).lower(x, k).as_text() + jax.jit(
+    lambda x: ops.batch_normalize_activation(x, jnp.ones(4), jnp.zeros(4), 1e-5, "elu")).lower(x).as_text()
 error = float(np.abs(conv.conv3x3(x, k) - jax.lax.conv_general_dilated(
     x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))).max())
-print(usable, "flaxdepth_conv3x3" in program, error < 1e-4, "|".join(str(w.message) for w in caught))
+print(usable, "flaxdepth_" in program, error < 1e-4, "|".join(str(w.message) for w in caught))
 """
 
 
 @pytest.mark.parametrize("compiler", ["missing", "failing"])
 def test_without_a_compiler_xla_convolves_and_a_warning_says_why(tmp_path, env_without_device_count, compiler):
     """No compiler on the PATH, or one that fails to compile (it answers --version, then exits 1):
-    one warning with the reason, XLA's convolution, nothing half-built left in the cache."""
+    one warning with the reason, XLA's convolution and BatchNorm, nothing half-built left in the
+    cache."""
     fake = tmp_path / "fake-c++"
     fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\n'
                     'echo "fake-c++: cannot compile" >&2\nexit 1\n')
@@ -177,7 +310,7 @@ def test_without_a_compiler_xla_convolves_and_a_warning_says_why(tmp_path, env_w
     env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "CXX": cxx, "XDG_CACHE_HOME": str(tmp_path)}
     usable, uses_kernel, correct, message = run_python(FALLBACK, env).split(" ", 3)
     assert (usable, uses_kernel, correct) == ("False", "False", "True")
-    assert "CPU convolution kernels are unavailable" in message and "slower" in message
+    assert "CPU kernels are unavailable" in message and "slower" in message
     if compiler == "failing":
         assert "cannot compile" in message
         assert (tmp_path / "flaxdepth" / "kernels").is_dir()
@@ -197,7 +330,7 @@ def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
 
 WITHOUT_AVX512 = """
 import json, numpy as np, jax, jax.numpy as jnp
-from flaxdepth import cpu_kernels
+from flaxdepth import cpu_kernels, ops
 cpu_kernels.COMPILE_FLAGS = (*cpu_kernels.COMPILE_FLAGS, "-mno-avx512f")  # 8-lane vectors, as on AVX2 machines
 jax.config.update("jax_enable_x64", True)
 def xla(x, k, g):
@@ -212,6 +345,17 @@ for ci, co in [(1, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 16), (16, 16
         got = (cpu_kernels.conv3x3(x.astype(np.float32), k.astype(np.float32)),
                cpu_kernels.conv3x3_kernel_grad(x.astype(np.float32), g.astype(np.float32)))
         errors += [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, xla(x, k, g))]
+for c in (1, 4, 8, 16, 32):  # 8-lane periods: 8 floats, and two vectors for 16 and 32 channels
+    rng = np.random.default_rng(c)
+    x, s, b, g = rng.normal(size=(3, 5, 5, c)), rng.normal(size=c), rng.normal(size=c), rng.normal(size=(3, 5, 5, c))
+    def bn_elu(x, s, b):
+        out, mean, var = ops.batch_normalize(x, s, b, 1e-5)
+        return ops.elu(out), mean, var
+    want, vjp = jax.vjp(bn_elu, x, s, b)
+    f32 = lambda a: np.asarray(a, np.float32)
+    y, mean, var = cpu_kernels.batch_norm_elu(f32(x), f32(s), f32(b), 1e-5)
+    grads = cpu_kernels.batch_norm_elu_grad(f32(g), y, f32(x), mean, var, f32(s), f32(s), f32(b), 1e-5)
+    errors += [float(np.abs(a - w).max() / np.abs(w).max()) for a, w in zip((y, mean, var, *grads), (*want, *vjp((g, s, b))))]
 print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMPILE_FLAGS), "max_error": max(errors)}))
 """
 
@@ -220,7 +364,7 @@ print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMP
 def test_the_8_lane_kernels_where_avx512_is_missing(tmp_path, env_without_device_count):
     """Machines without AVX-512 compile other instantiations (8-lane vectors: two per 16 channels,
     8-pixel planar blocks, smaller register blocks): built here with -mno-avx512f, in their own
-    cache, they must compute the same convolutions."""
+    cache, they must compute the same convolutions and BatchNorm + ELU."""
     env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path)}
     result = json.loads(run_python(WITHOUT_AVX512, env))
     assert result["avx512_in_flags"] and result["max_error"] < 1e-5

@@ -1,0 +1,325 @@
+// Train-mode BatchNorm followed by ELU on CPUs, float32, NHWC, and its gradient, as XLA FFI
+// handlers (flaxdepth/ops.py's batch_normalize_elu; flaxdepth/cpu_kernels.py builds and registers
+// them).
+//
+// Why: XLA's CPU code for this chain was the largest part of an elu_bn training step once the
+// convolutions were flaxdepth's own (its ELU after the per-channel scale is not vectorized at
+// some shapes, and 4-channel reductions are slow; BENCHMARKS.md, ninth session). Here each pass
+// over the activations is one vectorized loop: SIMD vectors hold consecutive floats of an image,
+// so lane j of a vector holds channel j % C when C divides the vector's width (C = 1, 2, 4, 8,
+// 16, 32; other channel counts take plain loops).
+//
+// The math is ops.batch_normalize's and ops.elu's: mean, then the biased variance in a second
+// pass, y = elu((x - mean) * inv_std * scale + bias), ELU's slope taken from its output, and
+// torch's BatchNorm backward. Sums are per image in float32 vectors, per chunk and over chunks
+// (in order) in float64, so the bits do not depend on the number of threads.
+
+#include <cmath>
+
+#include "cpu_common.h"
+
+namespace flaxdepth {
+namespace {
+
+constexpr int L = kMaxLanes;
+typedef VecOf<L>::type V;
+typedef VecOf<L>::mask M;
+
+inline V Splat(float s) { return V{} + s; }
+inline V Load(const float* p) { return *reinterpret_cast<const V*>(p); }
+inline void Store(float* p, V v) { *reinterpret_cast<V*>(p) = v; }
+
+// exp(x) - 1 for the lanes where x <= 0 (ELU's negative side), within a few float32 roundings:
+// a Taylor polynomial near 0, where exp(x) - 1 would cancel, else exp by range reduction (Cephes'
+// expf polynomial) minus 1. Below -88 exp(x) underflows; the result is -1 there, as float32's is.
+inline V Expm1NonPositive(V x) {
+  const V t = x > Splat(-88.f) ? x : Splat(-88.f);
+  V q = Splat(1.f / 40320);  // x + x^2 / 2! + ... + x^8 / 8!: the next term is below 2e-8 for |x| < 0.5
+  for (float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f}) q = q * t + c;
+  const V small = t + t * t * q;
+  // t = k ln 2 + r, |r| <= ln 2 / 2; t <= 0, so truncating t / ln 2 - 0.5 rounds it to nearest
+  const V k = __builtin_convertvector(__builtin_convertvector(t * 1.44269504f - 0.5f, M), V);
+  const V r = t - k * 0.693359375f + k * 2.12194440e-4f;
+  V p = Splat(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = p * r + c;
+  const V exp_r = r + r * r * p + 1.f;
+  const M exponent = (__builtin_convertvector(k, M) + 127) << 23;  // 2^k; k >= -127 (0 at -127)
+  const V large = exp_r * reinterpret_cast<const V&>(exponent) - 1.f;
+  return t > Splat(-0.5f) ? small : large;
+}
+
+inline V Elu(V x) {
+  const V negative = Expm1NonPositive(x);
+  return x > Splat(0.f) ? x : (x == x ? negative : x);  // a NaN stays NaN
+}
+
+// ELU's slope from its output, as ops.elu: 1 where y > 0, else exp(x) = y + 1.
+inline V EluSlope(V y) { return y > Splat(0.f) ? Splat(1.f) : y + 1.f; }
+inline float EluSlope(float y) { return y > 0.f ? 1.f : y + 1.f; }
+inline float Elu(float x) { return x > 0.f ? x : std::expm1(x); }
+
+// C's values repeated over a period of P = max(C, L) floats, as NV vectors: the per-channel
+// operands of the vector loops (lane j of vector v holds channel (v * L + j) % C).
+template <int C>
+struct Pattern {
+  static constexpr int P = C > L ? C : L, NV = P / L;
+  V v[NV];
+  explicit Pattern(const float* per_channel) {
+    for (int i = 0; i < NV; ++i)
+      for (int j = 0; j < L; ++j) v[i][j] = per_channel[(i * L + j) % C];
+  }
+};
+
+// Per-channel sums of term(i) over the floats [0, S) of one image (S a multiple of C), added to
+// sums[C] in float64. `vector_term(offset, v)` gives the vector at `offset`, the v-th of its period;
+// `scalar_term(offset)` one float (the tail shorter than a period).
+template <int C, typename VectorTerm, typename ScalarTerm>
+void AddImageSums(int64_t S, const VectorTerm& vector_term, const ScalarTerm& scalar_term, double* sums) {
+  constexpr int P = Pattern<C>::P, NV = Pattern<C>::NV;
+  V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  int64_t i = 0;
+  for (; i + P <= S; i += P)
+    for (int v = 0; v < NV; ++v) acc[v] += vector_term(i + v * L, v);
+  float tail[C] = {};
+  for (; i < S; ++i) tail[i % C] += scalar_term(i);
+  for (int v = 0; v < NV; ++v)
+    for (int j = 0; j < L; ++j) sums[(v * L + j) % C] += acc[v][j];
+  for (int c = 0; c < C; ++c) sums[c] += tail[c];
+}
+
+// The sums of `image_sums(n, chunk_sums)` over every image, per chunk then over chunks in order:
+// sums[k * C + c] for K sums of each channel.
+template <typename ImageSums>
+std::vector<double> SumOverImages(ffi::ThreadPool& pool, int64_t N, int64_t C, int K, const ImageSums& image_sums) {
+  const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
+  std::vector<double> partial(chunks * K * C, 0.0), total(K * C, 0.0);
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    for (int64_t n = c * kImagesPerChunk; n < std::min(N, (c + 1) * kImagesPerChunk); ++n)
+      image_sums(n, partial.data() + c * K * C);
+  });
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < K * C; ++i) total[i] += partial[c * K * C + i];
+  return total;
+}
+
+template <typename Body>
+void ForEachImage(ffi::ThreadPool& pool, int64_t N, const Body& body) {
+  const int64_t chunks = (N + kImagesPerChunk - 1) / kImagesPerChunk;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    for (int64_t n = c * kImagesPerChunk; n < std::min(N, (c + 1) * kImagesPerChunk); ++n) body(n);
+  });
+}
+
+// The forward pass for C channels (C dividing the period; C = 0: any C, plain loops).
+template <int C>
+void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const float* bias, float epsilon,
+             int64_t N, int64_t S, int64_t channels, float* y, float* mean, float* var) {
+  const int64_t count = N * (S / channels);
+  std::vector<double> sums;
+  if constexpr (C > 0) {
+    sums = SumOverImages(pool, N, C, 1, [&](int64_t n, double* out) {
+      const float* xn = x + n * S;
+      AddImageSums<C>(S, [&](int64_t i, int) { return Load(xn + i); }, [&](int64_t i) { return xn[i]; }, out);
+    });
+  } else {
+    sums = SumOverImages(pool, N, channels, 1, [&](int64_t n, double* out) {
+      for (int64_t i = 0; i < S; ++i) out[i % channels] += x[n * S + i];
+    });
+  }
+  for (int64_t c = 0; c < channels; ++c) mean[c] = static_cast<float>(sums[c] / count);
+  if constexpr (C > 0) {
+    const Pattern<C> m(mean);
+    sums = SumOverImages(pool, N, C, 1, [&](int64_t n, double* out) {
+      const float* xn = x + n * S;
+      AddImageSums<C>(S, [&](int64_t i, int v) { const V d = Load(xn + i) - m.v[v]; return d * d; },
+                      [&](int64_t i) { const float d = xn[i] - mean[i % C]; return d * d; }, out);
+    });
+  } else {
+    sums = SumOverImages(pool, N, channels, 1, [&](int64_t n, double* out) {
+      for (int64_t i = 0; i < S; ++i) {
+        const float d = x[n * S + i] - mean[i % channels];
+        out[i % channels] += d * d;
+      }
+    });
+  }
+  std::vector<float> a(channels);  // y = elu((x - mean) * a + bias), a = inv_std * scale
+  for (int64_t c = 0; c < channels; ++c) {
+    var[c] = static_cast<float>(sums[c] / count);
+    a[c] = 1.f / std::sqrt(var[c] + epsilon) * scale[c];
+  }
+  ForEachImage(pool, N, [&](int64_t n) {
+    const float* xn = x + n * S;
+    float* yn = y + n * S;
+    int64_t i = 0;
+    if constexpr (C > 0) {
+      const Pattern<C> m(mean), s(a.data()), b(bias);
+      for (; i + Pattern<C>::P <= S; i += Pattern<C>::P)
+        for (int v = 0; v < Pattern<C>::NV; ++v)
+          Store(yn + i + v * L, Elu((Load(xn + i + v * L) - m.v[v]) * s.v[v] + b.v[v]));
+    }
+    for (; i < S; ++i) {
+      const int64_t c = i % channels;
+      yn[i] = Elu((xn[i] - mean[c]) * a[c] + bias[c]);
+    }
+  });
+}
+
+// The backward pass: grad_x, grad_scale, grad_bias from the output's cotangent g, the output y,
+// the input x, the statistics and their cotangents (zero when only running statistics use them).
+template <int C>
+void Backward(ffi::ThreadPool& pool, const float* g, const float* y, const float* x, const float* mean,
+              const float* var, const float* scale, const float* grad_mean, const float* grad_var, float epsilon,
+              int64_t N, int64_t S, int64_t channels, float* grad_x, float* grad_scale, float* grad_bias) {
+  const int64_t count = N * (S / channels);
+  // sums[c] = sum of g * slope (the normalized output's cotangent), sums[C + c] = sum of that
+  // times (x - mean)
+  std::vector<double> sums;
+  if constexpr (C > 0) {
+    const Pattern<C> m(mean);
+    sums = SumOverImages(pool, N, C, 2, [&](int64_t n, double* out) {
+      const float *gn = g + n * S, *yn = y + n * S, *xn = x + n * S;
+      AddImageSums<C>(S, [&](int64_t i, int) { return Load(gn + i) * EluSlope(Load(yn + i)); },
+                      [&](int64_t i) { return gn[i] * EluSlope(yn[i]); }, out);
+      AddImageSums<C>(S, [&](int64_t i, int v) { return Load(gn + i) * EluSlope(Load(yn + i)) * (Load(xn + i) - m.v[v]); },
+                      [&](int64_t i) { return gn[i] * EluSlope(yn[i]) * (xn[i] - mean[i % C]); }, out + C);
+    });
+  } else {
+    sums = SumOverImages(pool, N, channels, 2, [&](int64_t n, double* out) {
+      for (int64_t i = n * S; i < (n + 1) * S; ++i) {
+        const int64_t c = i % channels;
+        const float gs = g[i] * EluSlope(y[i]);
+        out[c] += gs;
+        out[channels + c] += gs * (x[i] - mean[c]);
+      }
+    });
+  }
+  // grad_x = (gs - sum_gs / n - (x - mean) * k2) * k3 + grad_mean / n + (x - mean) * k5
+  std::vector<float> k1(channels), k2(channels), k3(channels), k4(channels), k5(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float inv_std = 1.f / std::sqrt(var[c] + epsilon);
+    const float sum_gs = static_cast<float>(sums[c]), sum_gsx = static_cast<float>(sums[channels + c]);
+    grad_bias[c] = sum_gs;
+    grad_scale[c] = sum_gsx * inv_std;
+    k1[c] = sum_gs / count;
+    k2[c] = sum_gsx * inv_std * inv_std / count;
+    k3[c] = inv_std * scale[c];
+    k4[c] = grad_mean[c] / count;
+    k5[c] = grad_var[c] * 2 / count;
+  }
+  ForEachImage(pool, N, [&](int64_t n) {
+    const float *gn = g + n * S, *yn = y + n * S, *xn = x + n * S;
+    float* out = grad_x + n * S;
+    int64_t i = 0;
+    if constexpr (C > 0) {
+      const Pattern<C> m(mean), p1(k1.data()), p2(k2.data()), p3(k3.data()), p4(k4.data()), p5(k5.data());
+      for (; i + Pattern<C>::P <= S; i += Pattern<C>::P)
+        for (int v = 0; v < Pattern<C>::NV; ++v) {
+          const int64_t o = i + v * L;
+          const V d = Load(xn + o) - m.v[v];
+          Store(out + o, (Load(gn + o) * EluSlope(Load(yn + o)) - p1.v[v] - d * p2.v[v]) * p3.v[v] + p4.v[v] + d * p5.v[v]);
+        }
+    }
+    for (; i < S; ++i) {
+      const int64_t c = i % channels;
+      const float d = xn[i] - mean[c];
+      out[i] = (gn[i] * EluSlope(yn[i]) - k1[c] - d * k2[c]) * k3[c] + k4[c] + d * k5[c];
+    }
+  });
+}
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> other, const char* what) {
+  if (other.size() != x.size() || !std::equal(x.begin(), x.end(), other.begin()))
+    return ffi::Error::InvalidArgument(std::string(what) + " must have the input's shape");
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckChannels(ffi::Span<const int64_t> d, int64_t channels, const char* what) {
+  if (d.size() != 1 || d[0] != channels)
+    return ffi::Error::InvalidArgument(std::string(what) + " must have one value per channel");
+  return ffi::Error::Success();
+}
+
+// Dispatch over the channel counts with vector loops (C divides the period), else plain loops.
+#define FLAXDEPTH_BN_CHANNELS(X) X(1) X(2) X(4) X(8) X(16) X(32)
+
+ffi::Error BatchNormElu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> bias, float epsilon, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var) {
+  auto d = x.dimensions();
+  if (auto e = CheckNHWC("input", d); e.failure()) return e;
+  const int64_t N = d[0], C = d[3], S = d[1] * d[2] * C;
+  for (auto [dims, what] : {std::pair{scale.dimensions(), "scale"}, {bias.dimensions(), "bias"},
+                            {mean->dimensions(), "mean"}, {var->dimensions(), "variance"}})
+    if (auto e = CheckChannels(dims, C, what); e.failure()) return e;
+  if (auto e = CheckShapes(d, y->dimensions(), "output"); e.failure()) return e;
+  if (C == 0) return ffi::Error::Success();  // no channels (an empty batch gets 0 / 0 = NaN statistics, as from XLA)
+  auto args = std::make_tuple(std::ref(pool), x.typed_data(), scale.typed_data(), bias.typed_data(), epsilon, N, S,
+                              C, y->typed_data(), mean->typed_data(), var->typed_data());
+#define CASE(c) \
+  if (C == c) return std::apply(Forward<c>, args), ffi::Error::Success();
+  FLAXDEPTH_BN_CHANNELS(CASE)
+#undef CASE
+  std::apply(Forward<0>, args);
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormEluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad_y, ffi::Buffer<ffi::F32> y,
+                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> grad_mean,
+                            ffi::Buffer<ffi::F32> grad_var, float epsilon, ffi::ResultBuffer<ffi::F32> grad_x,
+                            ffi::ResultBuffer<ffi::F32> grad_scale, ffi::ResultBuffer<ffi::F32> grad_bias) {
+  auto d = x.dimensions();
+  if (auto e = CheckNHWC("input", d); e.failure()) return e;
+  const int64_t N = d[0], C = d[3], S = d[1] * d[2] * C;
+  for (auto [dims, what] : {std::pair{grad_y.dimensions(), "output gradient"}, {y.dimensions(), "output"},
+                            {grad_x->dimensions(), "input gradient"}})
+    if (auto e = CheckShapes(d, dims, what); e.failure()) return e;
+  for (auto [dims, what] : {std::pair{mean.dimensions(), "mean"}, {var.dimensions(), "variance"},
+                            {scale.dimensions(), "scale"}, {grad_mean.dimensions(), "mean gradient"},
+                            {grad_var.dimensions(), "variance gradient"}, {grad_scale->dimensions(), "scale gradient"},
+                            {grad_bias->dimensions(), "bias gradient"}})
+    if (auto e = CheckChannels(dims, C, what); e.failure()) return e;
+  if (C == 0) return ffi::Error::Success();  // no channels (an empty batch gets 0 / 0 = NaN statistics, as from XLA)
+  auto args = std::make_tuple(std::ref(pool), grad_y.typed_data(), y.typed_data(), x.typed_data(), mean.typed_data(),
+                              var.typed_data(), scale.typed_data(), grad_mean.typed_data(), grad_var.typed_data(),
+                              epsilon, N, S, C, grad_x->typed_data(), grad_scale->typed_data(),
+                              grad_bias->typed_data());
+#define CASE(c) \
+  if (C == c) return std::apply(Backward<c>, args), ffi::Error::Success();
+  FLAXDEPTH_BN_CHANNELS(CASE)
+#undef CASE
+  std::apply(Backward<0>, args);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace flaxdepth
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormElu, flaxdepth::BatchNormElu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Attr<float>("epsilon")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // variance (biased)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormEluGrad, flaxdepth::BatchNormEluGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad_y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // variance
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad_mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad_var
+                                  .Attr<float>("epsilon")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // grad_x
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // grad_scale
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // grad_bias
