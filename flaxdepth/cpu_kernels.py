@@ -76,12 +76,13 @@ def batch_norm_elu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: flo
     return _call("flaxdepth_batch_norm_elu", outputs, x, scale, bias, epsilon=np.float32(epsilon))
 
 
-def batch_norm_elu_grad(grad_y, y, x, mean, var, scale, grad_mean, grad_var, epsilon: float):
+def batch_norm_elu_grad(grad_y, x, mean, var, scale, bias, grad_mean, grad_var, epsilon: float):
     """batch_norm_elu's gradient: (grad_x, grad_scale, grad_bias) from the output's cotangent, the
-    output, the input, the statistics and their cotangents."""
+    input, the statistics and parameters, and the statistics' cotangents. ELU's slope is taken at
+    its input, computed again from x: the backward pass needs no activation-sized array but x."""
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     outputs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels)
-    return _call("flaxdepth_batch_norm_elu_grad", outputs, grad_y, y, x, mean, var, scale, grad_mean, grad_var,
+    return _call("flaxdepth_batch_norm_elu_grad", outputs, grad_y, x, mean, var, scale, bias, grad_mean, grad_var,
                  epsilon=np.float32(epsilon))
 
 

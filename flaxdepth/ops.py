@@ -101,13 +101,13 @@ def _fused_fwd(x, scale, bias, epsilon):
     # the default is the CPU) gets the same math from XLA
     y, mean, var = lax.platform_dependent(x, scale, bias, cpu=lambda *a: cpu_kernels.batch_norm_elu(*a, epsilon),
                                           default=lambda *a: _xla_batch_normalize_elu(*a, epsilon))
-    return (y, mean, var), (x, y, mean, var, scale)
+    # only x of the activations' size: the backward pass computes ELU's input again
+    return (y, mean, var), (x, mean, var, scale, bias)
 
 
 def _fused_bwd(epsilon, residuals, cotangents):
     return lax.platform_dependent(*residuals, *cotangents,
-                                  cpu=lambda x, y, mean, var, scale, *grads: cpu_kernels.batch_norm_elu_grad(
-                                      grads[0], y, x, mean, var, scale, grads[1], grads[2], epsilon),
+                                  cpu=lambda *a: cpu_kernels.batch_norm_elu_grad(a[5], *a[:5], *a[6:], epsilon),
                                   default=lambda *a: _xla_batch_normalize_elu_grad(*a, epsilon))
 
 
@@ -116,11 +116,12 @@ def _xla_batch_normalize_elu(x, scale, bias, epsilon):
     return elu(out), mean, var
 
 
-def _xla_batch_normalize_elu_grad(x, y, mean, var, scale, grad_y, grad_mean, grad_var, epsilon):
-    """_batch_normalize_bwd after ELU's slope (from its output, as `elu`)."""
+def _xla_batch_normalize_elu_grad(x, mean, var, scale, bias, grad_y, grad_mean, grad_var, epsilon):
+    """_batch_normalize_bwd after ELU's slope at its input, exp(u) where u <= 0, as the kernel."""
     centred, inv_std = x - mean, lax.rsqrt(var + epsilon)
-    return _batch_normalize_bwd(epsilon, (centred, inv_std, scale),
-                                (grad_y * jnp.where(y > 0, 1, y + 1), grad_mean, grad_var))
+    normalized = centred * inv_std * scale + bias
+    slope = jnp.where(normalized > 0, 1, jnp.exp(jnp.minimum(normalized, 0)))
+    return _batch_normalize_bwd(epsilon, (centred, inv_std, scale), (grad_y * slope, grad_mean, grad_var))
 
 
 _fused_batch_normalize_elu.defvjp(_fused_fwd, _fused_bwd)

@@ -108,7 +108,7 @@ def test_batch_norm_elu_is_batchnorm_then_elu(channels, size, batch):
     cotangents = (rng.normal(size=shape), rng.normal(size=channels), rng.normal(size=channels))
     f32 = lambda a: np.asarray(a, np.float32)
     y, mean, var = cpu_kernels.batch_norm_elu(f32(x), f32(scale), f32(bias), 1e-5)
-    grads = cpu_kernels.batch_norm_elu_grad(f32(cotangents[0]), y, f32(x), mean, var, f32(scale),
+    grads = cpu_kernels.batch_norm_elu_grad(f32(cotangents[0]), f32(x), mean, var, f32(scale), f32(bias),
                                             f32(cotangents[1]), f32(cotangents[2]), 1e-5)
     with jax.enable_x64(True):
         want, vjp = jax.vjp(reference_batch_norm_elu, x, scale, bias)
@@ -201,7 +201,7 @@ def test_the_fused_batch_normalize_elu_of_other_platforms_is_the_same_math():
     with jax.enable_x64(True):
         want, vjp = jax.vjp(reference_batch_norm_elu, x, scale, bias)
         y, mean, var = ops._xla_batch_normalize_elu(x, scale, bias, 1e-5)
-        grads = ops._xla_batch_normalize_elu_grad(x, y, mean, var, scale, *cotangents, 1e-5)
+        grads = ops._xla_batch_normalize_elu_grad(x, mean, var, scale, bias, *cotangents, 1e-5)
         for g, w in zip((y, mean, var, *grads), (*want, *vjp(cotangents))):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
@@ -256,7 +256,7 @@ k = rng.normal(size=(3, 3, 8, 16)).astype(np.float32)
 digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
 s, b = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
 bn = cpu_kernels.batch_norm_elu(x, s, b, 1e-5)
-bn_grad = cpu_kernels.batch_norm_elu_grad(x[..., ::-1].copy(), bn[0], x, bn[1], bn[2], s, s, b, 1e-5)
+bn_grad = cpu_kernels.batch_norm_elu_grad(x[..., ::-1].copy(), x, bn[1], bn[2], s, b, s, b, 1e-5)
 print(json.dumps({"conv": digest(cpu_kernels.conv3x3(x, k)), "kernel_grad": digest(cpu_kernels.conv3x3_kernel_grad(x, g)),
                   "batch_norm_elu": [digest(a) for a in (*bn, *bn_grad)]}))
 """
@@ -354,7 +354,7 @@ for c in (1, 4, 8, 16, 32):  # 8-lane periods: 8 floats, and two vectors for 16 
     want, vjp = jax.vjp(bn_elu, x, s, b)
     f32 = lambda a: np.asarray(a, np.float32)
     y, mean, var = cpu_kernels.batch_norm_elu(f32(x), f32(s), f32(b), 1e-5)
-    grads = cpu_kernels.batch_norm_elu_grad(f32(g), y, f32(x), mean, var, f32(s), f32(s), f32(b), 1e-5)
+    grads = cpu_kernels.batch_norm_elu_grad(f32(g), f32(x), mean, var, f32(s), f32(b), f32(s), f32(b), 1e-5)
     errors += [float(np.abs(a - w).max() / np.abs(w).max()) for a, w in zip((y, mean, var, *grads), (*want, *vjp((g, s, b))))]
 print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMPILE_FLAGS), "max_error": max(errors)}))
 """

@@ -10,8 +10,10 @@
 // 16, 32; other channel counts take plain loops).
 //
 // The math is ops.batch_normalize's and ops.elu's: mean, then the biased variance in a second
-// pass, y = elu((x - mean) * inv_std * scale + bias), ELU's slope taken from its output, and
-// torch's BatchNorm backward. Sums are per image in float32 vectors, per chunk and over chunks
+// pass, y = elu((x - mean) * inv_std * scale + bias), and torch's BatchNorm backward. The
+// backward pass keeps only the input (and the statistics): it computes ELU's input again and
+// takes the slope there, exp(u) (ops.elu takes it from the output, y + 1: one rounding apart), so
+// a scanned layer keeps two activation-sized arrays, its convolution's input and output. Sums are per image in float32 vectors, per chunk and over chunks
 // (in order) in float64, so the bits do not depend on the number of threads.
 
 #include <cmath>
@@ -54,10 +56,14 @@ inline V Elu(V x) {
   return x > Splat(0.f) ? x : (x == x ? negative : x);  // a NaN stays NaN
 }
 
-// ELU's slope from its output, as ops.elu: 1 where y > 0, else exp(x) = y + 1.
-inline V EluSlope(V y) { return y > Splat(0.f) ? Splat(1.f) : y + 1.f; }
-inline float EluSlope(float y) { return y > 0.f ? 1.f : y + 1.f; }
 inline float Elu(float x) { return x > 0.f ? x : std::expm1(x); }
+
+// ELU's slope at its input u: 1 where u > 0, else exp(u) (as torch's ELU backward takes it).
+// Computed again in the backward pass, so that it keeps only BatchNorm's input.
+inline V EluSlope(V u) {
+  return u > Splat(0.f) ? Splat(1.f) : (u == u ? Expm1NonPositive(u) + 1.f : u);  // a NaN stays NaN
+}
+inline float EluSlope(float u) { return u > 0.f ? 1.f : std::exp(u); }
 
 // C's values repeated over a period of P = max(C, L) floats, as NV vectors: the per-channel
 // operands of the vector loops (lane j of vector v holds channel (v * L + j) % C).
@@ -71,22 +77,32 @@ struct Pattern {
   }
 };
 
-// Per-channel sums of term(i) over the floats [0, S) of one image (S a multiple of C), added to
-// sums[C] in float64. `vector_term(offset, v)` gives the vector at `offset`, the v-th of its period;
-// `scalar_term(offset)` one float (the tail shorter than a period).
-template <int C, typename VectorTerm, typename ScalarTerm>
-void AddImageSums(int64_t S, const VectorTerm& vector_term, const ScalarTerm& scalar_term, double* sums) {
+// Per-channel sums of K terms over the floats [0, S) of one image (S a multiple of C), added to
+// sums[k * C + c] in float64. `vector_terms(offset, v, terms)` writes the K vectors at `offset`,
+// the v-th of its period; `scalar_terms(offset, terms)` the K floats at one offset (for the tail
+// shorter than a period).
+template <int C, int K, typename VectorTerms, typename ScalarTerms>
+void AddImageSums(int64_t S, const VectorTerms& vector_terms, const ScalarTerms& scalar_terms, double* sums) {
   constexpr int P = Pattern<C>::P, NV = Pattern<C>::NV;
-  V acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  V acc[K][NV] = {};
   int64_t i = 0;
   for (; i + P <= S; i += P)
-    for (int v = 0; v < NV; ++v) acc[v] += vector_term(i + v * L, v);
-  float tail[C] = {};
-  for (; i < S; ++i) tail[i % C] += scalar_term(i);
-  for (int v = 0; v < NV; ++v)
-    for (int j = 0; j < L; ++j) sums[(v * L + j) % C] += acc[v][j];
-  for (int c = 0; c < C; ++c) sums[c] += tail[c];
+    for (int v = 0; v < NV; ++v) {
+      V terms[K];
+      vector_terms(i + v * L, v, terms);
+      for (int k = 0; k < K; ++k) acc[k][v] += terms[k];
+    }
+  float tail[K][C] = {};
+  for (; i < S; ++i) {
+    float terms[K];
+    scalar_terms(i, terms);
+    for (int k = 0; k < K; ++k) tail[k][i % C] += terms[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int v = 0; v < NV; ++v)
+      for (int j = 0; j < L; ++j) sums[k * C + (v * L + j) % C] += acc[k][v][j];
+    for (int c = 0; c < C; ++c) sums[k * C + c] += tail[k][c];
+  }
 }
 
 // The sums of `image_sums(n, chunk_sums)` over every image, per chunk then over chunks in order:
@@ -121,7 +137,8 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
   if constexpr (C > 0) {
     sums = SumOverImages(pool, N, C, 1, [&](int64_t n, double* out) {
       const float* xn = x + n * S;
-      AddImageSums<C>(S, [&](int64_t i, int) { return Load(xn + i); }, [&](int64_t i) { return xn[i]; }, out);
+      AddImageSums<C, 1>(S, [&](int64_t i, int, V* t) { t[0] = Load(xn + i); }, [&](int64_t i, float* t) { t[0] = xn[i]; },
+                         out);
     });
   } else {
     sums = SumOverImages(pool, N, channels, 1, [&](int64_t n, double* out) {
@@ -133,8 +150,8 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
     const Pattern<C> m(mean);
     sums = SumOverImages(pool, N, C, 1, [&](int64_t n, double* out) {
       const float* xn = x + n * S;
-      AddImageSums<C>(S, [&](int64_t i, int v) { const V d = Load(xn + i) - m.v[v]; return d * d; },
-                      [&](int64_t i) { const float d = xn[i] - mean[i % C]; return d * d; }, out);
+      AddImageSums<C, 1>(S, [&](int64_t i, int v, V* t) { const V d = Load(xn + i) - m.v[v]; t[0] = d * d; },
+                         [&](int64_t i, float* t) { const float d = xn[i] - mean[i % C]; t[0] = d * d; }, out);
     });
   } else {
     sums = SumOverImages(pool, N, channels, 1, [&](int64_t n, double* out) {
@@ -166,65 +183,79 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
   });
 }
 
-// The backward pass: grad_x, grad_scale, grad_bias from the output's cotangent g, the output y,
-// the input x, the statistics and their cotangents (zero when only running statistics use them).
+// The backward pass: grad_x, grad_scale, grad_bias from the output's cotangent g, the input x,
+// the statistics and their cotangents (zero when only running statistics use them).
 template <int C>
-void Backward(ffi::ThreadPool& pool, const float* g, const float* y, const float* x, const float* mean,
-              const float* var, const float* scale, const float* grad_mean, const float* grad_var, float epsilon,
+void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float* mean, const float* var,
+              const float* scale, const float* bias, const float* grad_mean, const float* grad_var, float epsilon,
               int64_t N, int64_t S, int64_t channels, float* grad_x, float* grad_scale, float* grad_bias) {
   const int64_t count = N * (S / channels);
-  // sums[c] = sum of g * slope (the normalized output's cotangent), sums[C + c] = sum of that
-  // times (x - mean)
+  std::vector<float> inv_std(channels), a(channels);  // ELU's input: (x - mean) * a + bias, as forward
+  for (int64_t c = 0; c < channels; ++c) {
+    inv_std[c] = 1.f / std::sqrt(var[c] + epsilon);
+    a[c] = inv_std[c] * scale[c];
+  }
+  // gs = g * slope, the cotangent of the normalized output; sums[c] = sum of gs, sums[C + c] =
+  // sum of gs * (x - mean)
   std::vector<double> sums;
   if constexpr (C > 0) {
-    const Pattern<C> m(mean);
+    const Pattern<C> m(mean), s(a.data()), b(bias);
     sums = SumOverImages(pool, N, C, 2, [&](int64_t n, double* out) {
-      const float *gn = g + n * S, *yn = y + n * S, *xn = x + n * S;
-      AddImageSums<C>(S, [&](int64_t i, int) { return Load(gn + i) * EluSlope(Load(yn + i)); },
-                      [&](int64_t i) { return gn[i] * EluSlope(yn[i]); }, out);
-      AddImageSums<C>(S, [&](int64_t i, int v) { return Load(gn + i) * EluSlope(Load(yn + i)) * (Load(xn + i) - m.v[v]); },
-                      [&](int64_t i) { return gn[i] * EluSlope(yn[i]) * (xn[i] - mean[i % C]); }, out + C);
+      const float *gn = g + n * S, *xn = x + n * S;
+      AddImageSums<C, 2>(
+          S,
+          [&](int64_t i, int v, V* t) {
+            const V d = Load(xn + i) - m.v[v];
+            t[0] = Load(gn + i) * EluSlope(d * s.v[v] + b.v[v]);
+            t[1] = t[0] * d;
+          },
+          [&](int64_t i, float* t) {
+            const float d = xn[i] - mean[i % C];
+            t[0] = gn[i] * EluSlope(d * a[i % C] + bias[i % C]);
+            t[1] = t[0] * d;
+          },
+          out);
     });
   } else {
     sums = SumOverImages(pool, N, channels, 2, [&](int64_t n, double* out) {
       for (int64_t i = n * S; i < (n + 1) * S; ++i) {
         const int64_t c = i % channels;
-        const float gs = g[i] * EluSlope(y[i]);
+        const float d = x[i] - mean[c], gs = g[i] * EluSlope(d * a[c] + bias[c]);
         out[c] += gs;
-        out[channels + c] += gs * (x[i] - mean[c]);
+        out[channels + c] += gs * d;
       }
     });
   }
   // grad_x = (gs - sum_gs / n - (x - mean) * k2) * k3 + grad_mean / n + (x - mean) * k5
   std::vector<float> k1(channels), k2(channels), k3(channels), k4(channels), k5(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    const float inv_std = 1.f / std::sqrt(var[c] + epsilon);
     const float sum_gs = static_cast<float>(sums[c]), sum_gsx = static_cast<float>(sums[channels + c]);
     grad_bias[c] = sum_gs;
-    grad_scale[c] = sum_gsx * inv_std;
+    grad_scale[c] = sum_gsx * inv_std[c];
     k1[c] = sum_gs / count;
-    k2[c] = sum_gsx * inv_std * inv_std / count;
-    k3[c] = inv_std * scale[c];
+    k2[c] = sum_gsx * inv_std[c] * inv_std[c] / count;
+    k3[c] = a[c];
     k4[c] = grad_mean[c] / count;
     k5[c] = grad_var[c] * 2 / count;
   }
   ForEachImage(pool, N, [&](int64_t n) {
-    const float *gn = g + n * S, *yn = y + n * S, *xn = x + n * S;
+    const float *gn = g + n * S, *xn = x + n * S;
     float* out = grad_x + n * S;
     int64_t i = 0;
     if constexpr (C > 0) {
-      const Pattern<C> m(mean), p1(k1.data()), p2(k2.data()), p3(k3.data()), p4(k4.data()), p5(k5.data());
+      const Pattern<C> m(mean), s(a.data()), b(bias), p1(k1.data()), p2(k2.data()), p4(k4.data()), p5(k5.data());
       for (; i + Pattern<C>::P <= S; i += Pattern<C>::P)
         for (int v = 0; v < Pattern<C>::NV; ++v) {
           const int64_t o = i + v * L;
           const V d = Load(xn + o) - m.v[v];
-          Store(out + o, (Load(gn + o) * EluSlope(Load(yn + o)) - p1.v[v] - d * p2.v[v]) * p3.v[v] + p4.v[v] + d * p5.v[v]);
+          const V gs = Load(gn + o) * EluSlope(d * s.v[v] + b.v[v]);
+          Store(out + o, (gs - p1.v[v] - d * p2.v[v]) * s.v[v] + p4.v[v] + d * p5.v[v]);
         }
     }
     for (; i < S; ++i) {
       const int64_t c = i % channels;
-      const float d = xn[i] - mean[c];
-      out[i] = (gn[i] * EluSlope(yn[i]) - k1[c] - d * k2[c]) * k3[c] + k4[c] + d * k5[c];
+      const float d = xn[i] - mean[c], gs = gn[i] * EluSlope(d * a[c] + bias[c]);
+      out[i] = (gs - k1[c] - d * k2[c]) * k3[c] + k4[c] + d * k5[c];
     }
   });
 }
@@ -265,25 +296,24 @@ ffi::Error BatchNormElu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-ffi::Error BatchNormEluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad_y, ffi::Buffer<ffi::F32> y,
-                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
-                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> grad_mean,
+ffi::Error BatchNormEluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad_y, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> grad_mean,
                             ffi::Buffer<ffi::F32> grad_var, float epsilon, ffi::ResultBuffer<ffi::F32> grad_x,
                             ffi::ResultBuffer<ffi::F32> grad_scale, ffi::ResultBuffer<ffi::F32> grad_bias) {
   auto d = x.dimensions();
   if (auto e = CheckNHWC("input", d); e.failure()) return e;
   const int64_t N = d[0], C = d[3], S = d[1] * d[2] * C;
-  for (auto [dims, what] : {std::pair{grad_y.dimensions(), "output gradient"}, {y.dimensions(), "output"},
-                            {grad_x->dimensions(), "input gradient"}})
+  for (auto [dims, what] : {std::pair{grad_y.dimensions(), "output gradient"}, {grad_x->dimensions(), "input gradient"}})
     if (auto e = CheckShapes(d, dims, what); e.failure()) return e;
   for (auto [dims, what] : {std::pair{mean.dimensions(), "mean"}, {var.dimensions(), "variance"},
-                            {scale.dimensions(), "scale"}, {grad_mean.dimensions(), "mean gradient"},
-                            {grad_var.dimensions(), "variance gradient"}, {grad_scale->dimensions(), "scale gradient"},
-                            {grad_bias->dimensions(), "bias gradient"}})
+                            {scale.dimensions(), "scale"}, {bias.dimensions(), "bias"},
+                            {grad_mean.dimensions(), "mean gradient"}, {grad_var.dimensions(), "variance gradient"},
+                            {grad_scale->dimensions(), "scale gradient"}, {grad_bias->dimensions(), "bias gradient"}})
     if (auto e = CheckChannels(dims, C, what); e.failure()) return e;
   if (C == 0) return ffi::Error::Success();  // no channels (an empty batch gets 0 / 0 = NaN statistics, as from XLA)
-  auto args = std::make_tuple(std::ref(pool), grad_y.typed_data(), y.typed_data(), x.typed_data(), mean.typed_data(),
-                              var.typed_data(), scale.typed_data(), grad_mean.typed_data(), grad_var.typed_data(),
+  auto args = std::make_tuple(std::ref(pool), grad_y.typed_data(), x.typed_data(), mean.typed_data(), var.typed_data(),
+                              scale.typed_data(), bias.typed_data(), grad_mean.typed_data(), grad_var.typed_data(),
                               epsilon, N, S, C, grad_x->typed_data(), grad_scale->typed_data(),
                               grad_bias->typed_data());
 #define CASE(c) \
@@ -312,11 +342,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormEluGrad, flaxdepth::BatchNormElu
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_y
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // y
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // variance
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_var
                                   .Attr<float>("epsilon")
