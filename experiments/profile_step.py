@@ -8,8 +8,10 @@ Runs the sweep engine's step (`flaxdepth.bench.jax_stepper`: R replicas, vmapped
 planes, on a CPU the XLA thunks of the "/host:CPU" plane (threads named tf_XLA...). The table
 gives, per operation kind (trailing ".N" of XLA's instruction names dropped) and for the `--top`
 single operations, the total time, the count, and the share of all device time. Kinds are
-classified as convolution, layout (transpose, copy), reduction, other fusion, other: the question
-it answers is how much of a step is not convolution (BENCHMARKS.md, fourth session). The events
+classified as convolution, batchnorm (flaxdepth's CPU BatchNorm + ELU kernel), layout (transpose,
+copy), reduction, other fusion, other: the question it answers is how much of a step is not
+convolution (BENCHMARKS.md, fourth session). On a CPU, flaxdepth's kernels (FFI calls, named
+"ffi_call.N" in the trace) are of the kind of their FFI target, read from the compiled program. The events
 of nested loops are counted where they run; events that span others (a while loop, a CPU thunk
 sequence and its wait) and runtime internals are left out of the sums, so "device time" is the
 operations' own time (operations that run concurrently each count).
@@ -36,7 +38,8 @@ from flaxdepth import bench, registry
 # bitcast_dynamic-update-slice fusions are not taken for convolutions or copies. The GPU kernel
 # names are cuDNN's and CUTLASS's for convolutions (implicit GEMM, Winograd, fprop/dgrad/wgrad).
 CLASSES = (("convolution", r"^conv_general|convolution|cudnn|xmma|implicit_gemm|winograd|fprop|dgrad|wgrad"
-                           r"|^ffi_call"),  # a CPU program's FFI calls: flaxdepth's convolution kernels
+                           r"|^flaxdepth_conv"),  # flaxdepth's CPU kernels, by FFI target (ffi_targets)
+           ("batchnorm", r"^flaxdepth_batch_norm"),
            ("layout", r"^(copy|transpose)"),
            ("reduction", r"reduce|reduction"),
            ("other fusion", r"fusion"))
@@ -49,6 +52,12 @@ def kind_of(name: str) -> str:
     """XLA's instruction or kernel name without its numeric suffix (loop_fusion.12, loop_fusion_12 ->
     loop_fusion)."""
     return re.sub(r"([._]\d+)+$", "", name)
+
+
+def ffi_targets(program: str) -> dict[str, str]:
+    """FFI call instruction name -> its target, from a compiled program's HLO text: a CPU trace
+    names flaxdepth's kernels only "ffi_call.N"."""
+    return dict(re.findall(r"%?(ffi_call[.\d]*) = .*custom_call_target=\"([^\"]+)\"", program))
 
 
 def classify(kind: str) -> str:
@@ -77,11 +86,12 @@ def device_events(profile, platform: str):
                     yield line.name, event.name, event.duration_ns
 
 
-def summarize(events, top: int) -> dict:
+def summarize(events, top: int, targets: dict[str, str] | None = None) -> dict:
+    """Totals by class, kind and operation; FFI calls are of the kind of their target (`targets`)."""
     total, by_kind, by_name, count, by_class, lines = 0.0, Counter(), Counter(), Counter(), Counter(), set()
     for line, name, ns in events:
         total += ns
-        kind = kind_of(name)
+        kind = (targets or {}).get(name) or kind_of(name)
         by_kind[kind] += ns
         by_name[name] += ns
         count[kind] += 1
@@ -117,6 +127,7 @@ def main(argv=None) -> int:
     images, labels = bench.synthetic_batch(args.batch_size)
     run = bench.jax_stepper(args.variant, args.depth, images, labels, args.replicas)
     run(2)  # compile and warm up outside the trace
+    targets = ffi_targets(run.compiled_text())
     with contextlib.ExitStack() as stack:
         trace_dir = args.trace_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="flaxdepth_profile_"))
         with jax.profiler.trace(trace_dir):
@@ -127,7 +138,8 @@ def main(argv=None) -> int:
         if not traces:
             print(f"profile_step.py: error: jax.profiler wrote no trace into {trace_dir}", file=sys.stderr)
             return 1
-        summary = summarize(device_events(jax.profiler.ProfileData.from_file(traces[-1]), platform), args.top)
+        summary = summarize(device_events(jax.profiler.ProfileData.from_file(traces[-1]), platform), args.top,
+                            targets)
     summary.update(variant=args.variant, depth=args.depth, replicas=args.replicas, steps=args.steps,
                    device=f"{platform}:{jax.devices()[0].device_kind}", jax=jax.__version__,
                    device_ms_per_step=summary["device_ms"] / args.steps, wall_ms_per_step=wall_ms)

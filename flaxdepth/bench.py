@@ -99,6 +99,7 @@ def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, plat
         for _ in range(n):
             holder[0], metrics = step(holder[0], x, y)
         jax.block_until_ready(metrics)
+    run.compiled_text = lambda: step.lower(holder[0], x, y).compile().as_text()  # for profiles
     return run
 
 
