@@ -284,8 +284,13 @@ def main(argv=None) -> int:
               "cpu_kernels": cpu_kernels.usable(),
               "rematerialize_layers": models.REMATERIALIZE_LAYERS}
     if args.full_run:
-        result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
-                                         args.data_dir, args.limit_train, args.limit_test, args.rounds))
+        from flaxdepth.data import DataError
+        try:
+            result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
+                                             args.data_dir, args.limit_train, args.limit_test, args.rounds))
+        except DataError as error:  # no MNIST where it was looked for: what to pass instead
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
     else:
         result.update(step_benchmark(args.variant, args.depth, args.batch_size, args.replicas, args.steps,
                                      args.rounds, device))

@@ -346,6 +346,18 @@ def test_bench_splits_replicas_over_cpu_devices(env_without_device_count):
     assert result["speedup_replicas_one_device"] > 0 and result["speedup_replicas_vmapped"] > 0
 
 
+def test_bench_full_run_without_data_says_where_to_point_it(tmp_path, capsys):
+    """A missing MNIST folder is the user's to fix: one line naming --data-dir, exit 2, no traceback."""
+    assert bench_main(["--full-run", "--variant", "tanh", "--depth", "3", "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m flaxdepth.bench: error:") and "--data-dir" in err and len(err.splitlines()) == 1
+
+
+def bench_main(argv):
+    from flaxdepth import bench
+    return bench.main(argv)
+
+
 def test_bench_full_run_times_both_loops_and_the_one_device_engine(env_without_device_count):
     """--full-run on a subset, in a fresh process with 2 CPU devices: the notebook loop, the
     engine over the devices and the engine on one device (2 interleaved rounds), each a positive
