@@ -8,7 +8,7 @@ Runs the sweep engine's step (`flaxdepth.bench.jax_stepper`: R replicas, vmapped
 planes, on a CPU the XLA thunks of the "/host:CPU" plane (threads named tf_XLA...). The table
 gives, per operation kind (trailing ".N" of XLA's instruction names dropped) and for the `--top`
 single operations, the total time, the count, and the share of all device time. Kinds are
-classified as convolution, batchnorm (flaxdepth's CPU BatchNorm + ELU kernel), layout (transpose,
+classified as convolution, batchnorm (flaxdepth's CPU BatchNorm + activation kernel), layout (transpose,
 copy), reduction, other fusion, other: the question it answers is how much of a step is not
 convolution (BENCHMARKS.md, fourth session). On a CPU, flaxdepth's kernels (FFI calls, named
 "ffi_call.N" in the trace) are of the kind of their FFI target, read from the compiled program. The events

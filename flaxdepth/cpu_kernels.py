@@ -4,8 +4,8 @@ XLA's CPU convolutions run the models' 1-16-channel 3x3 convolutions far below t
 speed; they were most of a CPU training step (experiments/BENCHMARKS.md). The C++ kernels
 compute the same convolution (forward, which with the kernel flipped is also the input gradient,
 and the kernel gradient) for float32 NHWC/HWIO arrays, on XLA's own intra-op threads; and, once
-those were fast, the next largest part of an elu_bn step, train-mode BatchNorm followed by ELU,
-and its gradient (`flaxdepth.ops.batch_normalize_elu`).
+those were fast, the next largest part of an elu_bn step, train-mode BatchNorm followed by its
+activation (ELU or tanh), and its gradient (`flaxdepth.ops.batch_normalize_activation`).
 
 The sources are compiled on first use, once per source, jaxlib, compiler and processor, with the
 C++ compiler `$CXX` (else `c++`) and `-O3 -march=native`, into one library in the user cache
@@ -41,8 +41,10 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> the handler symbol the library exports
 TARGETS = {"flaxdepth_conv3x3": "FlaxdepthConv3x3",
            "flaxdepth_conv3x3_kernel_grad": "FlaxdepthConv3x3KernelGrad",
-           "flaxdepth_batch_norm_elu": "FlaxdepthBatchNormElu",
-           "flaxdepth_batch_norm_elu_grad": "FlaxdepthBatchNormEluGrad"}
+           "flaxdepth_batch_norm_activation": "FlaxdepthBatchNormActivation",
+           "flaxdepth_batch_norm_activation_grad": "FlaxdepthBatchNormActivationGrad"}
+# the activations after BatchNorm that the kernels compute -> their code in the C++ source
+ACTIVATIONS = {"elu": 0, "tanh": 1}
 
 
 def enabled() -> bool:
@@ -68,22 +70,25 @@ def conv3x3_kernel_grad(x: jax.Array, grad_out: jax.Array) -> jax.Array:
     return _call("flaxdepth_conv3x3_kernel_grad", out, x, grad_out)
 
 
-def batch_norm_elu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    """(elu(train-mode BatchNorm(x)), batch mean, biased batch variance) over every axis but the
-    last: ops.batch_normalize then ops.elu, for float32 NHWC x."""
+def batch_norm_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str):
+    """(activation(train-mode BatchNorm(x)), batch mean, biased batch variance) over every axis but
+    the last: ops.batch_normalize then ops.elu / ops.tanh, for float32 NHWC x."""
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     outputs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels)
-    return _call("flaxdepth_batch_norm_elu", outputs, x, scale, bias, epsilon=np.float32(epsilon))
+    return _call("flaxdepth_batch_norm_activation", outputs, x, scale, bias, epsilon=np.float32(epsilon),
+                 activation=np.int32(ACTIVATIONS[activation]))
 
 
-def batch_norm_elu_grad(grad_y, x, mean, var, scale, bias, grad_mean, grad_var, epsilon: float):
-    """batch_norm_elu's gradient: (grad_x, grad_scale, grad_bias) from the output's cotangent, the
-    input, the statistics and parameters, and the statistics' cotangents. ELU's slope is taken at
-    its input, computed again from x: the backward pass needs no activation-sized array but x."""
+def batch_norm_activation_grad(grad_y, x, mean, var, scale, bias, grad_mean, grad_var, epsilon: float,
+                               activation: str):
+    """batch_norm_activation's gradient: (grad_x, grad_scale, grad_bias) from the output's
+    cotangent, the input, the statistics and parameters, and the statistics' cotangents. The
+    activation's slope is taken at its input, computed again from x: the backward pass needs no
+    activation-sized array but x."""
     channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
     outputs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), channels, channels)
-    return _call("flaxdepth_batch_norm_elu_grad", outputs, grad_y, x, mean, var, scale, bias, grad_mean, grad_var,
-                 epsilon=np.float32(epsilon))
+    return _call("flaxdepth_batch_norm_activation_grad", outputs, grad_y, x, mean, var, scale, bias, grad_mean,
+                 grad_var, epsilon=np.float32(epsilon), activation=np.int32(ACTIVATIONS[activation]))
 
 
 def _call(target: str, outputs, *args, **attributes):

@@ -27,9 +27,9 @@ from flaxdepth import conv, ops, registry
 # convolution's output, and recomputes BatchNorm and the activation from them (jax.checkpoint);
 # without it, the layer keeps its input, the activation's slope and, with BatchNorm, the centred
 # activations (flaxdepth/ops.py; JAX's autodiff alone kept five float32 and two bool arrays per
-# elu_bn layer), or on CPUs with BatchNorm + ELU (one C++ kernel) its input and its convolution's
-# output, as rematerializing would. Before ops.py, on this project's 2-core CPU, rematerializing made one elu_bn k=48
-# step 1.02-1.12x faster (BENCHMARKS.md, seventh session); since ops.py it is untimed there, and on a
+# elu_bn layer), or on CPUs with BatchNorm (one C++ kernel with the activation) its input and its
+# convolution's output, as rematerializing would. Before ops.py, on this project's 2-core CPU,
+# rematerializing made one elu_bn k=48 step 1.02-1.12x faster (BENCHMARKS.md, seventh session); since ops.py it is untimed there, and on a
 # GPU (experiments/gpu_step_variants.sh times it). Off.
 # Read when a program is traced.
 REMATERIALIZE_LAYERS = False

@@ -10,9 +10,10 @@ this project's 2-core CPU the elu_bn k=48 step ran 1.45x faster, resnet k=102 1.
 experiments/cpu/ops_ab_elu_bn_resnet.txt). The gradients are the same functions, so the parity
 suite holds them to the same tolerances (float64: 1e-10 of torch).
 
-On CPUs, BatchNorm followed by ELU in float32 is one C++ kernel forward and one backward
-(`batch_normalize_activation`; flaxdepth/csrc/batchnorm_elu_cpu.cc), which keeps only its input
-for the backward pass: a scanned elu_bn layer then keeps its convolution's input and output.
+On CPUs, BatchNorm followed by its activation in float32 is one C++ kernel forward and one
+backward (`batch_normalize_activation`; flaxdepth/csrc/batchnorm_activation_cpu.cc), which keeps
+only its input for the backward pass: a scanned BatchNorm layer then keeps its convolution's
+input and output.
 """
 
 from __future__ import annotations
@@ -85,47 +86,54 @@ batch_normalize.defvjp(_batch_normalize_fwd, _batch_normalize_bwd)
 
 def batch_normalize_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str):
     """(ACTIVATIONS[activation](normalized * scale + bias), batch mean, biased batch variance):
-    `batch_normalize` followed by the activation. On CPUs, BatchNorm + ELU in float32 is one
-    flaxdepth kernel forward and one backward (`cpu_kernels.batch_norm_elu`): XLA's CPU code for the
-    pair was the largest part of an elu_bn step once the convolutions were fast (BENCHMARKS.md,
-    ninth session)."""
-    if activation == "elu" and x.dtype == jnp.float32 and cpu_kernels.usable():
-        return _fused_batch_normalize_elu(x, scale, bias, epsilon)
+    `batch_normalize` followed by the activation. On CPUs, in float32, one flaxdepth kernel forward
+    and one backward (`cpu_kernels.batch_norm_activation`): XLA's CPU code for the pair was the
+    largest part of an elu_bn step once the convolutions were fast (BENCHMARKS.md, ninth session)."""
+    if activation in cpu_kernels.ACTIVATIONS and x.dtype == jnp.float32 and cpu_kernels.usable():
+        return _fused_batch_normalize_activation(x, scale, bias, epsilon, activation)
     out, mean, var = batch_normalize(x, scale, bias, epsilon)
     return ACTIVATIONS[activation](out), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_batch_normalize_elu(x, scale, bias, epsilon):
-    return _fused_fwd(x, scale, bias, epsilon)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_batch_normalize_activation(x, scale, bias, epsilon, activation):
+    return _fused_fwd(x, scale, bias, epsilon, activation)[0]
 
 
-def _fused_fwd(x, scale, bias, epsilon):
+def _fused_fwd(x, scale, bias, epsilon, activation):
     # the kernel on CPUs; a program lowered for another platform (jax.export, a GPU device while
     # the default is the CPU) gets the same math from XLA
-    y, mean, var = lax.platform_dependent(x, scale, bias, cpu=lambda *a: cpu_kernels.batch_norm_elu(*a, epsilon),
-                                          default=lambda *a: _xla_batch_normalize_elu(*a, epsilon))
-    # only x of the activations' size: the backward pass computes ELU's input again
+    y, mean, var = lax.platform_dependent(
+        x, scale, bias, cpu=lambda *a: cpu_kernels.batch_norm_activation(*a, epsilon, activation),
+        default=lambda *a: _xla_batch_normalize_activation(*a, epsilon, activation))
+    # only x of the activations' size: the backward pass computes the activation's input again
     return (y, mean, var), (x, mean, var, scale, bias)
 
 
-def _fused_bwd(epsilon, residuals, cotangents):
-    return lax.platform_dependent(*residuals, *cotangents,
-                                  cpu=lambda *a: cpu_kernels.batch_norm_elu_grad(a[5], *a[:5], *a[6:], epsilon),
-                                  default=lambda *a: _xla_batch_normalize_elu_grad(*a, epsilon))
+def _fused_bwd(epsilon, activation, residuals, cotangents):
+    (grad_y, grad_mean, grad_var) = cotangents
+    return lax.platform_dependent(
+        *residuals, grad_y, grad_mean, grad_var,
+        cpu=lambda x, mean, var, scale, bias, *grads: cpu_kernels.batch_norm_activation_grad(
+            grads[0], x, mean, var, scale, bias, grads[1], grads[2], epsilon, activation),
+        default=lambda *a: _xla_batch_normalize_activation_grad(*a, epsilon, activation))
 
 
-def _xla_batch_normalize_elu(x, scale, bias, epsilon):
+def _xla_batch_normalize_activation(x, scale, bias, epsilon, activation):
     out, mean, var = batch_normalize(x, scale, bias, epsilon)
-    return elu(out), mean, var
+    return ACTIVATIONS[activation](out), mean, var
 
 
-def _xla_batch_normalize_elu_grad(x, mean, var, scale, bias, grad_y, grad_mean, grad_var, epsilon):
-    """_batch_normalize_bwd after ELU's slope at its input, exp(u) where u <= 0, as the kernel."""
+# the activations' slopes at their input u, as the kernels take them (ELU: exp(u) where u <= 0)
+_SLOPES_AT_INPUT = {"elu": lambda u: jnp.where(u > 0, 1, jnp.exp(jnp.minimum(u, 0))),
+                    "tanh": lambda u: 1 - jnp.square(jnp.tanh(u))}
+
+
+def _xla_batch_normalize_activation_grad(x, mean, var, scale, bias, grad_y, grad_mean, grad_var, epsilon, activation):
+    """_batch_normalize_bwd after the activation's slope at its input, as the kernel."""
     centred, inv_std = x - mean, lax.rsqrt(var + epsilon)
-    normalized = centred * inv_std * scale + bias
-    slope = jnp.where(normalized > 0, 1, jnp.exp(jnp.minimum(normalized, 0)))
+    slope = _SLOPES_AT_INPUT[activation](centred * inv_std * scale + bias)
     return _batch_normalize_bwd(epsilon, (centred, inv_std, scale), (grad_y * slope, grad_mean, grad_var))
 
 
-_fused_batch_normalize_elu.defvjp(_fused_fwd, _fused_bwd)
+_fused_batch_normalize_activation.defvjp(_fused_fwd, _fused_bwd)

@@ -1,10 +1,11 @@
-"""flaxdepth.cpu_kernels: the C++ CPU convolutions and BatchNorm + ELU against XLA's, their use by
+"""flaxdepth.cpu_kernels: the C++ CPU convolutions and BatchNorm + activation against XLA's, their use by
 conv.py and ops.py, their build and their fallback.
 
 The kernels compute in float32 and sum in their own order, so they are compared with float64
 XLA: the convolutions at 1e-5 of the largest value (float32 rounding through at most 9 x 16
 products per output and a few thousand per kernel-gradient entry: ~1e-6 measured), BatchNorm +
-ELU's outputs and input gradient at 2e-6 (a few float32 roundings per value: 3e-7 measured).
+activation's outputs and input gradient at 2e-6 (a few float32 roundings per value: 3e-7
+measured).
 """
 
 from __future__ import annotations
@@ -88,17 +89,18 @@ def test_an_empty_batch():
     np.testing.assert_array_equal(cpu_kernels.conv3x3_kernel_grad(x, np.zeros((0, 5, 5, 4), np.float32)), 0)
 
 
-def reference_batch_norm_elu(x, scale, bias, epsilon=1e-5):
-    """XLA's BatchNorm then ELU (ops.py's separate operations), float64 under enable_x64."""
+def reference_batch_norm_activation(x, scale, bias, activation, epsilon=1e-5):
+    """XLA's BatchNorm then the activation (ops.py's separate operations), float64 under enable_x64."""
     out, mean, var = ops.batch_normalize(x, scale, bias, epsilon)
-    return ops.elu(out), mean, var
+    return ops.ACTIVATIONS[activation](out), mean, var
 
 
 # Channel counts with vector loops (1-32) and without (3, 5), image sizes whose floats are not a
 # whole number of vectors (5 x 5 x 4 = 100: a tail), a batch that is not whole chunks of 8 images.
+@pytest.mark.parametrize("activation", list(cpu_kernels.ACTIVATIONS))
 @pytest.mark.parametrize("channels", [1, 2, 3, 4, 5, 8, 16, 32])
 @pytest.mark.parametrize("size, batch", [(28, 3), (14, 9), (7, 2), (5, 17)])
-def test_batch_norm_elu_is_batchnorm_then_elu(channels, size, batch):
+def test_batch_norm_activation_is_batchnorm_then_the_activation(activation, channels, size, batch):
     """Outputs, statistics and the gradient for cotangents on all three outputs (the statistics'
     too, as the custom VJP receives them) against float64 XLA."""
     rng = np.random.default_rng([channels, size, batch])
@@ -107,11 +109,11 @@ def test_batch_norm_elu_is_batchnorm_then_elu(channels, size, batch):
     scale, bias = rng.normal(1.0, 0.5, size=channels), rng.normal(size=channels)
     cotangents = (rng.normal(size=shape), rng.normal(size=channels), rng.normal(size=channels))
     f32 = lambda a: np.asarray(a, np.float32)
-    y, mean, var = cpu_kernels.batch_norm_elu(f32(x), f32(scale), f32(bias), 1e-5)
-    grads = cpu_kernels.batch_norm_elu_grad(f32(cotangents[0]), f32(x), mean, var, f32(scale), f32(bias),
-                                            f32(cotangents[1]), f32(cotangents[2]), 1e-5)
+    y, mean, var = cpu_kernels.batch_norm_activation(f32(x), f32(scale), f32(bias), 1e-5, activation)
+    grads = cpu_kernels.batch_norm_activation_grad(f32(cotangents[0]), f32(x), mean, var, f32(scale), f32(bias),
+                                                   f32(cotangents[1]), f32(cotangents[2]), 1e-5, activation)
     with jax.enable_x64(True):
-        want, vjp = jax.vjp(reference_batch_norm_elu, x, scale, bias)
+        want, vjp = jax.vjp(lambda *a: reference_batch_norm_activation(*a, activation), x, scale, bias)
         want, want_grads = [np.asarray(a) for a in want], [np.asarray(a) for a in vjp(cotangents)]
     for got, w in zip((y, grads[0]), (want[0], want_grads[0])):
         assert got.dtype == np.float32 and got.shape == w.shape
@@ -121,7 +123,8 @@ def test_batch_norm_elu_is_batchnorm_then_elu(channels, size, batch):
     # (float32 terms summed per image in float32 vectors, then in float64: up to 1e-7 measured).
     y64, mean64, var64 = want
     normalized = (x - mean64) / np.sqrt(var64 + 1e-5)
-    slope_times_g = cotangents[0] * np.where(y64 > 0, 1, y64 + 1)
+    slope = np.where(y64 > 0, 1, y64 + 1) if activation == "elu" else 1 - y64**2
+    slope_times_g = cotangents[0] * slope
     axes = (0, 1, 2)
     magnitudes = (np.abs(x).mean(axes), np.square(x - mean64).mean(axes), np.abs(slope_times_g * normalized).sum(axes),
                   np.abs(slope_times_g).sum(axes))
@@ -130,78 +133,90 @@ def test_batch_norm_elu_is_batchnorm_then_elu(channels, size, batch):
         np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - w), 1e-6 * magnitude + 1e-30)
 
 
-def test_batch_norm_elu_elu_is_accurate_everywhere():
-    """ELU of 2^20 points from -100 to 5 (the C++ exp(x) - 1: a polynomial near 0, range reduction
-    elsewhere, -1 below -88) within 3e-7 of the exact value, relatively."""
+@pytest.mark.parametrize("activation, exact", [("elu", lambda u: np.where(u > 0, u, np.expm1(u))), ("tanh", np.tanh)])
+def test_batch_norm_activation_is_accurate_everywhere(activation, exact):
+    """The activation of 2^20 points from -100 to 5 (the C++ exp(x) - 1: a polynomial near 0,
+    range reduction elsewhere, -1 below -88; tanh from it) within 3e-7 of the exact value,
+    relatively (a few float32 roundings)."""
     x = np.linspace(-100, 5, 2**20).astype(np.float32).reshape(1, 1, -1, 4)
-    y, mean, var = cpu_kernels.batch_norm_elu(x, np.ones(4, np.float32), np.zeros(4, np.float32), 0.0)
+    y, mean, var = cpu_kernels.batch_norm_activation(x, np.ones(4, np.float32), np.zeros(4, np.float32), 0.0,
+                                                     activation)
     normalized = (x - np.asarray(mean, np.float64)) / np.sqrt(np.asarray(var, np.float64))
-    exact = np.where(normalized > 0, normalized, np.expm1(normalized))
-    relative = np.abs(np.asarray(y, np.float64) - exact) / np.maximum(np.abs(exact), 1e-30)
+    want = exact(normalized)
+    relative = np.abs(np.asarray(y, np.float64) - want) / np.maximum(np.abs(want), 1e-30)
     assert relative.max() < 3e-7
 
 
-def test_batch_norm_elu_keeps_a_nan_in_its_channel():
+@pytest.mark.parametrize("activation", list(cpu_kernels.ACTIVATIONS))
+def test_batch_norm_activation_keeps_a_nan_in_its_channel(activation):
     """A NaN makes its channel's statistics and outputs NaN (a diverged run), not another's; an
-    infinite input's channel likewise, and elu(-inf) is -1 where the statistics are finite."""
+    infinite input's channel likewise; and the activation saturates where exp underflows."""
     x = np.random.default_rng(0).normal(size=(9, 4, 4, 8)).astype(np.float32)
     x[3, 1, 2, 0], x[8, 3, 3, 5] = np.nan, -np.inf
-    y, mean, var = map(np.asarray, cpu_kernels.batch_norm_elu(x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-5))
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    y, mean, var = map(np.asarray, cpu_kernels.batch_norm_activation(x, ones, zeros, 1e-5, activation))
     assert np.isnan(y[..., 0]).all() and np.isnan(mean[0]) and np.isnan(y[..., 5]).all()
     assert np.isfinite(y[..., [1, 2, 3, 4, 6, 7]]).all() and np.isfinite(mean[[1, 2, 3, 4, 6, 7]]).all()
-    # two values normalize to -1 and 1; scaled by 1000, ELU's input is below -88 (exp underflows) and 1000
+    grads = cpu_kernels.batch_norm_activation_grad(np.ones_like(x), x, mean, var, ones, zeros, zeros, zeros, 1e-5,
+                                                   activation)
+    assert np.isnan(np.asarray(grads[0])[..., 0]).all() and np.isfinite(np.asarray(grads[0])[..., 1]).all()
+    # two values normalize to -1 and 1; scaled by 1000, the activation's input is below -88 and 1000
     pair = np.array([-1.0, 1.0], np.float32).reshape(1, 1, 2, 1)
-    y, _, _ = cpu_kernels.batch_norm_elu(pair, np.full(1, 1e3, np.float32), np.zeros(1, np.float32), 0.0)
-    np.testing.assert_allclose(np.asarray(y).ravel(), [-1.0, 1e3], rtol=1e-6)
+    y, _, _ = cpu_kernels.batch_norm_activation(pair, np.full(1, 1e3, np.float32), np.zeros(1, np.float32), 0.0,
+                                                activation)
+    np.testing.assert_allclose(np.asarray(y).ravel(), [-1.0, 1e3 if activation == "elu" else 1.0], rtol=1e-6)
 
 
-def test_batch_norm_elu_of_an_empty_batch_has_nan_statistics():
+def test_batch_norm_activation_of_an_empty_batch_has_nan_statistics():
     """As XLA's mean over no values: 0 / 0."""
-    y, mean, var = cpu_kernels.batch_norm_elu(np.zeros((0, 3, 3, 4), np.float32), np.ones(4, np.float32),
-                                               np.zeros(4, np.float32), 1e-5)
+    y, mean, var = cpu_kernels.batch_norm_activation(np.zeros((0, 3, 3, 4), np.float32), np.ones(4, np.float32),
+                                                     np.zeros(4, np.float32), 1e-5, "elu")
     assert y.shape == (0, 3, 3, 4) and np.isnan(mean).all() and np.isnan(var).all()
 
 
+@pytest.mark.parametrize("activation", list(cpu_kernels.ACTIVATIONS))
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_batch_normalize_elu_compiles_to_the_kernels_when_enabled(monkeypatch, kernels, dtype):
-    """A float32 training step's BatchNorm + ELU is one FFI call forward and one backward; with
-    FLAXDEPTH_CPU_KERNELS=0, or in float64, XLA's operations. Either way the values and gradients
-    are ops.batch_normalize then ops.elu's (float32: to 2e-6 of the largest)."""
+def test_batch_normalize_activation_compiles_to_the_kernels_when_enabled(monkeypatch, kernels, dtype, activation):
+    """A float32 training step's BatchNorm + activation is one FFI call forward and one backward;
+    with FLAXDEPTH_CPU_KERNELS=0, or in float64, XLA's operations. Either way the values and
+    gradients are ops.batch_normalize then the activation's (float32: to 2e-6 of the largest)."""
     monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", kernels)
     rng = np.random.default_rng(1)
     x, scale, bias = rng.normal(size=(10, 6, 6, 4)), rng.normal(size=4), rng.normal(size=4)
 
-    def loss(x, scale, bias, batch_norm_elu):
-        y, mean, var = batch_norm_elu(x, scale, bias)
+    def loss(x, scale, bias, batch_norm_activation):
+        y, mean, var = batch_norm_activation(x, scale, bias, activation)
         return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)  # cotangents on every output
 
-    fused = lambda x, s, b: ops.batch_normalize_activation(x, s, b, 1e-5, "elu")
+    fused = lambda x, s, b, activation: ops.batch_normalize_activation(x, s, b, 1e-5, activation)
     with jax.enable_x64(dtype == "float64"):
         args = [jnp.asarray(a, dtype) for a in (x, scale, bias)]
         step = jax.jit(jax.value_and_grad(lambda *a: loss(*a, fused), argnums=(0, 1, 2)))
         program = step.lower(*args).compile().as_text()
         got = step(*args)
     with jax.enable_x64(True):
-        want = jax.value_and_grad(lambda *a: loss(*a, reference_batch_norm_elu), argnums=(0, 1, 2))(x, scale, bias)
+        want = jax.value_and_grad(lambda *a: loss(*a, reference_batch_norm_activation), argnums=(0, 1, 2))(x, scale,
+                                                                                                          bias)
     uses_kernels = kernels == "1" and dtype == "float32"
-    assert program.count('custom_call_target="flaxdepth_batch_norm_elu"') == uses_kernels
-    assert program.count('custom_call_target="flaxdepth_batch_norm_elu_grad"') == uses_kernels
+    assert program.count('custom_call_target="flaxdepth_batch_norm_activation"') == uses_kernels
+    assert program.count('custom_call_target="flaxdepth_batch_norm_activation_grad"') == uses_kernels
     tolerance = 2e-6 if dtype == "float32" else 1e-12
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=0, atol=tolerance * float(np.abs(w).max()))
 
 
-def test_the_fused_batch_normalize_elu_of_other_platforms_is_the_same_math():
+@pytest.mark.parametrize("activation", list(cpu_kernels.ACTIVATIONS))
+def test_the_fused_op_of_other_platforms_is_the_same_math(activation):
     """The XLA branch that `lax.platform_dependent` lowers for other platforms (a GPU) than the
     CPU: the same values and gradients, in float64 to rounding."""
     rng = np.random.default_rng(2)
     x, scale, bias = rng.normal(size=(4, 5, 5, 8)), rng.normal(size=8), rng.normal(size=8)
     cotangents = (rng.normal(size=x.shape), rng.normal(size=8), rng.normal(size=8))
     with jax.enable_x64(True):
-        want, vjp = jax.vjp(reference_batch_norm_elu, x, scale, bias)
-        y, mean, var = ops._xla_batch_normalize_elu(x, scale, bias, 1e-5)
-        grads = ops._xla_batch_normalize_elu_grad(x, mean, var, scale, bias, *cotangents, 1e-5)
+        want, vjp = jax.vjp(lambda *a: reference_batch_norm_activation(*a, activation), x, scale, bias)
+        y, mean, var = ops._xla_batch_normalize_activation(x, scale, bias, 1e-5, activation)
+        grads = ops._xla_batch_normalize_activation_grad(x, mean, var, scale, bias, *cotangents, 1e-5, activation)
         for g, w in zip((y, mean, var, *grads), (*want, *vjp(cotangents))):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
@@ -255,10 +270,10 @@ x, g = (rng.normal(size=(40, 14, 14, c)).astype(np.float32) for c in (8, 16))
 k = rng.normal(size=(3, 3, 8, 16)).astype(np.float32)
 digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
 s, b = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
-bn = cpu_kernels.batch_norm_elu(x, s, b, 1e-5)
-bn_grad = cpu_kernels.batch_norm_elu_grad(x[..., ::-1].copy(), x, bn[1], bn[2], s, b, s, b, 1e-5)
+bn = cpu_kernels.batch_norm_activation(x, s, b, 1e-5, "elu")
+bn_grad = cpu_kernels.batch_norm_activation_grad(x[..., ::-1].copy(), x, bn[1], bn[2], s, b, s, b, 1e-5, "tanh")
 print(json.dumps({"conv": digest(cpu_kernels.conv3x3(x, k)), "kernel_grad": digest(cpu_kernels.conv3x3_kernel_grad(x, g)),
-                  "batch_norm_elu": [digest(a) for a in (*bn, *bn_grad)]}))
+                  "batch_norm": [digest(a) for a in (*bn, *bn_grad)]}))
 """
 
 
@@ -290,7 +305,7 @@ with warnings.catch_warnings(record=True) as caught:
 x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype(np.float32)
 k = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
 program = jax.jit(conv.conv3x3).lower(x, k).as_text() + jax.jit(
-    lambda x: ops.batch_normalize_activation(x, jnp.ones(4), jnp.zeros(4), 1e-5, "elu")).lower(x).as_text()
+    lambda x: ops.batch_normalize_activation(x, jnp.ones(4), jnp.zeros(4), 1e-5, "tanh")).lower(x).as_text()
 error = float(np.abs(conv.conv3x3(x, k) - jax.lax.conv_general_dilated(
     x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))).max())
 print(usable, "flaxdepth_" in program, error < 1e-4, "|".join(str(w.message) for w in caught))
@@ -346,16 +361,18 @@ for ci, co in [(1, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 16), (16, 16
                cpu_kernels.conv3x3_kernel_grad(x.astype(np.float32), g.astype(np.float32)))
         errors += [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, xla(x, k, g))]
 for c in (1, 4, 8, 16, 32):  # 8-lane periods: 8 floats, and two vectors for 16 and 32 channels
-    rng = np.random.default_rng(c)
-    x, s, b, g = rng.normal(size=(3, 5, 5, c)), rng.normal(size=c), rng.normal(size=c), rng.normal(size=(3, 5, 5, c))
-    def bn_elu(x, s, b):
-        out, mean, var = ops.batch_normalize(x, s, b, 1e-5)
-        return ops.elu(out), mean, var
-    want, vjp = jax.vjp(bn_elu, x, s, b)
-    f32 = lambda a: np.asarray(a, np.float32)
-    y, mean, var = cpu_kernels.batch_norm_elu(f32(x), f32(s), f32(b), 1e-5)
-    grads = cpu_kernels.batch_norm_elu_grad(f32(g), f32(x), mean, var, f32(s), f32(b), f32(s), f32(b), 1e-5)
-    errors += [float(np.abs(a - w).max() / np.abs(w).max()) for a, w in zip((y, mean, var, *grads), (*want, *vjp((g, s, b))))]
+    for activation in ("elu", "tanh"):
+        rng = np.random.default_rng(c)
+        x, s, b, g = rng.normal(size=(3, 5, 5, c)), rng.normal(size=c), rng.normal(size=c), rng.normal(size=(3, 5, 5, c))
+        def bn_act(x, s, b):
+            out, mean, var = ops.batch_normalize(x, s, b, 1e-5)
+            return ops.ACTIVATIONS[activation](out), mean, var
+        want, vjp = jax.vjp(bn_act, x, s, b)
+        f32 = lambda a: np.asarray(a, np.float32)
+        y, mean, var = cpu_kernels.batch_norm_activation(f32(x), f32(s), f32(b), 1e-5, activation)
+        grads = cpu_kernels.batch_norm_activation_grad(f32(g), f32(x), mean, var, f32(s), f32(b), f32(s), f32(b), 1e-5,
+                                                       activation)
+        errors += [float(np.abs(a - w).max() / np.abs(w).max()) for a, w in zip((y, mean, var, *grads), (*want, *vjp((g, s, b))))]
 print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMPILE_FLAGS), "max_error": max(errors)}))
 """
 

@@ -56,7 +56,7 @@ def test_scanned_layers_save_one_array_per_operation(monkeypatch, variant, remat
     """Per scanned layer of the first stage (arrays of shape (layers, N, 28, 28, 4)) the backward
     pass keeps the layer's input and, recomputing the rest, its convolution's output; or, saving
     (flaxdepth.ops), the activation's slope and, with BatchNorm, the centred activations; with
-    BatchNorm + ELU as the CPU kernel (float32), the convolution's output alone: nothing else of
+    BatchNorm + activation as the CPU kernel (float32), the convolution's output alone: nothing else of
     that size (JAX's own autodiff kept 3-7)."""
     monkeypatch.setattr(models, "REMATERIALIZE_LAYERS", rematerialize)
     model, params, batch_stats, images, labels = problem(variant)
@@ -66,7 +66,7 @@ def test_scanned_layers_save_one_array_per_operation(monkeypatch, variant, remat
     stacked = f"[{registry.layers_per_stage(DEPTH) - 1},{BATCH},28,28,4]"
     saved = [line for line in printed.getvalue().splitlines() if stacked in line]
     spec = registry.get_variant(variant)
-    fused = spec.batchnorm and spec.activation == "elu" and cpu_kernels.usable()
+    fused = spec.batchnorm and spec.activation in cpu_kernels.ACTIVATIONS and cpu_kernels.usable()
     expected = 2 if rematerialize or fused else 2 + spec.batchnorm
     assert len(saved) == expected, saved
 

@@ -27,7 +27,7 @@ def profile_step(load_experiment):
     ("convert_multiply_fusion.1", "convert_multiply_fusion", "other fusion"),
     ("wrapped_broadcast.2", "wrapped_broadcast", "other"),
     ("flaxdepth_conv3x3_kernel_grad", "flaxdepth_conv3x3_kernel_grad", "convolution"),
-    ("flaxdepth_batch_norm_elu_grad", "flaxdepth_batch_norm_elu_grad", "batchnorm"),
+    ("flaxdepth_batch_norm_activation_grad", "flaxdepth_batch_norm_activation_grad", "batchnorm"),
 ])
 def test_operation_names_are_grouped_and_classified(profile_step, name, kind, label):
     assert profile_step.kind_of(name) == kind
@@ -56,9 +56,9 @@ def test_summary_shares_add_up(profile_step):
 def test_ffi_calls_are_named_by_their_target(profile_step):
     program = ('  %ffi_call.12 = f32[8,5,5,4]{3,2,1,0} custom-call(%a, %b), custom_call_target="flaxdepth_conv3x3", '
                'api_version=API_VERSION_TYPED_FFI\n  ffi_call = (f32[8,5,5,4], f32[4], f32[4]) custom-call(%c, %d, %e), '
-               'custom_call_target="flaxdepth_batch_norm_elu"\n  %copy.1 = f32[4] copy(%f)\n')
+               'custom_call_target="flaxdepth_batch_norm_activation"\n  %copy.1 = f32[4] copy(%f)\n')
     targets = profile_step.ffi_targets(program)
-    assert targets == {"ffi_call.12": "flaxdepth_conv3x3", "ffi_call": "flaxdepth_batch_norm_elu"}
+    assert targets == {"ffi_call.12": "flaxdepth_conv3x3", "ffi_call": "flaxdepth_batch_norm_activation"}
     summary = profile_step.summarize(iter([("t", "ffi_call.12", 2e6), ("t", "ffi_call", 1e6), ("t", "copy.1", 1e6)]),
                                      top=3, targets=targets)
     assert summary["classes"]["convolution"]["ms"] == 2.0 and summary["classes"]["batchnorm"]["ms"] == 1.0

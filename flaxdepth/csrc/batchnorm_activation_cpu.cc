@@ -1,6 +1,6 @@
-// Train-mode BatchNorm followed by ELU on CPUs, float32, NHWC, and its gradient, as XLA FFI
-// handlers (flaxdepth/ops.py's batch_normalize_elu; flaxdepth/cpu_kernels.py builds and registers
-// them).
+// Train-mode BatchNorm followed by an activation (ELU or tanh) on CPUs, float32, NHWC, and its
+// gradient, as XLA FFI handlers (flaxdepth/ops.py's batch_normalize_activation;
+// flaxdepth/cpu_kernels.py builds and registers them).
 //
 // Why: XLA's CPU code for this chain was the largest part of an elu_bn training step once the
 // convolutions were flaxdepth's own (its ELU after the per-channel scale is not vectorized at
@@ -9,14 +9,17 @@
 // so lane j of a vector holds channel j % C when C divides the vector's width (C = 1, 2, 4, 8,
 // 16, 32; other channel counts take plain loops).
 //
-// The math is ops.batch_normalize's and ops.elu's: mean, then the biased variance in a second
-// pass, y = elu((x - mean) * inv_std * scale + bias), and torch's BatchNorm backward. The
-// backward pass keeps only the input (and the statistics): it computes ELU's input again and
-// takes the slope there, exp(u) (ops.elu takes it from the output, y + 1: one rounding apart), so
-// a scanned layer keeps two activation-sized arrays, its convolution's input and output. Sums are per image in float32 vectors, per chunk and over chunks
-// (in order) in float64, so the bits do not depend on the number of threads.
+// The math is ops.batch_normalize's and the activation's: mean, then the biased variance in a
+// second pass, y = act((x - mean) * inv_std * scale + bias), and torch's BatchNorm backward. The
+// backward pass keeps only the input (and the statistics): it computes the activation's input u
+// again and takes the slope there (ELU: exp(u); tanh: 1 - tanh(u)^2; ops.py takes them from the
+// output, a rounding apart), so a scanned layer keeps two activation-sized arrays, its
+// convolution's input and output. Sums are per image in float32 vectors, per chunk and over
+// chunks (in order) in float64, so the bits do not depend on the number of threads.
 
+#include <array>
 #include <cmath>
+#include <iterator>
 
 #include "cpu_common.h"
 
@@ -31,7 +34,7 @@ inline V Splat(float s) { return V{} + s; }
 inline V Load(const float* p) { return *reinterpret_cast<const V*>(p); }
 inline void Store(float* p, V v) { *reinterpret_cast<V*>(p) = v; }
 
-// exp(x) - 1 for the lanes where x <= 0 (ELU's negative side), within a few float32 roundings:
+// exp(x) - 1 for the lanes where x <= 0 (ELU's negative side, tanh's), within a few float32 roundings:
 // a Taylor polynomial near 0, where exp(x) - 1 would cancel, else exp by range reduction (Cephes'
 // expf polynomial) minus 1. Below -88 exp(x) underflows; the result is -1 there, as float32's is.
 inline V Expm1NonPositive(V x) {
@@ -51,19 +54,38 @@ inline V Expm1NonPositive(V x) {
   return t > Splat(-0.5f) ? small : large;
 }
 
-inline V Elu(V x) {
-  const V negative = Expm1NonPositive(x);
-  return x > Splat(0.f) ? x : (x == x ? negative : x);  // a NaN stays NaN
-}
+// The activations after BatchNorm: the value at u, and the slope at u (the backward pass computes
+// u again rather than keeping the output). A NaN stays NaN in both.
+struct Elu {
+  static V Apply(V u) {
+    const V negative = Expm1NonPositive(u);
+    return u > Splat(0.f) ? u : (u == u ? negative : u);
+  }
+  static float Apply(float u) { return u > 0.f ? u : std::expm1(u); }
+  // 1 where u > 0, else exp(u), as torch's ELU backward takes it
+  static V Slope(V u) { return u > Splat(0.f) ? Splat(1.f) : (u == u ? Expm1NonPositive(u) + 1.f : u); }
+  static float Slope(float u) { return u > 0.f ? 1.f : std::exp(u); }
+};
 
-inline float Elu(float x) { return x > 0.f ? x : std::expm1(x); }
-
-// ELU's slope at its input u: 1 where u > 0, else exp(u) (as torch's ELU backward takes it).
-// Computed again in the backward pass, so that it keeps only BatchNorm's input.
-inline V EluSlope(V u) {
-  return u > Splat(0.f) ? Splat(1.f) : (u == u ? Expm1NonPositive(u) + 1.f : u);  // a NaN stays NaN
-}
-inline float EluSlope(float u) { return u > 0.f ? 1.f : std::exp(u); }
+struct Tanh {
+  // tanh(|u|) = -e / (e + 2) with e = exp(-2 |u|) - 1: no cancellation near 0, 1 for large |u|
+  static V Apply(V u) {
+    const V magnitude = u < Splat(0.f) ? -u : u;
+    const V e = Expm1NonPositive(-2.f * magnitude);
+    const V t = -e / (e + 2.f);
+    return u == u ? (u < Splat(0.f) ? -t : t) : u;
+  }
+  static float Apply(float u) { return std::tanh(u); }
+  // 1 - tanh(u)^2, as torch's Tanh backward takes it (from the output)
+  static V Slope(V u) {
+    const V t = Apply(u);
+    return 1.f - t * t;
+  }
+  static float Slope(float u) {
+    const float t = std::tanh(u);
+    return 1.f - t * t;
+  }
+};
 
 // C's values repeated over a period of P = max(C, L) floats, as NV vectors: the per-channel
 // operands of the vector loops (lane j of vector v holds channel (v * L + j) % C).
@@ -129,7 +151,7 @@ void ForEachImage(ffi::ThreadPool& pool, int64_t N, const Body& body) {
 }
 
 // The forward pass for C channels (C dividing the period; C = 0: any C, plain loops).
-template <int C>
+template <int C, typename Act>
 void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const float* bias, float epsilon,
              int64_t N, int64_t S, int64_t channels, float* y, float* mean, float* var) {
   const int64_t count = N * (S / channels);
@@ -161,7 +183,7 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
       }
     });
   }
-  std::vector<float> a(channels);  // y = elu((x - mean) * a + bias), a = inv_std * scale
+  std::vector<float> a(channels);  // y = act((x - mean) * a + bias), a = inv_std * scale
   for (int64_t c = 0; c < channels; ++c) {
     var[c] = static_cast<float>(sums[c] / count);
     a[c] = 1.f / std::sqrt(var[c] + epsilon) * scale[c];
@@ -174,23 +196,23 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
       const Pattern<C> m(mean), s(a.data()), b(bias);
       for (; i + Pattern<C>::P <= S; i += Pattern<C>::P)
         for (int v = 0; v < Pattern<C>::NV; ++v)
-          Store(yn + i + v * L, Elu((Load(xn + i + v * L) - m.v[v]) * s.v[v] + b.v[v]));
+          Store(yn + i + v * L, Act::Apply((Load(xn + i + v * L) - m.v[v]) * s.v[v] + b.v[v]));
     }
     for (; i < S; ++i) {
       const int64_t c = i % channels;
-      yn[i] = Elu((xn[i] - mean[c]) * a[c] + bias[c]);
+      yn[i] = Act::Apply((xn[i] - mean[c]) * a[c] + bias[c]);
     }
   });
 }
 
 // The backward pass: grad_x, grad_scale, grad_bias from the output's cotangent g, the input x,
 // the statistics and their cotangents (zero when only running statistics use them).
-template <int C>
+template <int C, typename Act>
 void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float* mean, const float* var,
               const float* scale, const float* bias, const float* grad_mean, const float* grad_var, float epsilon,
               int64_t N, int64_t S, int64_t channels, float* grad_x, float* grad_scale, float* grad_bias) {
   const int64_t count = N * (S / channels);
-  std::vector<float> inv_std(channels), a(channels);  // ELU's input: (x - mean) * a + bias, as forward
+  std::vector<float> inv_std(channels), a(channels);  // the activation's input: (x - mean) * a + bias, as forward
   for (int64_t c = 0; c < channels; ++c) {
     inv_std[c] = 1.f / std::sqrt(var[c] + epsilon);
     a[c] = inv_std[c] * scale[c];
@@ -206,12 +228,12 @@ void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float
           S,
           [&](int64_t i, int v, V* t) {
             const V d = Load(xn + i) - m.v[v];
-            t[0] = Load(gn + i) * EluSlope(d * s.v[v] + b.v[v]);
+            t[0] = Load(gn + i) * Act::Slope(d * s.v[v] + b.v[v]);
             t[1] = t[0] * d;
           },
           [&](int64_t i, float* t) {
             const float d = xn[i] - mean[i % C];
-            t[0] = gn[i] * EluSlope(d * a[i % C] + bias[i % C]);
+            t[0] = gn[i] * Act::Slope(d * a[i % C] + bias[i % C]);
             t[1] = t[0] * d;
           },
           out);
@@ -220,7 +242,7 @@ void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float
     sums = SumOverImages(pool, N, channels, 2, [&](int64_t n, double* out) {
       for (int64_t i = n * S; i < (n + 1) * S; ++i) {
         const int64_t c = i % channels;
-        const float d = x[i] - mean[c], gs = g[i] * EluSlope(d * a[c] + bias[c]);
+        const float d = x[i] - mean[c], gs = g[i] * Act::Slope(d * a[c] + bias[c]);
         out[c] += gs;
         out[channels + c] += gs * d;
       }
@@ -248,13 +270,13 @@ void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float
         for (int v = 0; v < Pattern<C>::NV; ++v) {
           const int64_t o = i + v * L;
           const V d = Load(xn + o) - m.v[v];
-          const V gs = Load(gn + o) * EluSlope(d * s.v[v] + b.v[v]);
+          const V gs = Load(gn + o) * Act::Slope(d * s.v[v] + b.v[v]);
           Store(out + o, (gs - p1.v[v] - d * p2.v[v]) * s.v[v] + p4.v[v] + d * p5.v[v]);
         }
     }
     for (; i < S; ++i) {
       const int64_t c = i % channels;
-      const float d = xn[i] - mean[c], gs = gn[i] * EluSlope(d * a[c] + bias[c]);
+      const float d = xn[i] - mean[c], gs = gn[i] * Act::Slope(d * a[c] + bias[c]);
       out[i] = (gs - k1[c] - d * k2[c]) * k3[c] + k4[c] + d * k5[c];
     }
   });
@@ -272,11 +294,36 @@ ffi::Error CheckChannels(ffi::Span<const int64_t> d, int64_t channels, const cha
   return ffi::Error::Success();
 }
 
-// Dispatch over the channel counts with vector loops (C divides the period), else plain loops.
-#define FLAXDEPTH_BN_CHANNELS(X) X(1) X(2) X(4) X(8) X(16) X(32)
+// The activation codes of cpu_kernels.ACTIVATIONS.
+constexpr int32_t kElu = 0, kTanh = 1;
 
-ffi::Error BatchNormElu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                        ffi::Buffer<ffi::F32> bias, float epsilon, ffi::ResultBuffer<ffi::F32> y,
+// The instantiations for the channel counts with vector loops (C divides the period), then the
+// one with plain loops (C = 0, any count).
+constexpr int kVectorChannels[] = {1, 2, 4, 8, 16, 32};
+
+template <typename Act>
+auto ForwardFunctions() {
+  return std::array{&Forward<1, Act>, &Forward<2, Act>, &Forward<4, Act>, &Forward<8, Act>, &Forward<16, Act>,
+                    &Forward<32, Act>, &Forward<0, Act>};
+}
+
+template <typename Act>
+auto BackwardFunctions() {
+  return std::array{&Backward<1, Act>, &Backward<2, Act>, &Backward<4, Act>, &Backward<8, Act>, &Backward<16, Act>,
+                    &Backward<32, Act>, &Backward<0, Act>};
+}
+
+// Calls the instantiation for C channels (the last, plain loops, when C has no vector one) with `args`.
+template <typename Functions, typename Args>
+ffi::Error Dispatch(const Functions& functions, int64_t C, const Args& args) {
+  const int* found = std::find_if(std::begin(kVectorChannels), std::end(kVectorChannels),
+                                  [C](int c) { return c == C; });
+  std::apply(functions[found - std::begin(kVectorChannels)], args);
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormActivation(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> bias, float epsilon, int32_t activation, ffi::ResultBuffer<ffi::F32> y,
                         ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var) {
   auto d = x.dimensions();
   if (auto e = CheckNHWC("input", d); e.failure()) return e;
@@ -288,18 +335,16 @@ ffi::Error BatchNormElu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (C == 0) return ffi::Error::Success();  // no channels (an empty batch gets 0 / 0 = NaN statistics, as from XLA)
   auto args = std::make_tuple(std::ref(pool), x.typed_data(), scale.typed_data(), bias.typed_data(), epsilon, N, S,
                               C, y->typed_data(), mean->typed_data(), var->typed_data());
-#define CASE(c) \
-  if (C == c) return std::apply(Forward<c>, args), ffi::Error::Success();
-  FLAXDEPTH_BN_CHANNELS(CASE)
-#undef CASE
-  std::apply(Forward<0>, args);
-  return ffi::Error::Success();
+  if (activation == kElu) return Dispatch(ForwardFunctions<Elu>(), C, args);
+  if (activation == kTanh) return Dispatch(ForwardFunctions<Tanh>(), C, args);
+  return ffi::Error::InvalidArgument("unknown activation code " + std::to_string(activation));
 }
 
-ffi::Error BatchNormEluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad_y, ffi::Buffer<ffi::F32> x,
+ffi::Error BatchNormActivationGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad_y, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> grad_mean,
-                            ffi::Buffer<ffi::F32> grad_var, float epsilon, ffi::ResultBuffer<ffi::F32> grad_x,
+                            ffi::Buffer<ffi::F32> grad_var, float epsilon, int32_t activation,
+                            ffi::ResultBuffer<ffi::F32> grad_x,
                             ffi::ResultBuffer<ffi::F32> grad_scale, ffi::ResultBuffer<ffi::F32> grad_bias) {
   auto d = x.dimensions();
   if (auto e = CheckNHWC("input", d); e.failure()) return e;
@@ -316,29 +361,27 @@ ffi::Error BatchNormEluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad_y, 
                               scale.typed_data(), bias.typed_data(), grad_mean.typed_data(), grad_var.typed_data(),
                               epsilon, N, S, C, grad_x->typed_data(), grad_scale->typed_data(),
                               grad_bias->typed_data());
-#define CASE(c) \
-  if (C == c) return std::apply(Backward<c>, args), ffi::Error::Success();
-  FLAXDEPTH_BN_CHANNELS(CASE)
-#undef CASE
-  std::apply(Backward<0>, args);
-  return ffi::Error::Success();
+  if (activation == kElu) return Dispatch(BackwardFunctions<Elu>(), C, args);
+  if (activation == kTanh) return Dispatch(BackwardFunctions<Tanh>(), C, args);
+  return ffi::Error::InvalidArgument("unknown activation code " + std::to_string(activation));
 }
 
 }  // namespace
 }  // namespace flaxdepth
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormElu, flaxdepth::BatchNormElu,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormActivation, flaxdepth::BatchNormActivation,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
                                   .Attr<float>("epsilon")
+                                  .Attr<int32_t>("activation")  // kElu, kTanh
                                   .Ret<ffi::Buffer<ffi::F32>>()   // y
                                   .Ret<ffi::Buffer<ffi::F32>>()   // mean
                                   .Ret<ffi::Buffer<ffi::F32>>());  // variance (biased)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormEluGrad, flaxdepth::BatchNormEluGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormActivationGrad, flaxdepth::BatchNormActivationGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_y
@@ -350,6 +393,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdepthBatchNormEluGrad, flaxdepth::BatchNormElu
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad_var
                                   .Attr<float>("epsilon")
+                                  .Attr<int32_t>("activation")  // kElu, kTanh
                                   .Ret<ffi::Buffer<ffi::F32>>()   // grad_x
                                   .Ret<ffi::Buffer<ffi::F32>>()   // grad_scale
                                   .Ret<ffi::Buffer<ffi::F32>>());  // grad_bias
