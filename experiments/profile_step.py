@@ -40,6 +40,7 @@ from flaxdepth import bench, registry
 CLASSES = (("convolution", r"^conv_general|convolution|cudnn|xmma|implicit_gemm|winograd|fprop|dgrad|wgrad"
                            r"|^flaxdepth_conv"),  # flaxdepth's CPU kernels, by FFI target (ffi_targets)
            ("batchnorm", r"^flaxdepth_batch_norm"),
+           ("other ffi call", r"^ffi_call"),  # an FFI call whose target ffi_targets did not find
            ("layout", r"^(copy|transpose)"),
            ("reduction", r"reduce|reduction"),
            ("other fusion", r"fusion"))

@@ -214,19 +214,11 @@ def _conv3x3_fwd(x, kernel):
     return _conv(x, kernel), (x, kernel)
 
 
-def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-    """The cotangent summed over the mesh axes it varies over and its primal does not: an input
-    shared by the devices of a shard_map collects every device's contribution (what JAX's own
-    autodiff does for the implicit broadcast of such an input)."""
-    extra = tuple(sorted(cpu_kernels.varying_axes(cotangent) - cpu_kernels.varying_axes(primal)))
-    return lax.psum(cotangent, extra) if extra else cotangent
-
-
 def _conv3x3_bwd(residuals, grad_out):
     x, kernel = residuals
     # a pad-1 3x3 conv's input gradient: the conv of grad_out with the kernel flipped and I/O swapped
     grad_x = _conv(grad_out, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-    return _like(grad_x, x), _like(_kernel_grad(x, grad_out), kernel)
+    return cpu_kernels.like_primal(grad_x, x), cpu_kernels.like_primal(_kernel_grad(x, grad_out), kernel)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

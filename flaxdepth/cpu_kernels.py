@@ -100,6 +100,15 @@ def _call(target: str, outputs, *args, **attributes):
     return jax.tree.map(lambda out: jax.lax.pcast(out, axes, to="varying"), result) if axes else result
 
 
+def like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """The cotangent summed over the shard_map axes it varies over and its primal does not: an
+    input shared by the devices of a shard_map collects every device's contribution (what JAX's
+    own autodiff does for the implicit broadcast of such an input). For custom VJPs (conv.py,
+    ops.py), whose cotangents JAX requires to vary as their primals do."""
+    extra = tuple(sorted(varying_axes(cotangent) - varying_axes(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
 def varying_axes(x: jax.Array) -> frozenset:
     """The shard_map mesh axes x varies over (none outside shard_map). JAX 0.10 spells it
     `manual_axis_type.varying`, other versions `vma`."""

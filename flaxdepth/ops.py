@@ -89,7 +89,9 @@ def batch_normalize_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, 
     `batch_normalize` followed by the activation. On CPUs, in float32, one flaxdepth kernel forward
     and one backward (`cpu_kernels.batch_norm_activation`): XLA's CPU code for the pair was the
     largest part of an elu_bn step once the convolutions were fast (BENCHMARKS.md, ninth session)."""
-    if activation in cpu_kernels.ACTIVATIONS and x.dtype == jnp.float32 and cpu_kernels.usable():
+    kernel_fits = (activation in cpu_kernels.ACTIVATIONS and x.ndim == 4
+                   and x.dtype == scale.dtype == bias.dtype == jnp.float32)
+    if kernel_fits and cpu_kernels.usable():
         return _fused_batch_normalize_activation(x, scale, bias, epsilon, activation)
     out, mean, var = batch_normalize(x, scale, bias, epsilon)
     return ACTIVATIONS[activation](out), mean, var
@@ -112,11 +114,13 @@ def _fused_fwd(x, scale, bias, epsilon, activation):
 
 def _fused_bwd(epsilon, activation, residuals, cotangents):
     (grad_y, grad_mean, grad_var) = cotangents
-    return lax.platform_dependent(
+    grads = lax.platform_dependent(
         *residuals, grad_y, grad_mean, grad_var,
         cpu=lambda x, mean, var, scale, bias, *grads: cpu_kernels.batch_norm_activation_grad(
             grads[0], x, mean, var, scale, bias, grads[1], grads[2], epsilon, activation),
         default=lambda *a: _xla_batch_normalize_activation_grad(*a, epsilon, activation))
+    x, _, _, scale, bias = residuals  # under shard_map, parameters shared by the devices sum their gradients
+    return tuple(cpu_kernels.like_primal(g, primal) for g, primal in zip(grads, (x, scale, bias)))
 
 
 def _xla_batch_normalize_activation(x, scale, bias, epsilon, activation):
@@ -124,7 +128,8 @@ def _xla_batch_normalize_activation(x, scale, bias, epsilon, activation):
     return ACTIVATIONS[activation](out), mean, var
 
 
-# the activations' slopes at their input u, as the kernels take them (ELU: exp(u) where u <= 0)
+# the activations' slopes at their input u, as the kernels take them (ELU: exp(u) where u <= 0, as
+# torch's ELU backward; tanh: 1 - tanh(u)^2)
 _SLOPES_AT_INPUT = {"elu": lambda u: jnp.where(u > 0, 1, jnp.exp(jnp.minimum(u, 0))),
                     "tanh": lambda u: 1 - jnp.square(jnp.tanh(u))}
 

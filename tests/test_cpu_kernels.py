@@ -135,15 +135,20 @@ def test_batch_norm_activation_is_batchnorm_then_the_activation(activation, chan
 
 @pytest.mark.parametrize("activation, exact", [("elu", lambda u: np.where(u > 0, u, np.expm1(u))), ("tanh", np.tanh)])
 def test_batch_norm_activation_is_accurate_everywhere(activation, exact):
-    """The activation of 2^20 points from -100 to 5 (the C++ exp(x) - 1: a polynomial near 0,
-    range reduction elsewhere, -1 below -88; tanh from it) within 3e-7 of the exact value,
-    relatively (a few float32 roundings)."""
-    x = np.linspace(-100, 5, 2**20).astype(np.float32).reshape(1, 1, -1, 4)
-    y, mean, var = cpu_kernels.batch_norm_activation(x, np.ones(4, np.float32), np.zeros(4, np.float32), 0.0,
-                                                     activation)
-    normalized = (x - np.asarray(mean, np.float64)) / np.sqrt(np.asarray(var, np.float64))
-    want = exact(normalized)
-    relative = np.abs(np.asarray(y, np.float64) - want) / np.maximum(np.abs(want), 1e-30)
+    """The activation of 2^20 inputs from -100 to 100, in the vector loops (one image of 2^20
+    floats): the scale undoes the normalization, so the activation's input u spans that range
+    (the C++ exp(x) - 1: a polynomial near 0, range reduction elsewhere, -1 below -88; tanh from
+    it). Within 3e-7 of the exact activation of the float32 u the kernel computes, relatively.
+    (The bias is 0, so that u = (x - mean) * a is one rounding of float32 operands, whether or not
+    the compiler fuses the multiply and add.)"""
+    x = np.linspace(-100, 100, 2**20).astype(np.float32).reshape(1, 1, -1, 4)
+    std = np.full(4, x.std(), np.float32)
+    y, mean, var = map(np.asarray, cpu_kernels.batch_norm_activation(x, std, np.zeros(4, np.float32), 0.0,
+                                                                     activation))
+    u = (x - mean) * (np.float32(1) / np.sqrt(var) * std)  # as the kernel computes it, in float32
+    assert u.min() < -99 and u.max() > 99
+    want = exact(u.astype(np.float64))
+    relative = np.abs(y.astype(np.float64) - want) / np.maximum(np.abs(want), 1e-30)
     assert relative.max() < 3e-7
 
 
@@ -160,11 +165,16 @@ def test_batch_norm_activation_keeps_a_nan_in_its_channel(activation):
     grads = cpu_kernels.batch_norm_activation_grad(np.ones_like(x), x, mean, var, ones, zeros, zeros, zeros, 1e-5,
                                                    activation)
     assert np.isnan(np.asarray(grads[0])[..., 0]).all() and np.isfinite(np.asarray(grads[0])[..., 1]).all()
-    # two values normalize to -1 and 1; scaled by 1000, the activation's input is below -88 and 1000
-    pair = np.array([-1.0, 1.0], np.float32).reshape(1, 1, 2, 1)
-    y, _, _ = cpu_kernels.batch_norm_activation(pair, np.full(1, 1e3, np.float32), np.zeros(1, np.float32), 0.0,
-                                                activation)
-    np.testing.assert_allclose(np.asarray(y).ravel(), [-1.0, 1e3 if activation == "elu" else 1.0], rtol=1e-6)
+    # values that normalize to -1 and 1, 64 of them (whole vectors); scaled by 1000, the activation's
+    # input is below -88 (exp underflows) and 1000: the activation saturates, its slope is 0 or 1
+    pairs = np.tile(np.array([-1.0, 1.0], np.float32), 32).reshape(1, 1, 64, 1)
+    scale, bias = np.full(1, 1e3, np.float32), np.zeros(1, np.float32)
+    y, mean, var = cpu_kernels.batch_norm_activation(pairs, scale, bias, 0.0, activation)
+    np.testing.assert_allclose(np.asarray(y).ravel(), np.tile([-1.0, 1e3 if activation == "elu" else 1.0], 32),
+                               rtol=1e-6)
+    grad_x, _, _ = cpu_kernels.batch_norm_activation_grad(np.ones_like(pairs), pairs, mean, var, scale, bias,
+                                                          bias, bias, 0.0, activation)
+    assert np.isfinite(np.asarray(grad_x)).all()
 
 
 def test_batch_norm_activation_of_an_empty_batch_has_nan_statistics():
@@ -221,6 +231,25 @@ def test_the_fused_op_of_other_platforms_is_the_same_math(activation):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_the_fused_op_under_shard_map_sums_shared_parameters_gradients():
+    """Inside shard_map, with the batch split over the mesh and BatchNorm's scale and bias shared,
+    their gradients are the sum of every device's (as JAX's autodiff gives for shared inputs; the
+    FFI's per-device outputs would otherwise be rejected by the custom VJP)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 8)), jnp.float32)
+    scale, bias = jnp.asarray(rng.normal(size=8), jnp.float32), jnp.asarray(rng.normal(size=8), jnp.float32)
+
+    def loss(x, scale, bias):
+        return jnp.sum(ops.batch_normalize_activation(x, scale, bias, 1e-5, "elu")[0] ** 2)
+
+    sharded = jax.shard_map(lambda *a: jax.grad(loss, argnums=(0, 1, 2))(*a), mesh=mesh,
+                            in_specs=(P("d"), P(), P()), out_specs=(P("d"), P(), P()))
+    for got, want in zip(jax.jit(sharded)(x, scale, bias), jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
 def test_conv3x3_compiles_to_the_kernels_when_enabled(monkeypatch, kernels):
     """With the kernels, the forward, input-gradient and kernel-gradient convolutions of a float32
@@ -258,8 +287,8 @@ def test_gpu_programs_have_no_cpu_kernel():
     allow = [jax.export.DisabledSafetyCheck.custom_call(target) for target in cpu_kernels.TARGETS]
     cuda, cpu = (jax.export.export(step, platforms=[p], disabled_checks=allow)(x, kernel).mlir_module()
                  for p in ("cuda", "cpu"))
-    assert "flaxdepth_" not in cuda and "convolution" in cuda
-    assert all(target in cpu for target in cpu_kernels.TARGETS)
+    assert "custom_call @flaxdepth_" not in cuda and "convolution" in cuda
+    assert all(f"custom_call @{target}(" in cpu for target in cpu_kernels.TARGETS)
 
 
 SAME_BITS = """

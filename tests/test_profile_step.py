@@ -28,6 +28,7 @@ def profile_step(load_experiment):
     ("wrapped_broadcast.2", "wrapped_broadcast", "other"),
     ("flaxdepth_conv3x3_kernel_grad", "flaxdepth_conv3x3_kernel_grad", "convolution"),
     ("flaxdepth_batch_norm_activation_grad", "flaxdepth_batch_norm_activation_grad", "batchnorm"),
+    ("ffi_call.7", "ffi_call", "other ffi call"),  # a call whose target was not found
 ])
 def test_operation_names_are_grouped_and_classified(profile_step, name, kind, label):
     assert profile_step.kind_of(name) == kind

@@ -6,8 +6,8 @@
 // convolutions were flaxdepth's own (its ELU after the per-channel scale is not vectorized at
 // some shapes, and 4-channel reductions are slow; BENCHMARKS.md, ninth session). Here each pass
 // over the activations is one vectorized loop: SIMD vectors hold consecutive floats of an image,
-// so lane j of a vector holds channel j % C when C divides the vector's width (C = 1, 2, 4, 8,
-// 16, 32; other channel counts take plain loops).
+// so the lanes' channels repeat with a period of max(C, lanes) floats (C = 1, 2, 4, 8, 16, 32;
+// other channel counts take plain loops).
 //
 // The math is ops.batch_normalize's and the activation's: mean, then the biased variance in a
 // second pass, y = act((x - mean) * inv_std * scale + bias), and torch's BatchNorm backward. The
@@ -19,7 +19,10 @@
 
 #include <array>
 #include <cmath>
+#include <functional>
 #include <iterator>
+#include <tuple>
+#include <utility>
 
 #include "cpu_common.h"
 
@@ -34,24 +37,36 @@ inline V Splat(float s) { return V{} + s; }
 inline V Load(const float* p) { return *reinterpret_cast<const V*>(p); }
 inline void Store(float* p, V v) { *reinterpret_cast<V*>(p) = v; }
 
-// exp(x) - 1 for the lanes where x <= 0 (ELU's negative side, tanh's), within a few float32 roundings:
-// a Taylor polynomial near 0, where exp(x) - 1 would cancel, else exp by range reduction (Cephes'
-// expf polynomial) minus 1. Below -88 exp(x) underflows; the result is -1 there, as float32's is.
-inline V Expm1NonPositive(V x) {
+// x clamped to [-88, 0] (a -0 stays -0): the range of the exponentials below. Lanes with x > 0 are
+// computed at 0 and dropped by the callers; below -88 exp(x) underflows float32.
+inline V ClampNonPositive(V x) {
   const V t = x > Splat(-88.f) ? x : Splat(-88.f);
-  V q = Splat(1.f / 40320);  // x + x^2 / 2! + ... + x^8 / 8!: the next term is below 2e-8 for |x| < 0.5
-  for (float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f}) q = q * t + c;
-  const V small = t + t * t * q;
-  // t = k ln 2 + r, |r| <= ln 2 / 2; t <= 0, so truncating t / ln 2 - 0.5 rounds it to nearest
-  const V k = __builtin_convertvector(__builtin_convertvector(t * 1.44269504f - 0.5f, M), V);
-  const V r = t - k * 0.693359375f + k * 2.12194440e-4f;
+  return t > Splat(0.f) ? Splat(0.f) : t;
+}
+
+// exp(t) for t in [-88, 0], within a few float32 roundings: t = k ln 2 + r, |r| <= ln 2 / 2
+// (Cephes' expf polynomial for exp(r)), times 2^k. 0 at -88 (k = -127), where float32's is 6e-39.
+inline V ExpClamped(V t) {
+  // t <= 0, so truncating t / ln 2 - 0.5 rounds it to nearest
+  const M k = __builtin_convertvector(t * 1.44269504f - 0.5f, M);
+  const V kf = __builtin_convertvector(k, V);
+  const V r = t - kf * 0.693359375f + kf * 2.12194440e-4f;
   V p = Splat(1.9875691500e-4f);
   for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
     p = p * r + c;
   const V exp_r = r + r * r * p + 1.f;
-  const M exponent = (__builtin_convertvector(k, M) + 127) << 23;  // 2^k; k >= -127 (0 at -127)
-  const V large = exp_r * reinterpret_cast<const V&>(exponent) - 1.f;
-  return t > Splat(-0.5f) ? small : large;
+  const M exponent = (k + 127) << 23;  // 2^k as float bits; k in [-127, 0]
+  return exp_r * reinterpret_cast<const V&>(exponent);
+}
+
+// exp(x) - 1 for the lanes where x <= 0 (ELU's negative side, tanh), within a few float32
+// roundings: a Taylor polynomial near 0, where exp(x) - 1 would cancel, else exp(x) - 1; -1 below -88.
+inline V Expm1NonPositive(V x) {
+  const V t = ClampNonPositive(x);
+  V q = Splat(1.f / 40320);  // x + x^2 / 2! + ... + x^8 / 8!: the next term is below 2e-8 for |x| < 0.5
+  for (float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f}) q = q * t + c;
+  const V small = t * (1.f + t * q);  // t * (...), so that -0 stays -0
+  return t > Splat(-0.5f) ? small : ExpClamped(t) - 1.f;
 }
 
 // The activations after BatchNorm: the value at u, and the slope at u (the backward pass computes
@@ -63,7 +78,7 @@ struct Elu {
   }
   static float Apply(float u) { return u > 0.f ? u : std::expm1(u); }
   // 1 where u > 0, else exp(u), as torch's ELU backward takes it
-  static V Slope(V u) { return u > Splat(0.f) ? Splat(1.f) : (u == u ? Expm1NonPositive(u) + 1.f : u); }
+  static V Slope(V u) { return u > Splat(0.f) ? Splat(1.f) : (u == u ? ExpClamped(ClampNonPositive(u)) : u); }
   static float Slope(float u) { return u > 0.f ? 1.f : std::exp(u); }
 };
 
@@ -73,7 +88,7 @@ struct Tanh {
     const V magnitude = u < Splat(0.f) ? -u : u;
     const V e = Expm1NonPositive(-2.f * magnitude);
     const V t = -e / (e + 2.f);
-    return u == u ? (u < Splat(0.f) ? -t : t) : u;
+    return (u == u) & (u != Splat(0.f)) ? (u < Splat(0.f) ? -t : t) : u;  // NaN, -0 and +0 stay as they are
   }
   static float Apply(float u) { return std::tanh(u); }
   // 1 - tanh(u)^2, as torch's Tanh backward takes it (from the output)
