@@ -53,8 +53,8 @@ def enabled() -> bool:
 
 
 def usable() -> bool:
-    """Whether conv.py and ops.py should call the kernels: wanted, JAX computes on the CPU by default, and
-    they are built and registered (built here on the first call)."""
+    """Whether conv.py and ops.py should call the kernels: wanted, JAX computes on the CPU by
+    default, and they are built and registered (built here on the first call)."""
     return enabled() and jax.default_backend() == "cpu" and _load() is None
 
 

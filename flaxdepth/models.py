@@ -29,8 +29,8 @@ from flaxdepth import conv, ops, registry
 # activations (flaxdepth/ops.py; JAX's autodiff alone kept five float32 and two bool arrays per
 # elu_bn layer), or on CPUs with BatchNorm (one C++ kernel with the activation) its input and its
 # convolution's output, as rematerializing would. Before ops.py, on this project's 2-core CPU,
-# rematerializing made one elu_bn k=48 step 1.02-1.12x faster (BENCHMARKS.md, seventh session); since ops.py it is untimed there, and on a
-# GPU (experiments/gpu_step_variants.sh times it). Off.
+# rematerializing made one elu_bn k=48 step 1.02-1.12x faster (BENCHMARKS.md, seventh session);
+# since ops.py it is untimed there, and on a GPU (experiments/gpu_step_variants.sh times it). Off.
 # Read when a program is traced.
 REMATERIALIZE_LAYERS = False
 SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output")

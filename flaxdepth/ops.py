@@ -116,8 +116,8 @@ def _fused_bwd(epsilon, activation, residuals, cotangents):
     (grad_y, grad_mean, grad_var) = cotangents
     grads = lax.platform_dependent(
         *residuals, grad_y, grad_mean, grad_var,
-        cpu=lambda x, mean, var, scale, bias, *grads: cpu_kernels.batch_norm_activation_grad(
-            grads[0], x, mean, var, scale, bias, grads[1], grads[2], epsilon, activation),
+        cpu=lambda x, mean, var, scale, bias, g_y, g_mean, g_var: cpu_kernels.batch_norm_activation_grad(
+            g_y, x, mean, var, scale, bias, g_mean, g_var, epsilon, activation),
         default=lambda *a: _xla_batch_normalize_activation_grad(*a, epsilon, activation))
     x, _, _, scale, bias = residuals  # under shard_map, parameters shared by the devices sum their gradients
     return tuple(cpu_kernels.like_primal(g, primal) for g, primal in zip(grads, (x, scale, bias)))
