@@ -93,8 +93,7 @@ def batch_normalize_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, 
                    and x.dtype == scale.dtype == bias.dtype == jnp.float32)
     if kernel_fits and cpu_kernels.usable():
         return _fused_batch_normalize_activation(x, scale, bias, epsilon, activation)
-    out, mean, var = batch_normalize(x, scale, bias, epsilon)
-    return ACTIVATIONS[activation](out), mean, var
+    return _xla_batch_normalize_activation(x, scale, bias, epsilon, activation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -124,6 +123,7 @@ def _fused_bwd(epsilon, activation, residuals, cotangents):
 
 
 def _xla_batch_normalize_activation(x, scale, bias, epsilon, activation):
+    """XLA's operations: `batch_normalize`, then the activation (its own JVP)."""
     out, mean, var = batch_normalize(x, scale, bias, epsilon)
     return ACTIVATIONS[activation](out), mean, var
 

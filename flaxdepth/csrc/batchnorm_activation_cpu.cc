@@ -263,15 +263,14 @@ void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float
       }
     });
   }
-  // grad_x = (gs - sum_gs / n - (x - mean) * k2) * k3 + grad_mean / n + (x - mean) * k5
-  std::vector<float> k1(channels), k2(channels), k3(channels), k4(channels), k5(channels);
+  // grad_x = (gs - sum_gs / n - (x - mean) * k2) * a + grad_mean / n + (x - mean) * k5
+  std::vector<float> k1(channels), k2(channels), k4(channels), k5(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const float sum_gs = static_cast<float>(sums[c]), sum_gsx = static_cast<float>(sums[channels + c]);
     grad_bias[c] = sum_gs;
     grad_scale[c] = sum_gsx * inv_std[c];
     k1[c] = sum_gs / count;
     k2[c] = sum_gsx * inv_std[c] * inv_std[c] / count;
-    k3[c] = a[c];
     k4[c] = grad_mean[c] / count;
     k5[c] = grad_var[c] * 2 / count;
   }
@@ -292,7 +291,7 @@ void Backward(ffi::ThreadPool& pool, const float* g, const float* x, const float
     for (; i < S; ++i) {
       const int64_t c = i % channels;
       const float d = xn[i] - mean[c], gs = gn[i] * Act::Slope(d * a[c] + bias[c]);
-      out[i] = (gs - k1[c] - d * k2[c]) * k3[c] + k4[c] + d * k5[c];
+      out[i] = (gs - k1[c] - d * k2[c]) * a[c] + k4[c] + d * k5[c];
     }
   });
 }
