@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, experiments and benchmarks, as one call on a lent GPU machine (15 device minutes a
-# session, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
+# The GPU checks, experiments and benchmarks, as one call on a lent GPU machine (its device time is
+# short and rationed, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
 # Stages, in order (default time limits): smoke (75 s), conv formulations (60 s), whole-run benchmark
 # (180 s), a profile of the replicated step (90 s), then experiments until CALL_LIMIT (default 560 s)

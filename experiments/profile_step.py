@@ -10,7 +10,7 @@ gives, per operation kind (trailing ".N" of XLA's instruction names dropped) and
 single operations, the total time, the count, and the share of all device time. Kinds are
 classified as convolution, batchnorm (flaxdepth's CPU BatchNorm + activation kernel), layout (transpose,
 copy), reduction, other fusion, other: the question it answers is how much of a step is not
-convolution (BENCHMARKS.md, fourth session). On a CPU, flaxdepth's kernels (FFI calls, named
+convolution (the answers are in BENCHMARKS.md). On a CPU, flaxdepth's kernels (FFI calls, named
 "ffi_call.N" in the trace) are of the kind of their FFI target, read from the compiled program. The events
 of nested loops are counted where they run; events that span others (a while loop, a CPU thunk
 sequence and its wait) and runtime internals are left out of the sums, so "device time" is the

@@ -142,7 +142,7 @@ def test_notebook_checkpoint_gives_the_same_logits_in_flax(variant, k, notebook,
 
     ours = torch_ref.build(variant, k)
     ours.load_state_dict(torch.load(path), strict=True)
-    with jax.enable_x64(False):  # float32 on both sides, whatever the session's JAX mode
+    with jax.enable_x64(False):  # float32 on both sides, whatever JAX's x64 mode in this process
         variables = interop.from_torch(variant, k, torch.load(path))
         modes = (False, True) if registry.VARIANTS[variant].batchnorm else (False,)
         for train_mode in modes:

@@ -121,7 +121,7 @@ TRAJECTORY_STEPS = 20
 #: does not amplify (shallow nets) that divergence is tiny and rtol rules. 300, not 100: the two
 #: frameworks' rounding differs at every step, the noise run's only at the start, and on an
 #: AVX-512 machine (torch 2.13.0, jax 0.10.2) tanh_bn_oldinit k=33 in float64 reached 107x that
-#: divergence at step 5 (6.2e-10), with this repository's code of 2026-11-27 as with today's.
+#: divergence at step 5 (6.2e-10).
 CHAOS_FACTOR = 300
 #: Once two torch runs a rounding unit apart differ by this much, the trajectory is no longer
 #: determined to float precision (resnet_nobn's activations near overflow): comparison stops.
