@@ -114,14 +114,14 @@ def training_grads(conv, replicated: bool):
     return jax.jit(grads if replicated else jax.vmap(grads))
 
 
-def measure(replicas: int, batch: int, rounds: int, steps: int, names=None):
+def measure(replicas: int, batch: int, rounds: int, steps: int, names=None, shapes=STAGE_SHAPES):
     """Yields one result row per (stage shape, formulation), a stage shape at a time."""
     formulations = {name: training_grads(fn, False) for name, fn in PER_REPLICA.items()}
     formulations["block_diagonal (replicas in channels)"] = training_grads(conv_block_diagonal, True)
     if names:  # the first (lax) stays: speedups are relative to it
         formulations = {k: v for i, (k, v) in enumerate(formulations.items())
                         if i == 0 or any(k.startswith(n) for n in names)}
-    for size, channels in STAGE_SHAPES:
+    for size, channels in shapes:
         keys = jax.random.split(jax.random.key(size), 4)
         x = jax.random.normal(keys[0], (replicas, batch, size, size, channels))
         w = jax.random.normal(keys[1], (replicas, 3, 3, channels, channels)) / (3 * channels ** 0.5)

@@ -3,9 +3,9 @@
 For each convolution a training step of the models runs (the three stages' channel pairs, batch
 256: forward, which with the kernel flipped is also the input gradient, and kernel gradient),
 times one call inside a jitted `lax.map` of 16 calls (as the scanned layers call them) with
-`flaxdepth.cpu_kernels`, with XLA's own CPU path (`FLAXDEPTH_CPU_KERNELS=0`: the folded and
-transposed YNNPACK forms of flaxdepth/conv.py), and PyTorch's `conv2d` and its weight gradient,
-all in one process, interleaved rounds, median. Also checks the kernels against XLA.
+`flaxdepth.cpu_kernels`, with XLA's plain CPU convolution (the fallback, engine option
+`cpu_kernels` off), and PyTorch's `conv2d` and its weight gradient, all in one process, interleaved
+rounds, median. Also checks the kernels against XLA.
 
     python experiments/cpu_conv_kernels.py [--rounds 5] [--json]
 """
@@ -13,9 +13,7 @@ all in one process, interleaved rounds, median. Also checks the kernels against 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import time
 
@@ -34,23 +32,8 @@ SHAPES = ((28, 1, 4), (28, 4, 4), (14, 4, 8), (14, 8, 8), (7, 8, 16), (7, 16, 16
 INPUT_GRADIENT_SHAPES = ((28, 4, 1), (14, 8, 4), (7, 16, 8))
 
 
-@contextlib.contextmanager
-def kernels(enabled: bool):
-    """flaxdepth's CPU kernels on or off for the programs traced inside."""
-    previous = os.environ.get("FLAXDEPTH_CPU_KERNELS")
-    os.environ["FLAXDEPTH_CPU_KERNELS"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FLAXDEPTH_CPU_KERNELS"]
-        else:
-            os.environ["FLAXDEPTH_CPU_KERNELS"] = previous
-
-
 def compiled(fn, *args, use_kernels: bool):
-    with kernels(use_kernels):
-        program = jax.jit(lambda a, b: lax.map(lambda pair: fn(*pair), (a, b))).lower(*args).compile()
+    program = jax.jit(lambda a, b: lax.map(lambda pair: fn(*pair, use_kernels), (a, b))).lower(*args).compile()
     return lambda: jax.block_until_ready(program(*args))
 
 
@@ -88,15 +71,14 @@ def measure(rounds: int, batch: int = 256):
         grad_out = jnp.asarray(rng.normal(size=(CALLS, batch, size, size, c_out)), jnp.float32)
         runners = {}
         for name, use in (("kernels", True), ("xla", False)):
-            runners[f"forward_{name}"] = compiled(conv._xla_conv, x, kernel, use_kernels=use)
+            runners[f"forward_{name}"] = compiled(conv._conv, x, kernel, use_kernels=use)
             if with_kernel_grad:
-                runners[f"kernel_grad_{name}"] = compiled(conv._xla_kernel_grad, x, grad_out, use_kernels=use)
+                runners[f"kernel_grad_{name}"] = compiled(conv._kernel_grad, x, grad_out, use_kernels=use)
         runners["forward_torch"], kernel_grad_torch = torch_runners(*map(np.asarray, (x, kernel, grad_out)))
         if with_kernel_grad:
             runners["kernel_grad_torch"] = kernel_grad_torch
-        with kernels(True):
-            got = (jax.jit(lambda a, b: conv._xla_conv(a, b))(x[0], kernel[0]),
-                   jax.jit(lambda a, b: conv._xla_kernel_grad(a, b))(x[0], grad_out[0]))
+        got = (jax.jit(lambda a, b: conv._conv(a, b, True))(x[0], kernel[0]),
+               jax.jit(lambda a, b: conv._kernel_grad(a, b, True))(x[0], grad_out[0]))
         error = max(float(jnp.abs(g - w).max() / jnp.abs(w).max())
                     for g, w in zip(got, xla_reference(x[0], kernel[0], grad_out[0])))
         for run in runners.values():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the replicated GPU step's time goes, and which engine settings shorten it: one call on a lent
-# GPU machine (see experiments/BENCHMARKS.md, sixth session). Writes into $OUT (or ./gpu_out).
+# GPU machine (experiments/BENCHMARKS.md records its results). Writes into $OUT (or ./gpu_out).
 #   bash experiments/gpu_step_variants.sh [VARIANT DEPTH]        (default: elu_bn 48)
 # 1. experiments/profile_step.py on the 32-replica step: device operation time against wall time,
 #    by class of operation (about 20 s).
@@ -12,9 +12,9 @@
 #    replica count, if that is another one (about 120 s each at 32 replicas, 200 s at 64).
 # Each stage has its own time limit, and a stage that could end past CALL_LIMIT (default 560 s after
 # the start, under a call's 600) is skipped; a setting that fails (an XLA flag this jaxlib lacks)
-# only loses its own row. Exits 1 if no step benchmark finished. Knobs: SETTINGS (newline-separated "name|XLA_FLAGS|bench arguments|Python
-# run before the bench, e.g. flaxdepth.conv.REPLICAS_PER_BLOCK = 8; flaxdepth.conv and
-# flaxdepth.models are imported"), SKIP_PROFILE, STAGE_TIMEOUT
+# only loses its own row. Exits 1 if no step benchmark finished. Knobs: SETTINGS (newline-separated
+# "name|XLA_FLAGS|bench arguments", engine options among the arguments, e.g. --replicas-per-block 8),
+# SKIP_PROFILE, STAGE_TIMEOUT
 # (default 100 s), DATA_DIR, FULL_TIMEOUT (default 150 s), FULL_ARGS (more whole-run benchmark
 # arguments, e.g. --limit-train N). tests/test_experiments_run.py runs it on a CPU, tiny.
 set -u
@@ -46,42 +46,37 @@ for k in d["kinds"][:15]:
 EOF
 fi
 
-# flaxdepth.bench, with a Python statement run first (a setting of the engine's modules)
-# (python3 -c "$BENCH" SETUP ARGS...)
-BENCH="import sys, runpy, flaxdepth.conv, flaxdepth.models; exec(sys.argv[1]); sys.argv[1:2] = []
-runpy.run_module('flaxdepth.bench', run_name='__main__', alter_sys=True)"
-
-# bench_row FILE TIME_LIMIT NAME XLA_FLAGS SETUP BENCH_ARGS [MORE ARGS...]: one benchmark process;
+# bench_row FILE TIME_LIMIT NAME XLA_FLAGS BENCH_ARGS [MORE ARGS...]: one benchmark process;
 # its JSON, tagged with the setting, is appended to FILE; a failure prints the end of the log instead
 bench_row() {
-    local file=$1 limit=$2 name=$3 flags=$4 setup=$5 bench_args=$6; shift 6
+    local file=$1 limit=$2 name=$3 flags=$4 bench_args=$5; shift 5
     if [ $(( $(date +%s) + limit )) -gt $(( started + ${CALL_LIMIT:-560} )) ]; then
         echo "$name: skipped (its ${limit} s could end past CALL_LIMIT)"; return
     fi
-    if result=$(XLA_FLAGS="$flags" timeout -k 10 $limit python3 -c "$BENCH" "$setup" --variant $VARIANT \
+    if result=$(XLA_FLAGS="$flags" timeout -k 10 $limit python3 -m flaxdepth.bench --variant $VARIANT \
             --depth $DEPTH $bench_args "$@" --json 2>>"$OUT/log.txt" </dev/null); then
         echo "$result" | python3 -c "import json, sys; d = json.loads(sys.stdin.read())
-d.update(setting=sys.argv[1], xla_flags=sys.argv[2], setup=sys.argv[3], bench_args=sys.argv[4]); print(json.dumps(d))" \
-            "$name" "$flags" "$setup" "$bench_args" | tee -a "$file"
+d.update(setting=sys.argv[1], xla_flags=sys.argv[2], bench_args=sys.argv[3]); print(json.dumps(d))" \
+            "$name" "$flags" "$bench_args" | tee -a "$file"
     else
         echo "$name: failed (exit $?; see log.txt)"; tail -n 3 "$OUT/log.txt"
     fi
 }
 
 # Default: the engine as it is (the first row: the whole-run baseline), the engine recomputing the
-# scanned layers' BatchNorm and activation in the backward pass (flaxdepth/models.py; untimed on a
-# GPU), other block sizes, and more replicas. Measured in the sixth session (BENCHMARKS.md), with
-# no effect on the step: --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL and
+# scanned layers' BatchNorm and activation in the backward pass (--rematerialize), other block
+# sizes, and more replicas. With no effect on the step (BENCHMARKS.md, 2026-11-27, H200):
+# --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL and
 # --xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL.
-DEFAULT_SETTINGS="r32||--replicas 32|
-r32_remat||--replicas 32|flaxdepth.models.REMATERIALIZE_LAYERS = True
-r32_b16||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 16
-r32_b4||--replicas 32|flaxdepth.conv.REPLICAS_PER_BLOCK = 4
-r64||--replicas 64|"
-while IFS='|' read -r name flags bench_args setup; do
+DEFAULT_SETTINGS="r32||--replicas 32
+r32_remat||--replicas 32 --rematerialize
+r32_b16||--replicas 32 --replicas-per-block 16
+r32_b4||--replicas 32 --replicas-per-block 4
+r64||--replicas 64"
+while IFS='|' read -r name flags bench_args; do
     [ -n "$name" ] || continue
     stamp "step benchmark: $name (XLA_FLAGS='$flags', $bench_args)"
-    bench_row "$OUT/step_variants.jsonl" ${STAGE_TIMEOUT:-100} "$name" "$flags" "$setup" "$bench_args" \
+    bench_row "$OUT/step_variants.jsonl" ${STAGE_TIMEOUT:-100} "$name" "$flags" "$bench_args" \
         --steps 5 --rounds 3 --compile-depths ''
 done <<< "${SETTINGS:-$DEFAULT_SETTINGS}"
 
@@ -98,7 +93,7 @@ EOF
 
 if [ -n "${DATA_DIR:-}" ]; then
     # the baseline (first row) and the fastest setting per model step at its replica count (a larger
-    # count's whole run takes longer than a stage may), one line each: name|flags|bench args|setup
+    # count's whole run takes longer than a stage may), one line each: name|flags|bench args
     full_settings=$(mktemp); trap 'rm -f "$full_settings"' EXIT
     python3 - "$OUT/step_variants.jsonl" > "$full_settings" <<'EOF'
 import json, sys
@@ -106,11 +101,11 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 fastest = min((d for d in rows if d["replicas"] == rows[0]["replicas"]),
               key=lambda d: d["jax_ms_per_model_step_replicas"])
 for d in [rows[0]] + ([fastest] if fastest is not rows[0] else []):
-    print(f"{d['setting']}|{d['xla_flags']}|{d['bench_args']}|{d['setup']}")
+    print(f"{d['setting']}|{d['xla_flags']}|{d['bench_args']}")
 EOF
-    while IFS='|' read -r name flags bench_args setup; do
+    while IFS='|' read -r name flags bench_args; do
         stamp "whole-run benchmark (3 epochs, torch_ref's notebook loop in the same process): $name"
-        bench_row "$OUT/full_run.jsonl" ${FULL_TIMEOUT:-150} "$name" "$flags" "$setup" "$bench_args" --full-run \
+        bench_row "$OUT/full_run.jsonl" ${FULL_TIMEOUT:-150} "$name" "$flags" "$bench_args" --full-run \
             --epochs 3 --data-dir "$DATA_DIR" ${FULL_ARGS:-}
     done < "$full_settings"
     [ -f "$OUT/full_run.jsonl" ] && python3 - "$OUT/full_run.jsonl" <<'EOF'

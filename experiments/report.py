@@ -62,7 +62,7 @@ def standard_rows(files: dict[str, list[dict]], precision: str = "default") -> l
     for r in (r for rows in files.values() for r in rows):
         v = registry.VARIANTS.get(r["variant"])
         if (v and r["lr"] == v.lr and all(r["config"].get(k) == x for k, x in STANDARD.items())
-                and r["config"].get("precision", "default") == precision):  # rows from before the option: default
+                and r["config"].get("engine", {}).get("precision", "default") == precision):
             keep[r["variant"], r["framework"], r["protocol"], r["depth"], r["seed"], r["device"]] = r
     return list(keep.values())
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from flaxdepth import data, registry, train
+from flaxdepth.options import EngineOptions
 from flaxdepth.search import SweepConfig, run_sweep
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +47,7 @@ def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None
         configs.append(SweepConfig(
             variant=name, depths=None if depths == "search" else tuple(depths), seeds=entry.get("seeds", 3),
             epochs=entry.get("epochs", 3), notebook_quirks=entry.get("notebook_quirks", False),
-            framework=entry.get("framework", "jax"), precision=entry.get("precision", "default"),
+            framework=entry.get("framework", "jax"), engine=EngineOptions(precision=entry.get("precision", "default")),
             out=str(out), data_dir=data_dir,
             limit_train=limit_train, limit_test=limit_test,
             skip_parity=True,  # the parity suite and one check per process (below) cover it

@@ -12,6 +12,7 @@ against flaxdepth's scanned epochs with R replicas (on several CPU devices, also
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -25,7 +26,11 @@ import torch
 
 import torch_ref
 from torch_ref import training as torch_training
-from flaxdepth import conv, cpu_kernels, models, registry, train
+from flaxdepth import cpu_kernels, registry, train
+from flaxdepth.options import EngineOptions
+
+from flaxdepth.search import ConfigError
+from flaxdepth.sweep import add_engine_arguments, engine_options
 
 PROG = "python -m flaxdepth.bench"
 
@@ -72,27 +77,20 @@ def torch_stepper(variant: str, depth: int, images_u8, labels, device: str):
     return run
 
 
-def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, platform: str | None = None,
+def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, options: EngineOptions = EngineOptions(),
                 mesh=None):
-    """A closure running n jitted flaxdepth steps of R replicas (each its own weights), mapped
-    over the replicas as the engine does on `platform` (default: the device's; "gpu" = vmapped).
-    With a `mesh`, the replicas are split over its devices as the engine splits them (`platform`
-    is then the mesh's)."""
-    model, init, _, _ = train.compiled_functions(variant, depth, len(labels), mesh=mesh)
+    """A closure running n jitted flaxdepth steps of R replicas (each its own weights), split over
+    `mesh`'s devices (default: `train.local_mesh()`) and mapped over each device's replicas as the
+    engine does, computed as `options` say."""
+    mesh = mesh or train.local_mesh()
+    model, init, _, _ = train.compiled_functions(variant, depth, len(labels), options=options, mesh=mesh)
     lr = registry.get_variant(variant).lr
-    if mesh is None:
-        state = init(jnp.arange(replicas, dtype=jnp.int32), jnp.full((replicas,), lr))
-        platform = platform or jax.devices()[0].platform
-        step = jax.jit(train.per_replica(lambda s, x, y: train.train_step(model, s, x, y, True), (0, None, None),
-                                         platform), donate_argnums=0)
-        x, y = jnp.asarray(images_u8), jnp.asarray(labels)
-    else:
-        split, whole = train.split_over_replicas(mesh), train.replicated(mesh)
-        state = init(train.global_array(np.arange(replicas, dtype=np.int32), split),
-                     train.global_array(np.full((replicas,), lr, jnp.result_type(float)), split))
-        step = train.over_replicas(lambda s, x, y: train.train_step(model, s, x, y, True), mesh, (0, None, None),
-                                   (False, True), donate_argnums=0)
-        x, y = train.global_array(images_u8, whole), train.global_array(labels, whole)
+    split, whole = train.split_over_replicas(mesh), train.replicated(mesh)
+    state = init(train.global_array(np.arange(replicas, dtype=np.int32), split),
+                 train.global_array(np.full((replicas,), lr, jnp.result_type(float)), split))
+    step = train.over_replicas(lambda s, x, y: train.train_step(model, s, x, y, True), mesh, (0, None, None),
+                               (False, True), options, donate_argnums=0)
+    x, y = train.global_array(images_u8, whole), train.global_array(labels, whole)
     holder = [state]
 
     def run(n):
@@ -104,7 +102,7 @@ def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, plat
 
 
 def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, steps: int, rounds: int,
-                   device: str) -> dict:
+                   device: str, options: EngineOptions = EngineOptions()) -> dict:
     mesh = bench_mesh()
     if replicas % mesh.size:  # a count set by XLA_FLAGS or $JAX_NUM_CPU_DEVICES
         print(f"{PROG}: error: --replicas {replicas} must be a multiple of the {mesh.size} CPU devices",
@@ -112,14 +110,15 @@ def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, ste
         raise SystemExit(2)
     images, labels = synthetic_batch(batch_size)
     runners = {"torch": torch_stepper(variant, depth, images, labels, device),
-               "jax": jax_stepper(variant, depth, images, labels, 1)}
+               "jax": jax_stepper(variant, depth, images, labels, 1, options)}
     if replicas > 1:
-        runners["jax_replicas"] = jax_stepper(variant, depth, images, labels, replicas, mesh=mesh)
+        runners["jax_replicas"] = jax_stepper(variant, depth, images, labels, replicas, options, mesh)
         if jax.devices()[0].platform == "cpu":
-            if mesh.size > 1:  # the engine's CPU mode before devices were split (one device, lax.map)
-                runners["jax_replicas_one_device"] = jax_stepper(variant, depth, images, labels, replicas)
+            if mesh.size > 1:  # all replicas on one CPU device, one after the other
+                runners["jax_replicas_one_device"] = jax_stepper(variant, depth, images, labels, replicas, options)
             # what the engine's CPU loop over replicas avoids
-            runners["jax_replicas_vmapped"] = jax_stepper(variant, depth, images, labels, replicas, "gpu")
+            runners["jax_replicas_vmapped"] = jax_stepper(
+                variant, depth, images, labels, replicas, dataclasses.replace(options, vmap_replicas=True))
     for run in runners.values():  # warm-up: compilation, allocator, caches
         run(2)
     times = {name: [] for name in runners}
@@ -144,14 +143,15 @@ def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, ste
     return result
 
 
-def compile_benchmark(variant: str, depths: list[int], batch_size: int) -> dict[int, float]:
+def compile_benchmark(variant: str, depths: list[int], batch_size: int,
+                      options: EngineOptions = EngineOptions()) -> dict[int, float]:
     """Seconds to compile the epoch program (scan over batches + partial batch) at each depth."""
     images, labels = synthetic_batch(2 * batch_size + 8)
     data = train.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(images[:64]),
                             jnp.asarray(labels[:64]))
     seconds = {}
     for depth in depths:
-        _, init, epochs, _ = train.compiled_functions(variant, depth, batch_size)
+        _, init, epochs, _ = train.compiled_functions(variant, depth, batch_size, options=options)
         state = init(jnp.zeros(1, jnp.int32), jnp.full((1,), 0.05))
         orders = jnp.arange(len(labels))[None]
         start = time.perf_counter()
@@ -162,7 +162,7 @@ def compile_benchmark(variant: str, depths: list[int], batch_size: int) -> dict[
 
 def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, device: str,
                        data_dir: str | None, limit_train: int | None, limit_test: int | None = None,
-                       rounds: int = 1) -> dict:
+                       rounds: int = 1, options: EngineOptions = EngineOptions()) -> dict:
     """A whole run: the notebook's loop with a shuffling DataLoader over per-sample transforms,
     against flaxdepth's engine training `replicas` models at once (compile included and not; the
     median of `rounds` timed runs, interleaved with the one-device runs where there are those)."""
@@ -203,7 +203,7 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
 
     def train_runs(name: str, run_epochs: int) -> float:
         start = time.perf_counter()
-        train.train_replicas(variant, depth, device_data[name], runs, run_epochs, mesh=meshes[name])
+        train.train_replicas(variant, depth, device_data[name], runs, run_epochs, mesh=meshes[name], options=options)
         return time.perf_counter() - start
 
     # A one-epoch run compiles every program the timed runs use (init, epoch, test, orders);
@@ -254,11 +254,16 @@ def parse_args(argv=None):
     p.add_argument("--limit-train", type=int, default=None, help="with --full-run: first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="with --full-run: first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_engine_arguments(p)
     args = p.parse_args(argv)
     try:
         registry.check_depth(args.depth)
         args.compile_depths = [registry.check_depth(int(d)) for d in args.compile_depths.split(",") if d.strip()]
     except ValueError as error:
+        p.error(str(error))
+    try:
+        args.engine = engine_options(args)
+    except ConfigError as error:
         p.error(str(error))
     if args.rounds is None:
         args.rounds = 1 if args.full_run else 5
@@ -279,23 +284,23 @@ def main(argv=None) -> int:
     jax_device = jax.devices()[0]
     result = {"jax_device": f"{jax_device.platform}:{jax_device.device_kind}", "torch_device": device,
               "versions": {"jax": jax.__version__, "torch": torch.__version__},
-              # the engine's settings that the timings depend on (flaxdepth/conv.py, flaxdepth/models.py)
-              "conv_replicas_per_block": conv.REPLICAS_PER_BLOCK,
-              "cpu_kernels": cpu_kernels.usable(),
-              "rematerialize_layers": models.REMATERIALIZE_LAYERS}
+              # the engine's settings that the timings depend on
+              "engine": args.engine.as_dict(),
+              "cpu_kernels_used": args.engine.cpu_kernels and cpu_kernels.available()}
     if args.full_run:
         from flaxdepth.data import DataError
         try:
             result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
-                                             args.data_dir, args.limit_train, args.limit_test, args.rounds))
+                                             args.data_dir, args.limit_train, args.limit_test, args.rounds,
+                                             args.engine))
         except DataError as error:  # no MNIST where it was looked for: what to pass instead
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
     else:
         result.update(step_benchmark(args.variant, args.depth, args.batch_size, args.replicas, args.steps,
-                                     args.rounds, device))
+                                     args.rounds, device, args.engine))
         if args.compile_depths:
-            seconds = compile_benchmark(args.variant, args.compile_depths, args.batch_size)
+            seconds = compile_benchmark(args.variant, args.compile_depths, args.batch_size, args.engine)
             result["compile_s"] = {str(k): v for k, v in seconds.items()}
             first, last = args.compile_depths[0], args.compile_depths[-1]
             result["compile_ratio"] = seconds[last] / seconds[first]

@@ -1,19 +1,19 @@
 """flaxdepth's own CPU kernels (csrc/*.cc), called through XLA's FFI.
 
 XLA's CPU convolutions run the models' 1-16-channel 3x3 convolutions far below the machine's
-speed; they were most of a CPU training step (experiments/BENCHMARKS.md). The C++ kernels
-compute the same convolution (forward, which with the kernel flipped is also the input gradient,
-and the kernel gradient) for float32 NHWC/HWIO arrays, on XLA's own intra-op threads; and, once
-those were fast, the next largest part of an elu_bn step, train-mode BatchNorm followed by its
-activation (ELU or tanh), and its gradient (`flaxdepth.ops.batch_normalize_activation`).
+speed, and XLA's train-mode BatchNorm followed by its activation is the next largest part of a
+CPU training step (experiments/BENCHMARKS.md). The C++ kernels compute, for float32 NHWC/HWIO
+arrays on XLA's own intra-op threads: the 3x3 convolution (forward, which with the kernel flipped
+is also the input gradient), its kernel gradient, and train-mode BatchNorm + ELU or tanh with its
+gradient (`flaxdepth.ops.batch_normalize_activation`).
 
 The sources are compiled on first use, once per source, jaxlib, compiler and processor, with the
 C++ compiler `$CXX` (else `c++`) and `-O3 -march=native`, into one library in the user cache
 (`$XDG_CACHE_HOME/flaxdepth/kernels`, else `~/.cache/...`), and registered as XLA FFI targets of
 the CPU platform. Where that cannot be done (no compiler, say), one warning says why and
-`flaxdepth.conv` and `flaxdepth.ops` keep XLA's operations: the same results up to float32
-rounding (other summation orders), slower. `FLAXDEPTH_CPU_KERNELS=0` turns the kernels off (read
-when a program is traced, like `conv.REPLICAS_PER_BLOCK`).
+`flaxdepth.conv` and `flaxdepth.ops` use XLA's operations: the same results up to float32
+rounding (other summation orders), slower. Whether to use the kernels at all is an engine option
+(`EngineOptions.cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -47,15 +47,10 @@ TARGETS = {"flaxdepth_conv3x3": "FlaxdepthConv3x3",
 ACTIVATIONS = {"elu": 0, "tanh": 1}
 
 
-def enabled() -> bool:
-    """Whether the kernels are wanted: not turned off by FLAXDEPTH_CPU_KERNELS=0."""
-    return os.environ.get("FLAXDEPTH_CPU_KERNELS", "1").strip() != "0"
-
-
-def usable() -> bool:
-    """Whether conv.py and ops.py should call the kernels: wanted, JAX computes on the CPU by
-    default, and they are built and registered (built here on the first call)."""
-    return enabled() and jax.default_backend() == "cpu" and _load() is None
+def available() -> bool:
+    """Whether conv.py and ops.py can call the kernels: JAX computes on the CPU by default, and
+    they are built and registered (built here on the first call; never on an accelerator host)."""
+    return jax.default_backend() == "cpu" and _load() is None
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -6,10 +6,10 @@ and from the torch state_dict.
 
 A stage is its first conv (C_in -> C_out, never residual) plus k // 3 - 1 same-shape layers.
 Those are one `nn.scan`, so the traced program does not grow with depth: k = 300 compiles
-about as fast as k = 30. Their parameters carry a leading layer axis. The name given to the
-convolutions' outputs (`checkpoint_name`) marks what the scanned layers keep for the backward pass
-under `REMATERIALIZE_LAYERS`. BatchNorm's train-mode normalization and the activations are
-`flaxdepth.ops`'s, whose hand-written gradients keep less for the backward pass than autodiff.
+about as fast as k = 30. Their parameters carry a leading layer axis. BatchNorm's train-mode
+normalization and the activations are `flaxdepth.ops`'s, whose hand-written gradients keep less for
+the backward pass than autodiff. How the layers compute (CPU kernels, rematerialization, replica
+blocks) is the model's `EngineOptions`, which changes no parameter and no number beyond rounding.
 """
 
 from __future__ import annotations
@@ -22,17 +22,13 @@ from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxdepth import conv, ops, registry
+from flaxdepth.options import EngineOptions
 
-# With REMATERIALIZE_LAYERS, the backward pass keeps of each scanned layer only its input and its
-# convolution's output, and recomputes BatchNorm and the activation from them (jax.checkpoint);
-# without it, the layer keeps its input, the activation's slope and, with BatchNorm, the centred
-# activations (flaxdepth/ops.py; JAX's autodiff alone kept five float32 and two bool arrays per
-# elu_bn layer), or on CPUs with BatchNorm (one C++ kernel with the activation) its input and its
-# convolution's output, as rematerializing would. Before ops.py, on this project's 2-core CPU,
-# rematerializing made one elu_bn k=48 step 1.02-1.12x faster (BENCHMARKS.md, seventh session);
-# since ops.py it is untimed there, and on a GPU (experiments/gpu_step_variants.sh times it). Off.
-# Read when a program is traced.
-REMATERIALIZE_LAYERS = False
+# With EngineOptions.rematerialize, the backward pass keeps of each scanned layer only its input and
+# its convolution's output (named "conv_output" below), and recomputes BatchNorm and the activation
+# from them (jax.checkpoint); without it, the layer keeps its input, the activation's slope and,
+# with BatchNorm, the centred activations (flaxdepth/ops.py), or on CPUs with BatchNorm (one C++
+# kernel with the activation) its input and its convolution's output, as rematerializing would.
 SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output")
 
 
@@ -62,6 +58,7 @@ class TorchBatchNorm(nn.Module):
     """
 
     activation: str
+    cpu_kernels: bool = True  # EngineOptions.cpu_kernels: BatchNorm + activation as one CPU kernel
     momentum: float = 0.1
     epsilon: float = 1e-5
 
@@ -78,7 +75,8 @@ class TorchBatchNorm(nn.Module):
         if not train:
             normalized = (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
             return ops.ACTIVATIONS[self.activation](normalized)
-        out, mean, var = ops.batch_normalize_activation(x, scale, bias, self.epsilon, self.activation)
+        out, mean, var = ops.batch_normalize_activation(x, scale, bias, self.epsilon, self.activation,
+                                                        self.cpu_kernels)
         if not self.is_initializing():
             n = x.size // features
             m = self.momentum
@@ -96,6 +94,7 @@ class Conv3x3(nn.Module):
 
     features: int
     init_std: float
+    options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,7 +103,7 @@ class Conv3x3(nn.Module):
                             (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias)
-        return conv.conv3x3(x, kernel) + bias
+        return conv.conv3x3(x, kernel, self.options) + bias
 
 
 class ConvLayer(nn.Module):
@@ -116,12 +115,13 @@ class ConvLayer(nn.Module):
     batchnorm: bool
     residual: bool
     train: bool
+    options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None):
-        y = checkpoint_name(Conv3x3(self.features, self.init_std, name="conv")(x), "conv_output")
+        y = checkpoint_name(Conv3x3(self.features, self.init_std, self.options, name="conv")(x), "conv_output")
         if self.batchnorm:
-            y = TorchBatchNorm(self.activation, name="bn")(y, self.train)
+            y = TorchBatchNorm(self.activation, self.options.cpu_kernels, name="bn")(y, self.train)
         else:
             y = ops.ACTIVATIONS[self.activation](y)
         if self.residual:
@@ -137,6 +137,7 @@ class Stage(nn.Module):
     num_layers: int
     fan: str
     train: bool
+    options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,7 +147,7 @@ class Stage(nn.Module):
         def layer(std, residual, **kwargs):
             return dict(
                 features=channels_out, init_std=std, activation=v.activation,
-                batchnorm=v.batchnorm, residual=residual, train=self.train, **kwargs,
+                batchnorm=v.batchnorm, residual=residual, train=self.train, options=self.options, **kwargs,
             )
 
         first_std = registry.conv_init_std(v, channels_in, channels_out, self.fan)
@@ -154,7 +155,8 @@ class Stage(nn.Module):
         if self.num_layers > 1:
             same_std = registry.conv_init_std(v, channels_out, channels_out, self.fan)
             scanned = nn.scan(
-                nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False) if REMATERIALIZE_LAYERS else ConvLayer,
+                nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False) if self.options.rematerialize
+                else ConvLayer,
                 variable_axes={"params": 0, "batch_stats": 0},
                 split_rngs={"params": True},
                 length=self.num_layers - 1,
@@ -173,12 +175,14 @@ class DepthCNN(nn.Module):
     """Every variant of the notebook: 3 stages of k // 3 conv layers (4, 8, 16 channels) and a
     Linear head; `elu_multihead` adds heads after stages 1 and 2 and returns three logit arrays.
 
-    `fan` picks the Glorot-style sigma: "out" (the notebook's choice) or "in".
+    `fan` picks the Glorot-style sigma: "out" (the notebook's choice) or "in"; `options` how the
+    engine computes (flaxdepth.options).
     """
 
     variant: registry.Variant
     depth: int
     fan: str = "out"
+    options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
@@ -186,25 +190,26 @@ class DepthCNN(nn.Module):
         x = images
         logits = []
         for stage in range(registry.NUM_STAGES):
-            x = Stage(self.variant, stage, layers, self.fan, train, name=f"stage{stage}")(x)
+            x = Stage(self.variant, stage, layers, self.fan, train, self.options, name=f"stage{stage}")(x)
             last = stage == registry.NUM_STAGES - 1
             if self.variant.multihead or last:
                 features = flatten_like_torch(x)
                 init = torch_linear_init(features.shape[-1])
                 name = f"fc{stage + 1}" if self.variant.multihead else "fc"
                 logits.append(
-                    nn.Dense(registry.NUM_CLASSES, kernel_init=init, bias_init=init, name=name)(features)
+                    nn.Dense(registry.NUM_CLASSES, kernel_init=init, bias_init=init,
+                             precision=conv.precision(self.options), name=name)(features)
                 )
         return tuple(logits) if self.variant.multihead else logits[0]
 
 
-def build_model(variant: str, depth: int, fan: str = "out") -> DepthCNN:
-    """The Flax model of a registered variant at depth k (validated)."""
+def build_model(variant: str, depth: int, fan: str = "out", options: EngineOptions = EngineOptions()) -> DepthCNN:
+    """The Flax model of a registered variant at depth k (validated), computed as `options` say."""
     spec = registry.get_variant(variant)
     registry.check_depth(depth)
     if fan not in registry.GLOROT_FANS:
         raise ValueError(f"fan must be one of {registry.GLOROT_FANS}, got {fan!r}")
-    return DepthCNN(spec, depth, fan)
+    return DepthCNN(spec, depth, fan, options)
 
 
 def init_variables(model: DepthCNN, key: jax.Array, dtype=jnp.float32) -> dict:

@@ -3,14 +3,13 @@ that the backward pass keeps one array of the activations' size for each.
 
 Left to autodiff, a scanned elu_bn layer keeps five float32 and two bool arrays of its
 activations' size for the backward pass (the centred input, the normalized one, exp(x), masks,
-...), and on a CPU writing, zero-filling and reading those stacked arrays was a quarter of a
-training step (experiments/BENCHMARKS.md, eighth session). With these, a layer keeps its input
-(for the convolution's kernel gradient), the centred activations and the activation's slope: on
-this project's 2-core CPU the elu_bn k=48 step ran 1.45x faster, resnet k=102 1.60x (one process,
-experiments/cpu/ops_ab_elu_bn_resnet.txt). The gradients are the same functions, so the parity
-suite holds them to the same tolerances (float64: 1e-10 of torch).
+...), and writing, zero-filling and reading those stacked arrays is a large part of a CPU
+training step (experiments/BENCHMARKS.md). With these, a layer keeps its input (for the
+convolution's kernel gradient), the centred activations and the activation's slope. The
+gradients are the same functions, so the parity suite holds them to the same tolerances
+(float64: 1e-10 of torch).
 
-On CPUs, BatchNorm followed by its activation in float32 is one C++ kernel forward and one
+On CPUs, BatchNorm followed by its activation in float32 can be one C++ kernel forward and one
 backward (`batch_normalize_activation`; flaxdepth/csrc/batchnorm_activation_cpu.cc), which keeps
 only its input for the backward pass: a scanned BatchNorm layer then keeps its convolution's
 input and output.
@@ -84,14 +83,15 @@ def _batch_normalize_bwd(epsilon, residuals, cotangents):
 batch_normalize.defvjp(_batch_normalize_fwd, _batch_normalize_bwd)
 
 
-def batch_normalize_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str):
+def batch_normalize_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str,
+                               cpu_kernels_allowed: bool = True):
     """(ACTIVATIONS[activation](normalized * scale + bias), batch mean, biased batch variance):
-    `batch_normalize` followed by the activation. On CPUs, in float32, one flaxdepth kernel forward
-    and one backward (`cpu_kernels.batch_norm_activation`): XLA's CPU code for the pair was the
-    largest part of an elu_bn step once the convolutions were fast (BENCHMARKS.md, ninth session)."""
+    `batch_normalize` followed by the activation. On CPUs, in float32, with `cpu_kernels_allowed`
+    (`EngineOptions.cpu_kernels`), one flaxdepth kernel forward and one backward
+    (`cpu_kernels.batch_norm_activation`; XLA's CPU code for the pair is slow, BENCHMARKS.md)."""
     kernel_fits = (activation in cpu_kernels.ACTIVATIONS and x.ndim == 4
                    and x.dtype == scale.dtype == bias.dtype == jnp.float32)
-    if kernel_fits and cpu_kernels.usable():
+    if cpu_kernels_allowed and kernel_fits and cpu_kernels.available():
         return _fused_batch_normalize_activation(x, scale, bias, epsilon, activation)
     return _xla_batch_normalize_activation(x, scale, bias, epsilon, activation)
 

@@ -17,6 +17,7 @@ import torch
 import torch_ref
 from flaxdepth import interop, models, registry, train
 from flaxdepth.data import Dataset, normalize
+from flaxdepth.options import EngineOptions
 
 #: float32 through a few layers and steps differs by ~1e-6 relative (parity suite); a wrong
 #: layout, formula or init gives O(1). 1e-3 separates the two with room on any device.
@@ -56,8 +57,9 @@ def _heads(output):
 
 
 def quick_parity(variant: str, dataset: Dataset, depth: int = 6, steps: int = 3, batch: int = 32,
-                 lr: float | None = None) -> ParityReport:
-    """Compare eval-mode logits, then `steps` SGD-momentum steps (losses and parameters)."""
+                 lr: float | None = None, options: EngineOptions = EngineOptions()) -> ParityReport:
+    """Compare eval-mode logits, then `steps` SGD-momentum steps of the engine's train_step as
+    `options` compute it (losses and parameters)."""
     spec = registry.get_variant(variant)
     lr = spec.lr if lr is None else lr
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def quick_parity(variant: str, dataset: Dataset, depth: int = 6, steps: int = 3,
     logits, _ = interop.apply(variant, depth, variables, normalize(images_u8[0]))
     logit_error = max(_relative(a, e.numpy()) for a, e in zip(_heads(logits), expected))
 
-    flax_model = models.build_model(variant, depth)
+    flax_model = models.build_model(variant, depth, options=options)
     state = train.TrainState(variables["params"], variables.get("batch_stats", {}),
                              train.optimizer_init(variables["params"], lr))
     step = jax.jit(lambda s, x, y: train.train_step(flax_model, s, x, y, bn_train=True))

@@ -1,39 +1,97 @@
-"""A sweep's results: one JSON-lines file of runs, rewritten atomically, and its plot."""
+"""A sweep's results: one JSON-lines file of runs, rewritten atomically under a lock, and its plot."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
+
+import filelock
+
+#: What a line must hold to count as a run; anything else is a damaged line.
+REQUIRED_KEYS = ("depth", "seed", "lr", "train_errors", "test_errors", "finite")
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 class ResultsFile:
-    """One row per finished run. Every write replaces the whole file through a temporary file
-    and `os.replace`, so a sweep killed at any moment leaves the previous complete file."""
+    """One row per finished run. Every write replaces the whole file through a temporary file and
+    `os.replace`, under a lock beside it, so a sweep killed at any moment leaves the previous
+    complete file and two sweeps writing at once lose no row.
 
-    def __init__(self, path: Path):
+    A damaged line (a partial write by another tool, a bad merge) is set aside: appended to
+    `<name>.damaged` beside the file (never deleted) and dropped from the file, with one warning
+    line; every intact run is kept. With `repair=False` (processes that only read) damaged lines
+    are skipped and the file is left alone."""
+
+    def __init__(self, path: Path, warn: Callable[[str], None] = _warn, repair: bool = True):
         self.path = Path(path)
+        self.warn = warn
+        self.repair = repair
+        self._lock = filelock.FileLock(self._lock_path("lock"))
+
+    def _lock_path(self, suffix: str) -> Path:
+        # hidden, beside the file; filelock keeps the file and the OS releases a dead holder's lock
+        return self.path.with_name(f".{self.path.name}.{suffix}")
+
+    def depth_lock(self, depth: int) -> filelock.FileLock:
+        """The lock a sweep holds while it trains and writes this depth's runs."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(self._lock_path(f"k{depth}.lock"))
+
+    @property
+    def damaged_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".damaged")
 
     def rows(self) -> list[dict]:
+        """Every intact row; damaged lines are set aside (see the class docstring)."""
         if not self.path.exists():
             return []
-        rows = []
+        if not self.repair:
+            return self._parse()[0]
+        with self._locked():
+            rows, damaged = self._parse()
+            if damaged:
+                with self.damaged_path.open("a") as side:
+                    side.writelines(line if line.endswith("\n") else line + "\n" for _, line in damaged)
+                    side.flush()
+                    os.fsync(side.fileno())
+                self._write(rows)
+                numbers = ", ".join(str(number) for number, _ in damaged)
+                self.warn(f"{self.path}: set aside {len(damaged)} damaged line(s) (line {numbers}) in "
+                          f"{self.damaged_path}; the {len(rows)} intact run(s) are kept")
+            return rows
+
+    def _parse(self) -> tuple[list[dict], list[tuple[int, str]]]:
+        rows, damaged = [], []
         with self.path.open() as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise ValueError(
-                            f"{self.path}:{number} is not valid JSON; move the file away to start over"
-                        ) from None
-        return rows
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and all(key in row for key in REQUIRED_KEYS):
+                    rows.append(row)
+                else:
+                    damaged.append((number, line))
+        return rows, damaged
 
     def append(self, new_rows: Iterable[dict]) -> None:
-        rows = self.rows() + list(new_rows)
+        with self._locked():
+            self._write(self.rows() + list(new_rows))
+
+    def _locked(self) -> filelock.FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self._lock
+
+    def _write(self, rows: list[dict]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
@@ -55,12 +113,10 @@ def final_error(row: dict) -> float:
 def plot(rows: list[dict], path: Path, title: str, threshold: float,
          boundary: dict[float, tuple[int | None, int | None]] | None = None) -> None:
     """Final error against depth, one line per (seed, lr), the threshold and boundaries marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     lrs = sorted({row["lr"] for row in rows})
     markers = "osD^v<>p"
     for li, lr in enumerate(lrs):
@@ -83,4 +139,3 @@ def plot(rows: list[dict], path: Path, title: str, threshold: float,
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -13,18 +13,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import filelock
 import jax
 import numpy as np
 
 from flaxdepth import registry, train
 from flaxdepth.data import DATASETS
+from flaxdepth.options import EngineOptions
 from flaxdepth.results import ResultsFile, final_error, plot
 
 FRAMEWORKS = ("jax", "torch")
-# Arithmetic of convolutions and matmuls: "default" is each framework's own (on recent NVIDIA GPUs
-# TF32 for JAX's convs and matmuls and for torch's cuDNN convs), "highest" full float32 in both.
-PRECISIONS = ("default", "highest")
-DEFAULT_OUT = Path("experiments/results")
+#: Where results go unless --out says otherwise: a folder of the user's, in the working directory.
+DEFAULT_OUT = "flaxdepth-results"
+#: Setting this environment variable changes the command line's default --out.
+RESULTS_ENV = "FLAXDEPTH_RESULTS"
 
 
 class ConfigError(ValueError):
@@ -46,14 +48,14 @@ class SweepConfig:
     threshold: float = 0.2
     dataset: str = "mnist"
     data_dir: str | None = None
-    out: str = str(DEFAULT_OUT)
+    out: str = DEFAULT_OUT
     limit_train: int | None = None
     limit_test: int | None = None
     notebook_quirks: bool = False
     framework: str = "jax"
     fan: str = "out"
-    precision: str = "default"
     skip_parity: bool = False
+    engine: EngineOptions = EngineOptions()  # how the engine computes (flaxdepth.options)
 
     def validate(self) -> "SweepConfig":
         registry.get_variant(self.variant)  # UnknownVariantError lists the valid names
@@ -79,8 +81,8 @@ class SweepConfig:
             raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.framework not in FRAMEWORKS:
             raise ConfigError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.engine, EngineOptions):
+            raise ConfigError(f"engine must be an EngineOptions, got {type(self.engine).__name__}")
         if self.fan not in registry.GLOROT_FANS:
             raise ConfigError(f"--fan must be one of {', '.join(registry.GLOROT_FANS)}, got {self.fan!r}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -114,9 +116,29 @@ class SweepConfig:
             parts.append(f"test{self.limit_test}")
         if self.fan != "out":
             parts.append(f"fan{self.fan}")
-        if self.precision != "default":
-            parts.append(f"prec{self.precision}")
+        if self.engine.precision != "default":
+            parts.append(f"prec{self.engine.precision}")
         return Path(self.out) / ("_".join(parts) + ".jsonl")
+
+    def as_row(self) -> dict:
+        """The configuration as stored in a results row: paths as given when relative, else as
+        seen from the working directory or by their last component, never a machine's private path."""
+        row = dataclasses.asdict(self)
+        row["out"] = portable_path(self.out)
+        row["data_dir"] = None if self.data_dir is None else portable_path(self.data_dir)
+        return row
+
+
+def portable_path(path: str) -> str:
+    """`path` as a results row stores it: relative paths as given; absolute ones relative to the
+    working directory when inside it, else their last component (no home or scratch folders)."""
+    given = Path(path)
+    if not given.is_absolute():
+        return str(given)
+    try:
+        return str(given.relative_to(Path.cwd()))
+    except ValueError:
+        return given.name
 
 
 def environment() -> dict:
@@ -199,11 +221,16 @@ class SweepReport:
 
 
 class Sweep:
-    """Trains what a sweep needs, reusing every finished run in its results file.
+    """Trains what a sweep needs, reusing every finished run of this device in its results file.
+
+    A run (seed, lr, depth) is trained once: a depth's missing runs are trained under a lock
+    beside the results file (`filelock`), so a second sweep of the same file, in another terminal
+    or job, waits and then reuses what the first wrote. Rows of other devices (an H200's, say) are
+    kept in the file but neither reused nor shown: each device's boundary is its own.
 
     JAX runs are split over every device of every process (`train.replica_mesh`). Under
-    `jax.distributed` every process runs the same sweep in lockstep; only process 0 writes the
-    results file and the plot, and logs."""
+    `jax.distributed` every process runs the same sweep in lockstep; process 0 alone reads and
+    writes the results file, the plot and the log, and hands the finished rows to the others."""
 
     def __init__(self, config: SweepConfig, dataset, log: Callable[[str], None] = print, progress=None):
         self.config = config
@@ -211,29 +238,64 @@ class Sweep:
         self.writer = jax.process_index() == 0
         self.log = log if self.writer else (lambda line: None)
         self.progress = progress if self.writer else None  # a tqdm-like factory, or None
-        self.file = ResultsFile(config.results_path())
-        # Read once: every process must decide the same runs to train, and later rows are the ones
-        # this sweep appends itself (results are identical on every process).
-        self.rows = self.file.rows()
-        self._check_same_rows_everywhere()
+        self.file = ResultsFile(config.results_path(), repair=self.writer)  # warnings: stderr
+        self._check_same_rows_everywhere(self.file.rows())
         self.env = environment()
+        self.dataset_sha256 = None if dataset is None else dataset_fingerprint(dataset)
         self.outcomes: dict[int, DepthOutcome] = {}
         self.mesh = train.replica_mesh() if config.framework == "jax" else None
         self._device_data = None
 
-    def _check_same_rows_everywhere(self) -> None:
+    def _check_same_rows_everywhere(self, rows: list[dict]) -> None:
+        """Every process must see the same results file: --out on a filesystem they all share."""
         if jax.process_count() == 1:
             return
         from jax.experimental import multihost_utils
 
-        digest = hashlib.sha256(json.dumps(self.rows, sort_keys=True).encode()).digest()
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).digest()
         digests = multihost_utils.process_allgather(np.frombuffer(digest[:8], np.int64))
         if len(np.unique(digests)) > 1:  # every process sees every digest, so all of them stop
             raise ConfigError(f"the processes read different contents of {self.file.path}; --out must be a "
                               f"folder that every process shares") from None
 
+    @contextlib.contextmanager
+    def _claim(self, depth: int):
+        """Hold this depth's lock while its runs are looked up, trained and written."""
+        if not self.writer:
+            yield
+            return
+        lock = self.file.depth_lock(depth)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            self.log(f"  k={depth}: another sweep is training into {self.file.path}; waiting for it")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _finished(self, depth: int) -> dict[tuple[int, float], dict]:
-        return {(row["seed"], row["lr"]): row for row in self.rows if row["depth"] == depth}
+        """This device's finished runs at `depth`, read from the file now (another sweep may have
+        added some), the same on every process."""
+        rows = self._from_process_zero([row for row in self.file.rows() if row["depth"] == depth]
+                                       if self.writer else None)
+        elsewhere = sorted({row.get("device") for row in rows} - {self.env["device"]}, key=str)
+        if elsewhere:
+            self.log(f"  k={depth}: runs of {', '.join(map(str, elsewhere))} in {self.file.path} are not reused "
+                     f"on {self.env['device']}")
+        return {(row["seed"], row["lr"]): row for row in rows if row.get("device") == self.env["device"]}
+
+    def _from_process_zero(self, value):
+        """Process 0's `value` (JSON data) on every process."""
+        if jax.process_count() == 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if self.writer else np.zeros(0, np.uint8)
+        size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
+        payload = multihost_utils.broadcast_one_to_all(payload if self.writer else np.zeros(size, np.uint8))
+        return json.loads(np.asarray(payload).tobytes())
 
     def _row(self, depth: int, result, wall_s: float, replicas: int) -> dict:
         c = self.config
@@ -244,8 +306,18 @@ class Sweep:
             "finite": result.finite, "trainable": result.trainable(c.threshold),
             "wall_s": wall_s, "replicas_trained_together": replicas,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **self.env, "config": dataclasses.asdict(c),
+            **self.env, "cpu_kernels_used": self._cpu_kernels_used(), "dataset_sha256": self.dataset_sha256,
+            "config": c.as_row(),
         }
+
+    def _cpu_kernels_used(self) -> bool:
+        """Whether this sweep's JAX programs ran flaxdepth's CPU kernels (float32 on a CPU, asked
+        for, and built)."""
+        if self.config.framework != "jax" or not self.config.engine.cpu_kernels or jax.default_backend() != "cpu":
+            return False
+        from flaxdepth import cpu_kernels
+
+        return jax.numpy.result_type(float) == jax.numpy.float32 and cpu_kernels.available()
 
     def _train(self, depth: int, runs: list[tuple[int, float]]) -> list[train.RunResult]:
         c = self.config
@@ -271,12 +343,13 @@ class Sweep:
                 if self._device_data is None:
                     self._device_data = train.DeviceData.put(self.dataset, self.mesh)
                 return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,
-                                            c.notebook_quirks, c.fan, on_epoch, self.mesh)
+                                            c.notebook_quirks, c.fan, on_epoch, self.mesh, c.engine)
             from flaxdepth import torch_runner
 
             return torch_runner.train_torch_runs(c.variant, depth, self.dataset, runs, c.epochs, c.batch_size,
                                                  c.notebook_quirks, c.fan,
-                                                 log=lambda line: log_epoch(f"  k={depth} {line}"))
+                                                 log=lambda line: log_epoch(f"  k={depth} {line}"),
+                                                 precision=c.engine.precision)
         finally:
             if bar is not None:
                 bar.close()
@@ -284,21 +357,20 @@ class Sweep:
     def evaluate(self, depth: int) -> DepthOutcome:
         """All (seed, lr) runs at this depth: finished ones read back, the others trained now."""
         c = self.config
-        finished = self._finished(depth)
         wanted = [(s, lr) for s in c.seed_list for lr in c.learning_rates]
-        missing = [run for run in wanted if run not in finished]
-        if missing:
-            start = time.perf_counter()
-            with arithmetic_precision(c.precision):
+        with self._claim(depth):
+            finished = self._finished(depth)
+            missing = [run for run in wanted if run not in finished]
+            if missing:
+                start = time.perf_counter()
                 results = self._train(depth, missing)
-            wall = time.perf_counter() - start
-            rows = [self._row(depth, r, wall / len(results), len(results)) for r in results]
-            if self.writer:
-                self.file.append(rows)
-            self.rows.extend(rows)
-            finished.update({(r["seed"], r["lr"]): r for r in rows})
-        else:
-            self.log(f"  k={depth}: all {len(wanted)} runs already in {self.file.path}, reused")
+                wall = time.perf_counter() - start
+                rows = [self._row(depth, r, wall / len(results), len(results)) for r in results]
+                if self.writer:
+                    self.file.append(rows)
+                finished.update({(r["seed"], r["lr"]): r for r in rows})
+            else:
+                self.log(f"  k={depth}: all {len(wanted)} runs already in {self.file.path}, reused")
         # The verdict is recomputed, so a rerun with another --threshold judges the same errors.
         rows = [dict(finished[run], trainable=finished[run]["finite"] and final_error(finished[run]) < c.threshold)
                 for run in wanted]
@@ -322,31 +394,18 @@ class Sweep:
         rows = [row for outcome in self.outcomes.values() for row in outcome.rows]
         c = self.config
         if self.writer:
-            plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs",
-                 c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
+            plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs "
+                 f"({self.env['device']})", c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
         return report
 
 
-@contextlib.contextmanager
-def arithmetic_precision(precision: str):
-    """Train in one of PRECISIONS: "highest" turns TF32 off in torch (cuDNN convolutions and CUDA
-    matmuls) and sets JAX's default matmul and convolution precision to float32 (part of jit's
-    cache key, so the programs are traced again). CPUs compute in float32 either way."""
-    if precision == "default":
-        yield
-        return
-    import torch
-
-    flags = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = [flag.allow_tf32 for flag in flags]
-    for flag in flags:
-        flag.allow_tf32 = False
-    try:
-        with jax.default_matmul_precision(precision):
-            yield
-    finally:
-        for flag, value in zip(flags, saved):
-            flag.allow_tf32 = value
+def dataset_fingerprint(dataset) -> str:
+    """sha256 of the images and labels a sweep trains and tests on (after --limit-train/test): what
+    identifies its data in a results row, wherever the files lay."""
+    digest = hashlib.sha256()
+    for array in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def boundary_search(trains: Callable[[int], bool], max_depth: int) -> tuple[int | None, int | None]:

@@ -6,10 +6,12 @@ Parses flags and calls the library (flaxdepth.search); see `--help`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flaxdepth import registry
-from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, PRECISIONS, ConfigError, SweepConfig
+from flaxdepth.options import PRECISIONS, EngineOptions
+from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, ConfigError, SweepConfig
 
 PROG = "python -m flaxdepth.sweep"
 
@@ -39,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-depth", type=int, default=768, help="the search stops growing k here")
     p.add_argument("--dataset", default="mnist", help="mnist or fashion_mnist")
     p.add_argument("--data-dir", default=None, help="folder of the IDX files (else $FLAXDEPTH_DATA, the cache)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of the results files and plots")
+    p.add_argument("--out", default=os.environ.get(RESULTS_ENV) or DEFAULT_OUT,
+                   help=f"folder of the results files and plots (default: ${RESULTS_ENV}, else ./{DEFAULT_OUT})")
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="test on the first N test images")
     p.add_argument("--notebook-quirks", action="store_true",
@@ -47,9 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--framework", default="jax", choices=FRAMEWORKS)
     p.add_argument("--fan", default="out", choices=registry.GLOROT_FANS,
                    help="Glorot-style sigma over fan-out (the notebook's) or fan-in")
-    p.add_argument("--precision", default="default", choices=PRECISIONS,
-                   help="convolution and matmul arithmetic: each framework's default (TF32 on recent NVIDIA "
-                        "GPUs) or highest (float32 in both; results go to their own file)")
+    add_engine_arguments(p)
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="on CPUs, split each depth's runs over N devices that train side by side; default: "
                         "by the number of runs and cores (flaxdepth.train.cpu_device_count), 1 with --distributed")
@@ -65,6 +66,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
     group.add_argument("--process-id", type=int, default=None, help="this process's index, 0 to N-1")
     return p.parse_args(argv)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of flaxdepth.options.EngineOptions (shared with flaxdepth.bench)."""
+    group = p.add_argument_group("engine options (how flaxdepth computes; stored in every results row)")
+    group.add_argument("--precision", default="default", choices=PRECISIONS,
+                       help="convolution and matmul arithmetic: each framework's default (TF32 on recent NVIDIA "
+                            "GPUs) or highest (float32 in both; results go to their own file)")
+    group.add_argument("--cpu-kernels", default=None, action=argparse.BooleanOptionalAction,
+                       help="flaxdepth's C++ kernels on CPUs (default: on, unless FLAXDEPTH_CPU_KERNELS=0); "
+                            "off: XLA's operations")
+    group.add_argument("--rematerialize", action="store_true",
+                       help="recompute BatchNorm and activations in the backward pass (less memory)")
+    group.add_argument("--replicas-per-block", type=int, default=EngineOptions.replicas_per_block,
+                       help="on GPUs, replicas per block-diagonal convolution")
+
+
+def engine_options(args) -> EngineOptions:
+    """The EngineOptions the flags ask for; a bad value is a ConfigError."""
+    if args.replicas_per_block < 1:
+        raise ConfigError(f"--replicas-per-block must be at least 1, got {args.replicas_per_block}")
+    overrides = {} if args.cpu_kernels is None else {"cpu_kernels": args.cpu_kernels}
+    return EngineOptions.from_environment(rematerialize=args.rematerialize, precision=args.precision,
+                                          replicas_per_block=args.replicas_per_block, **overrides)
 
 
 def join_processes(args) -> None:
@@ -92,12 +117,13 @@ def configs(args) -> list[SweepConfig]:
     if bad:
         raise ConfigError(f"--depths must be positive multiples of 3 (3, 6, 9, ...), got {bad}")
     names = registry.VARIANT_NAMES if args.variant == "all" else (args.variant,)
+    engine = engine_options(args)
     return [SweepConfig(
         variant=name, lrs=args.lr, seeds=args.seeds, first_seed=args.first_seed, depths=args.depths,
         max_depth=args.max_depth, epochs=args.epochs, batch_size=args.batch_size, threshold=args.threshold,
         dataset=args.dataset, data_dir=args.data_dir, out=args.out, limit_train=args.limit_train,
         limit_test=args.limit_test, notebook_quirks=args.notebook_quirks, framework=args.framework,
-        fan=args.fan, precision=args.precision, skip_parity=args.skip_parity,
+        fan=args.fan, skip_parity=args.skip_parity, engine=engine,
     ).validate() for name in names]
 
 
@@ -149,7 +175,7 @@ def main(argv=None) -> int:
     for config in sweep_configs:
         if not config.skip_parity:  # every process checks, so that all stop alike on a mismatch
             try:
-                show(parity_check.quick_parity(config.variant, dataset), flush=True)
+                show(parity_check.quick_parity(config.variant, dataset, options=config.engine), flush=True)
             except parity_check.ParityError as error:
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 return 1

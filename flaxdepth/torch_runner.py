@@ -4,6 +4,7 @@ the same batch order per epoch, the notebook's own training loop, the same resul
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import jax
@@ -46,10 +47,32 @@ def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out",
 def train_torch_runs(variant: str, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
                      epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
                      log: Callable[[str], None] | None = None, device: str | None = None,
-                     dtype: torch.dtype = torch.float32) -> list[train.RunResult]:
+                     dtype: torch.dtype = torch.float32, precision: str = "default") -> list[train.RunResult]:
     """Train each (seed, lr) with torch_ref's notebook loop, one after the other; `log` gets the
     notebook's per-epoch lines, prefixed with the seed and lr. `dtype=torch.float64` runs model
-    and inputs in double precision (for parity checks; pair it with JAX's x64 mode)."""
+    and inputs in double precision (for parity checks; pair it with JAX's x64 mode);
+    `precision="highest"` turns TF32 off (`EngineOptions.precision`)."""
+    with tf32_allowed(precision == "default"):
+        return _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log,
+                                 device, dtype)
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool):
+    """torch's TF32 switches for cuDNN convolutions and CUDA matmuls, restored afterwards (CPUs
+    compute in float32 either way)."""
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = [flag.allow_tf32 for flag in flags]
+    for flag in flags:
+        flag.allow_tf32 = flag.allow_tf32 and allowed
+    try:
+        yield
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
+
+
+def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log, device, dtype):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = registry.get_variant(variant)
     train_images = training.normalize(dataset.train_images, dtype)

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxdepth import models, objective, registry
 from flaxdepth.data import MNIST_MEAN, MNIST_STD, Dataset
+from flaxdepth.options import EngineOptions
 
 MOMENTUM = 0.9
 REPLICA_AXIS = "replicas"
@@ -42,8 +43,8 @@ def replica_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def cpu_device_count(replicas: int, cores: int | None = None) -> int:
     """How many CPU devices to split `replicas` over. One program keeps only about 1.5 of 2 cores
-    busy, so programs running side by side train more models per second: 1.1-1.2x on 2 cores,
-    and 6 programs on 2 cores were slower than 3 (experiments/BENCHMARKS.md). So: one device per
+    busy, so programs running side by side train more models per second, but 6 programs on 2 cores
+    were slower than 3 (experiments/BENCHMARKS.md). So: one device per
     replica up to the core count; beyond, the fewest devices (at most 2 per core) that divide the
     replicas evenly, so that no padding replica is trained; else one per core."""
     cores = cores or usable_cores()
@@ -235,17 +236,18 @@ def bn_train_mode(epoch: int, notebook_quirks: bool, variant: registry.Variant) 
     return not (notebook_quirks and epoch > 0 and not variant.multihead)
 
 
-# Initialization runs once per depth: compile it without optimization. XLA's optimizing CPU
-# compile of the threefry random-bit generator alone takes seconds per parameter here.
-_UNOPTIMIZED = {"xla_backend_optimization_level": 0}
+#: Initialization runs once per depth: compile it without optimization. XLA's optimizing CPU
+#: compile of the threefry random-bit generator alone takes seconds per parameter.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def per_replica(fn: Callable, in_axes: tuple, platform: str) -> Callable:
+def per_replica(fn: Callable, in_axes: tuple, platform: str, vmap: bool | None = None) -> Callable:
     """fn over a leading replica axis (in_axes 0, or None for shared arguments), as a device of
-    `platform` runs it best: vmapped on accelerators; on CPUs one replica after the other
-    (lax.map), because vmapping per-replica weights turns each convolution into a grouped one,
-    which XLA's CPU backend runs slower per model than the plain one (experiments/BENCHMARKS.md)."""
-    if platform != "cpu":
+    `platform` runs it best (`vmap` None; True forces vmap, `EngineOptions.vmap_replicas`):
+    vmapped on accelerators; on CPUs one replica after the other (lax.map), because vmapping
+    per-replica weights turns each convolution into a grouped one, which XLA's CPU backend runs
+    slower per model than the plain one (experiments/BENCHMARKS.md)."""
+    if vmap or (vmap is None and platform != "cpu"):
         return jax.vmap(fn, in_axes=in_axes)
 
     def looped(*args):
@@ -257,14 +259,15 @@ def per_replica(fn: Callable, in_axes: tuple, platform: str) -> Callable:
 
 
 def over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, ...] | bool,
-                  **jit_options) -> Callable:
+                  options: EngineOptions = EngineOptions(), **jit_options) -> Callable:
     """jit(shard_map(per_replica(fn))): every device of `mesh` runs `fn` over its block of the
     replica axis. Arguments with in_axes None (the dataset, the epoch) are whole on every device.
     Outputs flagged in `gather` (per-replica metrics, small) come back replicated, so that every
-    process can read them; the others (the training state) stay split over the devices."""
+    process can read them; the others (the training state) stay split over the devices. On each
+    device the replicas are mapped as `options.vmap_replicas` says."""
     specs = tuple(PartitionSpec() if axis is None else PartitionSpec(REPLICA_AXIS) for axis in in_axes)
-    per_device = jax.shard_map(per_replica(fn, in_axes, mesh.devices.flat[0].platform), mesh=mesh,
-                               in_specs=specs, out_specs=PartitionSpec(REPLICA_AXIS))
+    per_device = jax.shard_map(per_replica(fn, in_axes, mesh.devices.flat[0].platform, options.vmap_replicas),
+                               mesh=mesh, in_specs=specs, out_specs=PartitionSpec(REPLICA_AXIS))
     shardings = tuple(replicated(mesh) if g else split_over_replicas(mesh)
                       for g in (gather if isinstance(gather, tuple) else (gather,)))
     return jax.jit(per_device, out_shardings=shardings if isinstance(gather, tuple) else shardings[0],
@@ -272,22 +275,26 @@ def over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, 
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "out", mesh: Mesh | None = None):
-    """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant and depth.
+def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "out",
+                       options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
+    """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant and depth,
+    computed as `options` say (part of the cache key).
 
     init(seeds, lrs) -> state; epoch(state, orders, data) -> (state, metrics); test(state, data)
     -> errors. Replica counts must be multiples of the mesh size (train_replicas pads); default mesh:
     `local_mesh()`."""
     mesh = mesh or local_mesh()
-    model = models.build_model(variant, depth, fan)
-    init = over_replicas(functools.partial(init_state, model), mesh, (0, 0), False, compiler_options=_UNOPTIMIZED)
+    model = models.build_model(variant, depth, fan, options)
+    init = over_replicas(functools.partial(init_state, model), mesh, (0, 0), False, options,
+                         compiler_options=INIT_COMPILER_OPTIONS)
     epochs = {
         mode: over_replicas(
             lambda state, order, data, mode=mode: train_epoch(model, state, order, data, batch_size, mode),
-            mesh, (0, 0, None), (False, True))
+            mesh, (0, 0, None), (False, True), options)
         for mode in (True, False)
     }
-    test = over_replicas(lambda state, data: test_error(model, state, data, batch_size), mesh, (0, None), True)
+    test = over_replicas(lambda state, data: test_error(model, state, data, batch_size), mesh, (0, None), True,
+                         options)
     return model, init, epochs, test
 
 
@@ -322,14 +329,15 @@ def padded_runs(runs: Sequence[tuple[int, float]], devices: int) -> list[tuple[i
 def train_replicas(variant: str, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
                    epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
                    on_epoch: Callable[[int, list[RunResult]], None] | None = None,
-                   mesh: Mesh | None = None) -> list[RunResult]:
-    """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol.
+                   mesh: Mesh | None = None, options: EngineOptions = EngineOptions()) -> list[RunResult]:
+    """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol,
+    computed as `options` say.
 
     The replicas are split over `mesh` (default `local_mesh()`; `data` must live on the same mesh,
     see `DeviceData.put`)."""
     spec = registry.get_variant(variant)
     mesh = mesh or local_mesh()
-    model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan, mesh)
+    model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan, options, mesh)
     padded = padded_runs(runs, mesh.size)
     split = split_over_replicas(mesh)
     seeds = global_array(np.asarray([seed for seed, _ in padded], np.int32), split)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from flaxdepth import conv, cpu_kernels, ops
+from flaxdepth.options import EngineOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the kernels are the CPU's")
@@ -41,7 +42,7 @@ def xla_kernel_grad(x, grad_out):
 def test_the_kernels_build_on_this_machine():
     """This project's machines have a C++ compiler: a failure to build is a bug, not a fallback."""
     assert cpu_kernels._load() is None
-    assert cpu_kernels.usable()
+    assert cpu_kernels.available()
 
 
 # Every channel pair of the models (forward, and the input gradients' reverse), a pair no layout
@@ -185,13 +186,12 @@ def test_batch_norm_activation_of_an_empty_batch_has_nan_statistics():
 
 
 @pytest.mark.parametrize("activation", list(cpu_kernels.ACTIVATIONS))
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "xla"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_batch_normalize_activation_compiles_to_the_kernels_when_enabled(monkeypatch, kernels, dtype, activation):
+def test_batch_normalize_activation_compiles_to_the_kernels_when_enabled(kernels, dtype, activation):
     """A float32 training step's BatchNorm + activation is one FFI call forward and one backward;
-    with FLAXDEPTH_CPU_KERNELS=0, or in float64, XLA's operations. Either way the values and
+    with the kernels not allowed, or in float64, XLA's operations. Either way the values and
     gradients are ops.batch_normalize then the activation's (float32: to 2e-6 of the largest)."""
-    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", kernels)
     rng = np.random.default_rng(1)
     x, scale, bias = rng.normal(size=(10, 6, 6, 4)), rng.normal(size=4), rng.normal(size=4)
 
@@ -199,7 +199,7 @@ def test_batch_normalize_activation_compiles_to_the_kernels_when_enabled(monkeyp
         y, mean, var = batch_norm_activation(x, scale, bias, activation)
         return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)  # cotangents on every output
 
-    fused = lambda x, s, b, activation: ops.batch_normalize_activation(x, s, b, 1e-5, activation)
+    fused = lambda x, s, b, activation: ops.batch_normalize_activation(x, s, b, 1e-5, activation, kernels)
     with jax.enable_x64(dtype == "float64"):
         args = [jnp.asarray(a, dtype) for a in (x, scale, bias)]
         step = jax.jit(jax.value_and_grad(lambda *a: loss(*a, fused), argnums=(0, 1, 2)))
@@ -208,7 +208,7 @@ def test_batch_normalize_activation_compiles_to_the_kernels_when_enabled(monkeyp
     with jax.enable_x64(True):
         want = jax.value_and_grad(lambda *a: loss(*a, reference_batch_norm_activation), argnums=(0, 1, 2))(x, scale,
                                                                                                           bias)
-    uses_kernels = kernels == "1" and dtype == "float32"
+    uses_kernels = kernels and dtype == "float32"
     assert program.count('custom_call_target="flaxdepth_batch_norm_activation"') == uses_kernels
     assert program.count('custom_call_target="flaxdepth_batch_norm_activation_grad"') == uses_kernels
     tolerance = 2e-6 if dtype == "float32" else 1e-12
@@ -251,15 +251,15 @@ def test_the_fused_op_under_shard_map_sums_shared_parameters_gradients():
         np.testing.assert_array_equal(got, want)  # one device: the same kernels on the same values
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu_kernels", "xla"])
-def test_conv3x3_compiles_to_the_kernels_when_enabled(monkeypatch, kernels):
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "xla"])
+def test_conv3x3_compiles_to_the_kernels_when_enabled(kernels):
     """With the kernels, the forward, input-gradient and kernel-gradient convolutions of a float32
-    training step are the FFI calls; with FLAXDEPTH_CPU_KERNELS=0, XLA's convolutions."""
-    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", kernels)
+    training step are the FFI calls; with EngineOptions.cpu_kernels off, XLA's convolutions."""
     x, kernel = jnp.ones((16, 6, 6, 4), jnp.float32), jnp.ones((3, 3, 4, 8), jnp.float32)
-    step = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1)))
+    options = EngineOptions(cpu_kernels=kernels)
+    step = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k, options) ** 2), argnums=(0, 1)))
     program = step.lower(x, kernel).compile().as_text()
-    if kernels == "1":
+    if kernels:
         assert program.count('custom_call_target="flaxdepth_conv3x3"') == 2
         assert program.count('custom_call_target="flaxdepth_conv3x3_kernel_grad"') == 1
         assert "convolution(" not in program
@@ -329,9 +329,10 @@ def test_same_bits_on_any_number_of_threads(env_without_device_count):
 FALLBACK = """
 import warnings, numpy as np, jax, jax.numpy as jnp
 from flaxdepth import conv, cpu_kernels, ops
+from flaxdepth.options import EngineOptions
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    usable = cpu_kernels.usable()
+    usable = cpu_kernels.available()
 x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype(np.float32)
 k = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
 program = jax.jit(conv.conv3x3).lower(x, k).as_text() + jax.jit(
@@ -360,17 +361,6 @@ def test_without_a_compiler_xla_convolves_and_a_warning_says_why(tmp_path, env_w
         assert "cannot compile" in message
         assert (tmp_path / "flaxdepth" / "kernels").is_dir()
     assert not list(tmp_path.rglob("*.so"))
-
-
-def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
-    """A new cache folder gets one build; the library's name changes with the compile flags."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = cpu_kernels.library_path()
-    assert path.parent == tmp_path / "flaxdepth" / "kernels" and not path.exists()
-    cpu_kernels.build(path)
-    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
-    monkeypatch.setattr(cpu_kernels, "COMPILE_FLAGS", (*cpu_kernels.COMPILE_FLAGS, "-DFLAXDEPTH_TEST"))
-    assert cpu_kernels.library_path() != path
 
 
 WITHOUT_AVX512 = """
@@ -403,15 +393,21 @@ for c in (1, 4, 8, 16, 32):  # 8-lane periods: 8 floats, and two vectors for 16 
         grads = cpu_kernels.batch_norm_activation_grad(f32(g), f32(x), mean, var, f32(s), f32(b), f32(s), f32(b), 1e-5,
                                                        activation)
         errors += [float(np.abs(a - w).max() / np.abs(w).max()) for a, w in zip((y, mean, var, *grads), (*want, *vjp((g, s, b))))]
-print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMPILE_FLAGS), "max_error": max(errors)}))
+print(json.dumps({"avx512_in_flags": any("avx512" in f for f in cpu_kernels.COMPILE_FLAGS), "max_error": max(errors),
+                  "library": str(cpu_kernels.library_path())}))
 """
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
-def test_the_8_lane_kernels_where_avx512_is_missing(tmp_path, env_without_device_count):
+def test_the_8_lane_kernels_where_avx512_is_missing(tmp_path, env_without_device_count, monkeypatch):
     """Machines without AVX-512 compile other instantiations (8-lane vectors: two per 16 channels,
-    8-pixel planar blocks, smaller register blocks): built here with -mno-avx512f, in their own
-    cache, they must compute the same convolutions and BatchNorm + ELU."""
+    8-pixel planar blocks, smaller register blocks): built here with -mno-avx512f, in a fresh
+    cache, they must compute the same convolutions and BatchNorm + ELU. The fresh cache gets one
+    library, whose name (the cache key) differs from the default flags' build."""
     env = {**env_without_device_count, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path)}
     result = json.loads(run_python(WITHOUT_AVX512, env))
     assert result["avx512_in_flags"] and result["max_error"] < 1e-5
+    built = list((tmp_path / "flaxdepth" / "kernels").iterdir())
+    assert [p.name for p in built] == [Path(result["library"]).name]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cpu_kernels.library_path().parent == built[0].parent and cpu_kernels.library_path() != built[0]

@@ -65,10 +65,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(out: Path, processes: int) -> list[subprocess.CompletedProcess]:
-    """The same sweep command in `processes` processes joined by jax.distributed on localhost."""
+def run_processes(out: Path | list[Path], processes: int) -> list[subprocess.CompletedProcess]:
+    """The same sweep command in `processes` processes joined by jax.distributed on localhost
+    (`out` may give each process its own --out)."""
     address = f"localhost:{free_port()}"
-    procs = [subprocess.Popen(sweep_command(out, "--distributed", "--coordinator-address", address,
+    outs = out if isinstance(out, list) else [out] * processes
+    procs = [subprocess.Popen(sweep_command(outs[i], "--distributed", "--coordinator-address", address,
                                             "--num-processes", str(processes), "--process-id", str(i)),
                               cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(processes)]
@@ -122,7 +124,8 @@ def test_two_processes_write_one_results_file_equal_to_one_process(one_device, t
     # Process 0 alone speaks and writes: only it prints the table (gloo's own connection line
     # appears on every process's stdout).
     assert "elu_bn (corrected, jax, lr 0.05)" in first[0].stdout and "elu_bn" not in first[1].stdout
-    assert sorted(p.name for p in out.iterdir()) == [RESULTS_NAME, RESULTS_NAME.replace(".jsonl", ".png")]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        RESULTS_NAME, RESULTS_NAME.replace(".jsonl", ".png")]  # (the hidden files are filelock's)
 
     # Resume works as in one process: every run is reused, the file is left as it was.
     before = (out / RESULTS_NAME).read_bytes()
@@ -140,3 +143,18 @@ def test_distributed_without_a_coordinator_is_one_clear_line(tmp_path):
     assert line.startswith("python -m flaxdepth.sweep: error: could not join the other processes (")
     assert line.endswith("); outside SLURM/Open MPI give --coordinator-address, --num-processes and --process-id")
     assert not (tmp_path / "out").exists()
+
+
+def test_processes_that_see_different_results_files_stop_before_training(one_device, tmp_path):
+    """--out on a folder that is not shared: process 1 finds finished runs that process 0 does
+    not. Both stop with one line naming the file, before training anything."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    private.mkdir()
+    (private / RESULTS_NAME).write_bytes((one_device / RESULTS_NAME).read_bytes())
+    finished = run_processes([shared, private], 2)
+    for proc in finished:
+        assert proc.returncode == 2, proc.stderr
+        [line] = [line for line in proc.stderr.splitlines() if line.startswith("python -m flaxdepth.sweep: error: ")]
+        assert "the processes read different contents of " in line
+        assert line.endswith("--out must be a folder that every process shares") and "Traceback" not in proc.stderr
+    assert not (shared / RESULTS_NAME).exists()

@@ -7,7 +7,6 @@ seed and lr), so those tests compile nothing; only the end-to-end tests train fo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from flaxdepth import parity_check, results, search, sweep, torch_runner, train
+from flaxdepth.options import EngineOptions
 from flaxdepth.results import ResultsFile
 from flaxdepth.search import SweepConfig, run_sweep
 from flaxdepth.train import RunResult
@@ -30,7 +30,7 @@ SHARED_MNIST = REPO.parent / "shared" / "mnist"
 PROG_ERROR = "python -m flaxdepth.sweep: error: "
 ROW_FIELDS = {"variant", "depth", "lr", "seed", "framework", "protocol", "train_errors", "test_errors", "finite",
               "trainable", "wall_s", "replicas_trained_together", "finished_at", "device", "device_count", "host",
-              "versions", "config"}
+              "versions", "config", "cpu_kernels_used", "dataset_sha256"}
 
 needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                                  reason=f"the project's MNIST copy is absent ({SHARED_MNIST})")
@@ -91,6 +91,11 @@ def sweep_quietly(config, log=None):
     return run_sweep(config, None, log=log if log is not None else (lambda line: None))
 
 
+def files_beside(config) -> list[str]:
+    """The results folder's files but the locks (hidden, kept by filelock)."""
+    return sorted(name for name in os.listdir(config.results_path().parent) if not name.endswith(".lock"))
+
+
 def file_rows(config) -> list[dict]:
     """The results file, every line parsed strictly."""
     text = config.results_path().read_text()
@@ -117,6 +122,8 @@ BAD_INPUT = {
                                  "--cpu-devices must be at least 1"),
     "missing data folder": (["--variant", "tanh", "--data-dir", "{tmp}/no-such-folder"], "is not a folder"),
     "data folder without the files": (["--variant", "tanh", "--data-dir", "{tmp}"], "is missing"),
+    "replicas per block 0": (["--variant", "tanh", "--replicas-per-block", "0"],
+                             "--replicas-per-block must be at least 1"),
 }
 
 
@@ -195,7 +202,7 @@ def test_config_validation_in_the_library(tmp_path):
     takes depths that are not multiples of 3 (the notebook's k = 139); the CLI does not."""
     for bad in (dict(variant="nope"), dict(depths=(3, 2)), dict(depths=()), dict(lrs=(-1.0,)), dict(lrs=()),
                 dict(seeds=0), dict(threshold=0.0), dict(threshold=float("nan")), dict(max_depth=2),
-                dict(precision="tf32")):
+                dict(engine="highest")):
         with pytest.raises(ValueError):  # ConfigError and UnknownVariantError are ValueErrors
             run_sweep(make_config(tmp_path, **bad), None)
     assert not (tmp_path / "out").exists()
@@ -253,7 +260,7 @@ def test_search_when_depth_3_fails(tmp_path, fake):
 @pytest.mark.parametrize("max_depth, path", [
     (48, [3, 6, 12, 24, 48]),
     (50, [3, 6, 12, 24, 48]),
-    # Growth is capped at --max-depth, not stopped short of it (it used to end at 96 here).
+    # Growth is capped at --max-depth, not stopped at the last doubling below it (96 here).
     (100, [3, 6, 12, 24, 48, 96, 99]),
     (4, [3]),
 ])
@@ -300,28 +307,41 @@ def test_boundary_search_with_a_hole_reports_the_edge_it_bisected_to():
     assert asked == [3, 6, 12, 24, 48, 36, 30, 33]
 
 
-def test_precision_highest_trains_in_float32_into_its_own_file(tmp_path, fake, monkeypatch):
-    """--precision highest: the runs are trained with JAX's default precision set to float32 and
-    torch's TF32 off, restored afterwards, and written to their own results file."""
+def test_precision_highest_goes_into_its_own_file_with_its_engine_options(tmp_path, fake):
+    """--precision highest (an engine option): its own results file, the options in every row."""
+    fake(boundary_at(6))
+    engine = EngineOptions(precision="highest", rematerialize=True)
+    config = make_config(tmp_path, depths=(3, 6), engine=engine)
+    sweep_quietly(config)
+    assert config.results_path().name == "tanh_jax_corrected_e2_b256_mnist_prechighest.jsonl"
+    assert all(row["config"]["engine"] == engine.as_dict() for row in file_rows(config))
+    assert make_config(tmp_path).results_path().name == "tanh_jax_corrected_e2_b256_mnist.jsonl"
+
+
+@pytest.mark.parametrize("precision, traced", [("highest", "HIGHEST"), ("default", None)])
+def test_programs_are_traced_at_the_engines_precision(precision, traced):
+    """EngineOptions.precision reaches the compiled programs' matmuls (the head's Dense; on GPUs
+    the convolutions too), whatever JAX's global setting is, and leaves that setting alone."""
     import jax
+    import jax.numpy as jnp
+
+    options = EngineOptions(precision=precision, cpu_kernels=False)
+    _, init, _, test = train.compiled_functions("tanh", 3, 8, options=options)
+    state = init(jnp.zeros(1, jnp.int32), jnp.full(1, 0.05))
+    data = train.DeviceData(*(jnp.zeros(shape, dtype) for shape, dtype in (
+        ((8, 28, 28), jnp.uint8), ((8,), jnp.int32), ((8, 28, 28), jnp.uint8), ((8,), jnp.int32))))
+    program = test.lower(state, data).as_text()
+    assert ("HIGHEST" in program) == (traced is not None)
+    assert jax.config.jax_default_matmul_precision is None
+
+
+def test_torch_tf32_is_off_for_highest_and_restored():
     import torch
 
-    seen = []
-    trainer = fake(boundary_at(6))
-
-    def spying(self, depth, runs):
-        seen.append((jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32))
-        return trainer(depth, runs)
-
-    monkeypatch.setattr(search.Sweep, "_train", spying)
-    before = (jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32)
-    config = make_config(tmp_path, depths=(3, 6), precision="highest")
-    sweep_quietly(config)
-    assert seen == [("highest", False)] * 2  # one training call per depth
-    assert (jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32) == before
-    assert config.results_path().name == "tanh_jax_corrected_e2_b256_mnist_prechighest.jsonl"
-    assert {row["config"]["precision"] for row in file_rows(config)} == {"highest"}
-    assert make_config(tmp_path).results_path().name == "tanh_jax_corrected_e2_b256_mnist.jsonl"
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with torch_runner.tf32_allowed(False):
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
 
 
 def test_majority_of_seeds_decides(tmp_path, fake):
@@ -476,8 +496,8 @@ def test_crash_while_replacing_the_file_keeps_complete_rows(tmp_path, fake, monk
     monkeypatch.setattr(results.os, "replace", real_replace)
     rows = file_rows(config)
     assert [(r["depth"], r["seed"]) for r in rows] == [(3, 0), (3, 1), (3, 2)]
-    assert all(ROW_FIELDS <= set(r) for r in rows)
-    assert os.listdir(config.results_path().parent) == [config.results_path().name]
+    assert all(ROW_FIELDS - {"dataset_sha256"} <= set(r) for r in rows)
+    assert files_beside(config) == [config.results_path().name]
     trainer = fake(boundary_at(21))
     report = sweep_quietly(config)
     assert trainer.depths == [6, 12, 24, 18, 21]
@@ -508,7 +528,7 @@ def test_crash_in_the_middle_of_writing_rows_keeps_the_old_file(tmp_path, fake, 
         sweep_quietly(config)
     monkeypatch.setattr(results, "json", json)
     assert [r["depth"] for r in file_rows(config)] == [3, 3, 3]
-    assert os.listdir(config.results_path().parent) == [config.results_path().name]
+    assert files_beside(config) == [config.results_path().name]
     trainer = fake(boundary_at(21))
     assert sweep_quietly(config).boundary() == (21, 24)
     assert trainer.depths == [6, 12, 24, 18, 21]
@@ -520,7 +540,8 @@ WRITER = textwrap.dedent("""
 
     f = ResultsFile(sys.argv[1])
     for batch in range(100000):  # each write rewrites the whole, growing file, row by row
-        f.append([{"i": i, "payload": "x" * 100} for i in range(1000 * batch, 1000 * (batch + 1))])
+        f.append([{"i": i, "payload": "x" * 100, "depth": 3, "seed": i, "lr": 0.05, "train_errors": [],
+                   "test_errors": [], "finite": True} for i in range(1000 * batch, 1000 * (batch + 1))])
 """)
 
 
@@ -546,8 +567,9 @@ def test_sigkill_at_any_moment_leaves_complete_rows(tmp_path):
     assert counts, "no kill landed after the first write; lengthen the delays"
     for leftover in tmp_path.glob(".runs.jsonl.*.tmp"):  # SIGKILL cannot clean up; harmless
         leftover.unlink()
-    ResultsFile(path).append([{"i": 0}])
-    assert ResultsFile(path).rows() == [{"i": 0}]
+    row = {"depth": 3, "seed": 0, "lr": 0.05, "train_errors": [], "test_errors": [], "finite": True}
+    ResultsFile(path).append([row])
+    assert ResultsFile(path).rows() == [row]
 
 
 SWEEPER = textwrap.dedent("""
@@ -595,6 +617,104 @@ def test_sweep_killed_mid_search_resumes(tmp_path, fake):
     assert sorted(set(trainer.depths) | set(written)) == [3, 6, 12, 18, 21, 24]
 
 
+# ------------------------------------------------------------------------------ sharing a results file
+
+
+CONCURRENT = textwrap.dedent("""
+    import json, os, sys, time
+    from flaxdepth import search, train
+
+    def slow_fake(self, depth, runs):
+        with open(sys.argv[2], "a") as log:  # every run this process trains, one line each
+            log.writelines(json.dumps([os.getpid(), depth, seed]) + "\\n" for seed, _ in runs)
+        time.sleep(0.3)
+        return [train.RunResult(s, lr, [0.05 if depth <= 9 else 0.9], [0.5], True) for s, lr in runs]
+
+    search.Sweep._train = slow_fake
+    search.plot = lambda *args, **kwargs: None
+    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1])
+    print(search.run_sweep(config, None, log=lambda line: None).boundary())
+""")
+
+
+def test_two_sweeps_of_one_file_train_and_write_every_run_once(tmp_path):
+    """Two processes start the same sweep on one results file at once (two terminals, a job
+    array): each depth's runs are trained by one of them, the other waits and reuses them, and the
+    file holds every run once; both find the same boundary."""
+    out, trained = tmp_path / "out", tmp_path / "trained.jsonl"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(out), str(trained)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert [stdout.strip() for stdout, _ in outputs] == ["(9, 12)"] * 2
+    runs = [tuple(json.loads(line))[1:] for line in trained.read_text().splitlines()]
+    assert sorted(runs) == sorted(set(runs)) == [(d, s) for d in (3, 6, 9, 12) for s in range(3)]
+    rows = file_rows(make_config(tmp_path, epochs=1))
+    assert sorted((r["depth"], r["seed"]) for r in rows) == sorted(runs)
+
+
+def test_a_damaged_line_is_set_aside_and_every_intact_run_reused(tmp_path, fake, capsys):
+    """A cut line (a partial write by another tool) and a merge marker in the results file: one
+    warning line, the damaged lines kept in <file>.damaged, every intact run reused, no traceback."""
+    config = make_config(tmp_path, depths=(3, 6))
+    fake(boundary_at(21))
+    sweep_quietly(config)
+    path = config.results_path()
+    lines = path.read_text().splitlines(keepends=True)
+    damaged = [lines[4][:40] + "\n", "<<<<<<< HEAD\n"]
+    path.write_text("".join(lines[:4] + damaged[:1] + lines[5:] + damaged[1:]))
+    trainer = fake(boundary_at(21))
+    report = sweep_quietly(config)
+    assert trainer.calls == [(6, [(1, 0.05)])]  # only the run whose line was cut
+    assert report.boundary() == (6, None)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "set aside 2 damaged line(s) (line 5, 7)" in err[0] and ".damaged" in err[0]
+    assert Path(str(path) + ".damaged").read_text() == "".join(damaged)
+    assert len(file_rows(config)) == 6
+
+
+def test_runs_of_another_device_are_kept_but_not_reused(tmp_path, fake):
+    """The committed results of an H200 are not a CPU user's: the CPU sweep trains its own runs
+    beside them and its boundary is its own."""
+    config = make_config(tmp_path, depths=(3,))
+    other = {"depth": 3, "seed": 0, "lr": 0.05, "train_errors": [0.9, 0.9], "test_errors": [0.9, 0.9],
+             "finite": True, "device": "gpu:NVIDIA H200"}
+    ResultsFile(config.results_path()).append([other])
+    logged = []
+    trainer = fake(boundary_at(21))
+    report = sweep_quietly(config, log=logged.append)
+    assert trainer.calls == [(3, [(0, 0.05), (1, 0.05), (2, 0.05)])]
+    assert report.boundary() == (3, None)
+    assert any("gpu:NVIDIA H200" in line and "not reused" in line for line in logged)
+    assert len(file_rows(config)) == 4
+
+
+def test_default_output_is_the_users_folder(monkeypatch):
+    """Not the repository's committed experiments/results: ./flaxdepth-results, or $FLAXDEPTH_RESULTS."""
+    monkeypatch.delenv(search.RESULTS_ENV, raising=False)
+    assert sweep.parse_args(["--variant", "tanh"]).out == "flaxdepth-results"
+    monkeypatch.setenv(search.RESULTS_ENV, "/scratch/me/depth")
+    assert sweep.parse_args(["--variant", "tanh"]).out == "/scratch/me/depth"
+
+
+def test_rows_store_paths_without_the_machines_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = make_config(tmp_path, out=str(tmp_path / "results" / "mine"), data_dir="/home/someone/mnist")
+    assert (config.as_row()["out"], config.as_row()["data_dir"]) == ("results/mine", "mnist")
+    assert make_config(tmp_path, out="rel/out").as_row()["out"] == "rel/out"
+
+
+def test_engine_options_from_the_command_line(monkeypatch):
+    monkeypatch.delenv("FLAXDEPTH_CPU_KERNELS", raising=False)
+    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh"])) == EngineOptions()
+    args = sweep.parse_args(["--variant", "tanh", "--no-cpu-kernels", "--rematerialize", "--replicas-per-block", "4",
+                             "--precision", "highest"])
+    assert sweep.engine_options(args) == EngineOptions(False, True, 4, "highest")
+    monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", "0")  # the environment sets the default once, at the edge
+    assert not sweep.engine_options(sweep.parse_args(["--variant", "tanh"])).cpu_kernels
+    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh", "--cpu-kernels"])).cpu_kernels
+
+
 # ------------------------------------------------------------------------------ real runs
 
 
@@ -616,10 +736,13 @@ def check_real_rows(rows: list[dict], framework: str, out: Path) -> None:
         assert row["wall_s"] > 0 and row["replicas_trained_together"] == 2
         assert isinstance(row["device"], str) and ":" in row["device"]
         assert row["versions"]["jax"] and row["versions"]["torch"]
-        expected = dataclasses.asdict(SweepConfig(
+        expected = SweepConfig(
             variant="tanh", depths=(3,), seeds=2, epochs=1, limit_train=512, limit_test=256,
-            data_dir=str(SHARED_MNIST), out=str(out), framework=framework, skip_parity=framework == "torch"))
+            data_dir=str(SHARED_MNIST), out=str(out), framework=framework, skip_parity=framework == "torch").as_row()
         assert row["config"] == json.loads(json.dumps(expected))
+        # no private paths: folders outside the working directory by their names
+        assert (row["config"]["out"], row["config"]["data_dir"]) == (out.name, SHARED_MNIST.name)
+        assert len(row["dataset_sha256"]) == 64
 
 
 def check_printed_table(stdout: str, framework: str) -> Path:
@@ -659,3 +782,28 @@ def test_real_cli_run_torch_gives_the_same_row_format(tmp_path, capsys):
     assert path == out / "tanh_torch_corrected_e1_b256_mnist_train512_test256.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     check_real_rows(rows, "torch", out)
+
+
+@needs_mnist
+def test_a_failing_parity_check_stops_the_sweep_before_training(tmp_path, capsys, monkeypatch):
+    """A flaxdepth that computes something else than torch_ref (here one conv kernel scaled after
+    conversion) trains nothing: exit 1, one line with the errors and what to do."""
+    import jax
+
+    from flaxdepth import interop
+
+    real_from_torch = interop.from_torch
+
+    def off(variant, depth, state_dict):
+        leaves, tree = jax.tree.flatten(real_from_torch(variant, depth, state_dict))
+        return jax.tree.unflatten(tree, [leaf * 1.5 if leaf.ndim == 4 else leaf for leaf in leaves])
+
+    monkeypatch.setattr(interop, "from_torch", off)
+    monkeypatch.setattr(search, "run_sweep", lambda *args, **kwargs: pytest.fail("training started"))
+    out = tmp_path / "out"
+    assert sweep.main([*REAL_ARGV, "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG_ERROR}flaxdepth disagrees with torch_ref: parity tanh")
+    assert "--skip-parity" in lines[0] and "Traceback" not in captured.err
+    assert not out.exists()
