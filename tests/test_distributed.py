@@ -23,7 +23,7 @@ from flaxdepth import train
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 TIMEOUT_S = 900  # per command; each run is ~1 min on 2 idle cores, mostly XLA compilation
-SWEEP = ["--variant", "elu_bn", "--depths", "6", "--seeds", "3", "--epochs", "2", "--limit-train", "600",
+SWEEP = ["--variant", "elu_bn", "--depths", "3", "--seeds", "3", "--epochs", "2", "--limit-train", "600",
          "--limit-test", "300", "--data-dir", str(SHARED_MNIST), "--skip-parity", "--quiet"]
 RESULTS_NAME = "elu_bn_jax_corrected_e2_b256_mnist_train600_test300.jsonl"
 # What must agree between runs; the rest (wall time, device count, host, time stamp) may not.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tomllib
@@ -174,6 +175,6 @@ def test_gpu_step_variants_script_applies_each_setting(tmp_path, env_without_dev
     fastest = min(steps, key=lambda d: d["jax_ms_per_model_step_replicas"])["setting"]
     runs = [json.loads(line) for line in (tmp_path / "full_run.jsonl").read_text().splitlines()]
     assert [d["setting"] for d in runs] == (["b3"] if fastest == "b3" else ["b3", "b1"])
-    assert all(d["train_images"] == 64 and d["epochs"] == 3 and d["speedup_per_model"] > 0 for d in runs)
+    assert all(d["train_images"] == 64 and d["epochs"] == 3 and math.isfinite(d["speedup_per_model"]) for d in runs)
     assert all(d["jax_devices"] == 1 for d in runs)  # the setting's --cpu-devices 1, replayed
     assert "whole run b3" in proc.stdout

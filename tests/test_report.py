@@ -18,8 +18,10 @@ def report(load_experiment):
 
 
 def row(variant, depth, seed, train, test, framework="jax", protocol="faithful", lr=0.05, device="gpu:Fake GPU",
-        **config):
+        precision=None, **config):
     """One results row in the sweep's format; `trainable` deliberately wrong, the report recomputes it."""
+    if precision is not None:  # an engine option
+        config["engine"] = {"precision": precision}
     return {"variant": variant, "depth": depth, "lr": lr, "seed": seed, "framework": framework, "protocol": protocol,
             "train_errors": train, "test_errors": test, "finite": True, "trainable": "stale", "wall_s": 2.5,
             "replicas_trained_together": 3, "device": device, "device_count": 1,
