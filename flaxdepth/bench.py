@@ -28,7 +28,6 @@ import torch_ref
 from torch_ref import training as torch_training
 from flaxdepth import cpu_kernels, registry, train
 from flaxdepth.options import EngineOptions
-
 from flaxdepth.search import ConfigError
 from flaxdepth.sweep import add_engine_arguments, engine_options
 
