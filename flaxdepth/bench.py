@@ -30,6 +30,7 @@ from flaxdepth import cpu_kernels, registry, train
 from flaxdepth.options import EngineOptions
 from flaxdepth.search import ConfigError
 from flaxdepth.sweep import add_engine_arguments, engine_options
+from flaxdepth.variants import add_variants_file_argument, load_variants_files
 
 PROG = "python -m flaxdepth.bench"
 
@@ -234,7 +235,8 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variant", default="elu_bn", choices=registry.VARIANT_NAMES)
+    p.add_argument("--variant", default="elu_bn", help="a registered variant (see python -m flaxdepth.variants)")
+    add_variants_file_argument(p)
     p.add_argument("--depth", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--replicas", type=int, default=1,
@@ -255,6 +257,11 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_engine_arguments(p)
     args = p.parse_args(argv)
+    try:
+        load_variants_files(args.variants_file)
+        registry.get_variant(args.variant)
+    except registry.SpecError as error:
+        p.error(str(error))
     try:
         registry.check_depth(args.depth)
         args.compile_depths = [registry.check_depth(int(d)) for d in args.compile_depths.split(",") if d.strip()]

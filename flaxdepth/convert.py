@@ -36,6 +36,7 @@ from flax import serialization
 
 from flaxdepth import interop, registry
 from flaxdepth.interop import InteropError
+from flaxdepth.variants import add_variants_file_argument, load_variants_files
 
 PROG = "python -m flaxdepth.convert"
 #: Keys under which training scripts commonly nest the state_dict in a larger checkpoint.
@@ -148,8 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("direction", choices=("to-flax", "to-torch"))
-    p.add_argument("--variant", required=True, choices=registry.VARIANT_NAMES, metavar="NAME",
-                   help=f"one of {', '.join(registry.VARIANT_NAMES)}")
+    p.add_argument("--variant", required=True, metavar="NAME",
+                   help=f"one of {', '.join(registry.VARIANT_NAMES)}, or a variant of a --variants-file")
+    add_variants_file_argument(p)
     p.add_argument("--depth", required=True, type=_depth, help="the notebook's k (k // 3 layers per stage)")
     p.add_argument("input", help="torch checkpoint (to-flax) or msgpack file (to-torch)")
     p.add_argument("output", help="file to write (replaced atomically)")
@@ -159,9 +161,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        load_variants_files(args.variants_file)
+        registry.get_variant(args.variant)
         convert = torch_to_flax if args.direction == "to-flax" else flax_to_torch
         arrays = jax.tree.leaves(convert(args.variant, args.depth, args.input, args.output))
-    except (_UsageError, InteropError, OSError) as error:
+    except (_UsageError, InteropError, registry.SpecError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {args.variant} k={args.depth}, {len(arrays)} arrays, "

@@ -7,7 +7,8 @@ Public API (numpy in, numpy out, torch state_dict keys and layouts on the torch 
 - `apply(variant, depth, variables, images, train=False) -> (logits, variables)`
 - `loss_and_grads(variant, depth, variables, images, labels) -> (loss, grads)`
 
-`images` are NCHW float arrays, normalized as the notebook feeds them. Computations here run at
+`variant` is a registered name or a `registry.Variant` spec. `images` are NCHW float arrays,
+normalized as the notebook feeds them. Computations here run at
 'highest' matmul precision: they exist to compare frameworks, so TF32 on GPUs is off.
 Missing, extra or mis-shaped entries raise `InteropError` naming them; nothing is dropped.
 To compare in float64, call `jax.config.update("jax_enable_x64", True)` first.
@@ -42,49 +43,59 @@ class Slot:
     kind: str  # "conv_weight", "fc_weight" (transposed) or "plain"
 
 
-def _torch_prefixes(variant: registry.Variant, stage: int, layer: int) -> tuple[str, str]:
-    """torch module prefixes (conv, bn) of one layer, as the notebook's nn.Sequential numbers them."""
+def _torch_prefixes(variant: registry.Variant, stage: int, layer: int) -> tuple[str, str, str | None]:
+    """torch module prefixes (conv, norm, residual block or None) of one layer, as the notebook's
+    nn.Sequential numbers them."""
     base = f"conv_stages.{stage}"
-    if variant.residual:
+    if variant.skip:
         # ResNet: the first block of a stage is a plain Sequential(conv, [bn,] act); the others
-        # are ResidualBlock(_noBN)s wrapping that Sequential as `.block`.
+        # are residual blocks wrapping that Sequential as `.block` (a gated block holds `.gate`).
         block = f"{base}.0" if layer == 0 else f"{base}.{layer}.block"
-        return f"{block}.0", f"{block}.1"
-    modules_per_layer = 3 if variant.batchnorm else 2  # conv, [bn,] activation
+        return f"{block}.0", f"{block}.1", None if layer == 0 else f"{base}.{layer}"
+    modules_per_layer = 3 if variant.norm != "none" else 2  # conv, [norm,] activation
     first = layer * modules_per_layer
-    return f"{base}.{first}", f"{base}.{first + 1}"
+    return f"{base}.{first}", f"{base}.{first + 1}", None
 
 
-def layout(variant: str, depth: int) -> list[Slot]:
-    """Every torch state_dict entry of `variant` at depth k, in the notebook's order."""
-    spec = registry.get_variant(variant)
+#: torch BatchNorm2d / GroupNorm entries -> (collection, Flax name); GroupNorm has the first two
+_NORM_ENTRIES = (
+    ("weight", "params", "scale"),
+    ("bias", "params", "bias"),
+    ("running_mean", "batch_stats", "mean"),
+    ("running_var", "batch_stats", "var"),
+    ("num_batches_tracked", "batch_stats", "num_batches_tracked"),
+)
+
+
+def layout(variant: str | registry.Variant, depth: int) -> list[Slot]:
+    """Every torch state_dict entry of `variant` (a name or spec) at depth k, in the notebook's order."""
+    spec = registry.resolve(variant)
     layers = registry.layers_per_stage(depth)
     slots: list[Slot] = []
     for stage in range(registry.NUM_STAGES):
-        channels_in, channels_out = registry.stage_channels(stage)
+        channels_in, channels_out = registry.stage_channels(stage, spec.channels)
         for layer in range(layers):
             scope = (f"stage{stage}", "first" if layer == 0 else "layers")
             index = None if layer == 0 else layer - 1
-            conv, bn = _torch_prefixes(spec, stage, layer)
+            conv, norm, block = _torch_prefixes(spec, stage, layer)
             c_in = channels_in if layer == 0 else channels_out
+            if block is not None and spec.residual == "gated":
+                slots.append(Slot(f"{block}.gate", (), "params", (*scope, "gate"), index, "plain"))
             slots.append(Slot(f"{conv}.weight", (channels_out, c_in, 3, 3), "params",
                               (*scope, "conv", "kernel"), index, "conv_weight"))
             slots.append(Slot(f"{conv}.bias", (channels_out,), "params",
                               (*scope, "conv", "bias"), index, "plain"))
-            if spec.batchnorm:
-                for torch_name, collection, name, shape in (
-                    ("weight", "params", "scale", (channels_out,)),
-                    ("bias", "params", "bias", (channels_out,)),
-                    ("running_mean", "batch_stats", "mean", (channels_out,)),
-                    ("running_var", "batch_stats", "var", (channels_out,)),
-                    ("num_batches_tracked", "batch_stats", "num_batches_tracked", ()),
-                ):
-                    slots.append(Slot(f"{bn}.{torch_name}", shape, collection,
-                                      (*scope, "bn", name), index, "plain"))
-    heads = ((1, 4 * 14 * 14), (2, 8 * 7 * 7), (3, 16 * 3 * 3)) if spec.multihead else ((None, 16 * 3 * 3),)
-    for number, features in heads:
+            if spec.norm != "none":
+                entries = _NORM_ENTRIES if spec.norm == "batch" else _NORM_ENTRIES[:2]
+                module = "bn" if spec.norm == "batch" else "gn"
+                for torch_name, collection, name in entries:
+                    shape = () if torch_name == "num_batches_tracked" else (channels_out,)
+                    slots.append(Slot(f"{norm}.{torch_name}", shape, collection,
+                                      (*scope, module, name), index, "plain"))
+    heads = ((1, 0), (2, 1), (3, 2)) if spec.multihead else ((None, registry.NUM_STAGES - 1),)
+    for number, stage in heads:
         name = "fc" if number is None else f"fc{number}"
-        slots.append(Slot(f"{name}.weight", (registry.NUM_CLASSES, features), "params",
+        slots.append(Slot(f"{name}.weight", (registry.NUM_CLASSES, registry.head_features(spec, stage)), "params",
                           (name, "kernel"), None, "fc_weight"))
         slots.append(Slot(f"{name}.bias", (registry.NUM_CLASSES,), "params",
                           (name, "bias"), None, "plain"))
@@ -139,11 +150,12 @@ def _check_keys(what: str, expected: list[str], given: list[str]) -> None:
         raise InteropError(f"{what}: {'; '.join(problems)}")
 
 
-def from_torch(variant: str, depth: int, state_dict: Mapping[str, Any]) -> dict:
+def from_torch(variant: str | registry.Variant, depth: int, state_dict: Mapping[str, Any]) -> dict:
     """A torch state_dict (tensors or numpy arrays, the notebook's keys) as Flax variables,
     BatchNorm running statistics included. Dtypes are kept (float64 needs jax_enable_x64)."""
+    variant = registry.resolve(variant)
     slots = layout(variant, depth)
-    _check_keys(f"state_dict for {variant} k={depth}", [s.torch_key for s in slots], list(state_dict))
+    _check_keys(f"state_dict for {variant.name} k={depth}", [s.torch_key for s in slots], list(state_dict))
     arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
     bad_shapes = [
         f"{s.torch_key} {tuple(arrays[s.torch_key].shape)} (expected {s.torch_shape})"
@@ -151,7 +163,7 @@ def from_torch(variant: str, depth: int, state_dict: Mapping[str, Any]) -> dict:
         if tuple(arrays[s.torch_key].shape) != s.torch_shape
     ]
     if bad_shapes:
-        raise InteropError(f"state_dict for {variant} k={depth}: wrong shape for {_describe(bad_shapes)}")
+        raise InteropError(f"state_dict for {variant.name} k={depth}: wrong shape for {_describe(bad_shapes)}")
 
     stacked: dict[tuple[str, ...], list[np.ndarray]] = {}
     variables: dict = {}
@@ -180,12 +192,12 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _export(variant: str, depth: int, tree: Mapping, collections: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _export(variant: registry.Variant, depth: int, tree: Mapping, collections: tuple[str, ...]) -> dict[str, np.ndarray]:
     slots = [s for s in layout(variant, depth) if s.collection in collections]
     tree = {c: tree[c] for c in tree if c in collections}
     expected = {(s.collection, *s.path) for s in slots}
     _check_keys(
-        f"variables for {variant} k={depth}",
+        f"variables for {variant.name} k={depth}",
         ["/".join(p) for p in sorted(expected)],
         ["/".join(p) for p in _leaf_paths(tree)],
     )
@@ -196,30 +208,30 @@ def _export(variant: str, depth: int, tree: Mapping, collections: tuple[str, ...
         if slot.layer is not None:
             if value.shape[:1] != (layers_per_stage - 1,):
                 raise InteropError(
-                    f"variables for {variant} k={depth}: {'/'.join(slot.path)} has "
+                    f"variables for {variant.name} k={depth}: {'/'.join(slot.path)} has "
                     f"{value.shape[:1]} scanned layers, expected {layers_per_stage - 1}"
                 )
             value = value[slot.layer]
         value = _flax_to_torch_array(slot, value)
         if value.shape != slot.torch_shape:
             raise InteropError(
-                f"variables for {variant} k={depth}: {slot.torch_key} has shape {value.shape} "
+                f"variables for {variant.name} k={depth}: {slot.torch_key} has shape {value.shape} "
                 f"in torch layout, expected {slot.torch_shape}"
             )
         result[slot.torch_key] = value
     return result
 
 
-def to_torch(variant: str, depth: int, variables: Mapping) -> dict[str, np.ndarray]:
+def to_torch(variant: str | registry.Variant, depth: int, variables: Mapping) -> dict[str, np.ndarray]:
     """Flax variables as a torch state_dict of numpy arrays: the notebook's keys, order and layouts.
 
     Load it with `model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`.
     """
-    return _export(variant, depth, variables, ("params", "batch_stats"))
+    return _export(registry.resolve(variant), depth, variables, ("params", "batch_stats"))
 
 
 @functools.lru_cache(maxsize=None)
-def _model(variant: str, depth: int) -> models.DepthCNN:
+def _model(variant: registry.Variant, depth: int) -> models.DepthCNN:
     return models.build_model(variant, depth)
 
 
@@ -239,12 +251,12 @@ def _apply(variant, depth, variables, images, train):
     return model.apply(variables, images, train=train), variables
 
 
-def apply(variant: str, depth: int, variables: Mapping, images: Any, train: bool = False):
+def apply(variant: str | registry.Variant, depth: int, variables: Mapping, images: Any, train: bool = False):
     """Logits (numpy; a tuple of three for elu_multihead) for NCHW `images`, and the variables,
     whose BatchNorm statistics are updated exactly as torch updates them when `train=True`."""
     registry.check_depth(depth)
     with jax.default_matmul_precision("highest"):
-        outputs, new_variables = _apply(variant, depth, dict(variables), _images_nhwc(images), train)
+        outputs, new_variables = _apply(registry.resolve(variant), depth, dict(variables), _images_nhwc(images), train)
     logits = jax.tree.map(np.asarray, outputs)
     return logits, new_variables
 
@@ -263,11 +275,12 @@ def _loss_and_grads(variant, depth, variables, images, labels, train):
     return jax.value_and_grad(loss_fn)(variables["params"])
 
 
-def loss_and_grads(variant: str, depth: int, variables: Mapping, images: Any, labels: Any, train: bool = True):
+def loss_and_grads(variant: str | registry.Variant, depth: int, variables: Mapping, images: Any, labels: Any, train: bool = True):
     """The notebook's training loss (mean of the three heads' cross-entropies for elu_multihead)
     and its gradients as a dict keyed and laid out like the torch state_dict. `train=False` is the
     loss of a model in eval mode (BatchNorm on its running statistics), which the notebook's loop
     trains from epoch 2 on."""
+    variant = registry.resolve(variant)
     registry.check_depth(depth)
     labels = jnp.asarray(_to_numpy(labels))
     with jax.default_matmul_precision("highest"):

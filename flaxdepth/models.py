@@ -1,4 +1,5 @@
-"""Flax modules for every variant of the notebook. Architecture only: no training, data or I/O.
+"""Flax modules for every registered variant (flaxdepth.registry). Architecture only: no training,
+data or I/O.
 
 Layout: activations are NHWC (Flax's convention). Parameters are named after the notebook's
 modules (`stage{s}` for `conv_stages.{s}`, `fc` / `fc1..fc3`); `flaxdepth.interop` maps them to
@@ -13,6 +14,8 @@ blocks) is the model's `EngineOptions`, which changes no parameter and no number
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,45 +89,92 @@ class TorchBatchNorm(nn.Module):
         return out
 
 
-class Conv3x3(nn.Module):
-    """The notebook's Conv2d(C_in, C_out, 3, 1, 1): N(0, init_std) kernel (HWIO), zero bias.
+def conv_kernel_init(spec: registry.Variant, channels_in: int, channels_out: int, fan: str | None = None):
+    """The initializer of a conv kernel (HWIO) of `spec`: N(0, std) for the Gaussian inits, or an
+    orthogonal matrix (of the flattened 9 * C_in x C_out kernel, or at the centre tap for
+    delta_orthogonal, zeros at the other taps) times `init_gain`."""
+    if spec.init == "orthogonal":
+        return nn.initializers.orthogonal(scale=spec.init_gain, column_axis=-1)
+    if spec.init == "delta_orthogonal":
+        if channels_in > channels_out:  # registry.validate rules this out for the built networks
+            raise ValueError(f"delta_orthogonal needs C_in <= C_out, got {channels_in} -> {channels_out}")
+        return nn.initializers.delta_orthogonal(scale=spec.init_gain, column_axis=-1)
+    return nn.initializers.normal(stddev=registry.conv_init_std(spec, channels_in, channels_out, fan))
 
-    nn.Conv's parameters (`kernel`, `bias`) and initialization, computed by `conv.conv3x3`, whose
-    batching rule makes vmapped replicas fast on GPUs (see flaxdepth/conv.py)."""
+
+class Conv3x3(nn.Module):
+    """The notebook's Conv2d(C_in, C_out, 3, 1, 1): kernel (HWIO) from `kernel_init`, bias zero or
+    N(0, bias_std).
+
+    nn.Conv's parameters (`kernel`, `bias`), computed by `conv.conv3x3`, whose batching rule makes
+    vmapped replicas fast on GPUs (see flaxdepth/conv.py)."""
 
     features: int
-    init_std: float
+    kernel_init: Callable
+    bias_std: float = 0.0
     options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # float32 parameters, as nn.Conv's param_dtype, also under jax_enable_x64 (init_variables casts)
-        kernel = self.param("kernel", nn.initializers.normal(stddev=self.init_std),
-                            (3, 3, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias_init = nn.initializers.normal(stddev=self.bias_std) if self.bias_std > 0 else nn.initializers.zeros
+        bias = self.param("bias", bias_init, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias)
         return conv.conv3x3(x, kernel, self.options) + bias
 
 
-class ConvLayer(nn.Module):
-    """conv 3x3 (pad 1) -> [BatchNorm] -> activation [+ input]; (carry, None) form for nn.scan."""
+class TorchGroupNorm(nn.Module):
+    """GroupNorm(groups, C) with torch's semantics: per sample and group of C / groups channels,
+    normalized with the biased variance (two passes), eps 1e-5, then a per-channel affine."""
 
+    groups: int
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        grouped = x.reshape(*x.shape[:-1], self.groups, features // self.groups)
+        axes = (1, 2, 4)  # H, W and the channels of a group
+        centred = grouped - grouped.mean(axes, keepdims=True)
+        normalized = centred * jax.lax.rsqrt(jnp.square(centred).mean(axes, keepdims=True) + self.epsilon)
+        return normalized.reshape(x.shape) * scale + bias
+
+
+class ConvLayer(nn.Module):
+    """conv 3x3 (pad 1) -> [norm] -> activation [-> skip]; (carry, None) form for nn.scan.
+
+    `skip` is the spec's residual form where the layer keeps its shape ("none" for a stage's first)."""
+
+    spec: registry.Variant
     features: int
-    init_std: float
-    activation: str
-    batchnorm: bool
-    residual: bool
+    kernel_init: Callable
+    skip: str
     train: bool
     options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None):
-        y = checkpoint_name(Conv3x3(self.features, self.init_std, self.options, name="conv")(x), "conv_output")
-        if self.batchnorm:
-            y = TorchBatchNorm(self.activation, self.options.cpu_kernels, name="bn")(y, self.train)
+        s = self.spec
+        y = checkpoint_name(Conv3x3(self.features, self.kernel_init, s.bias_std, self.options, name="conv")(x),
+                            "conv_output")
+        activation = ops.activation(s.activation, s.negative_slope)
+        if s.norm == "batch":
+            # tanh and ELU run with BatchNorm as one operation (a CPU kernel); the others after it
+            fused = s.activation if s.activation in ops.FUSED_WITH_BATCHNORM else "identity"
+            y = TorchBatchNorm(fused, self.options.cpu_kernels, name="bn")(y, self.train)
+            if fused == "identity":
+                y = activation(y)
+        elif s.norm == "group":
+            y = activation(TorchGroupNorm(s.norm_groups, name="gn")(y))
         else:
-            y = ops.ACTIVATIONS[self.activation](y)
-        if self.residual:
+            y = activation(y)
+        if self.skip == "gated":
+            gate = self.param("gate", nn.initializers.constant(s.residual_gate_init), (), jnp.float32)
+            y = x + promote_dtype(gate, y)[0] * y
+        elif self.skip == "identity":
             y = y + x
         return y, None
 
@@ -135,25 +185,21 @@ class Stage(nn.Module):
     variant: registry.Variant
     stage: int
     num_layers: int
-    fan: str
+    fan: str | None
     train: bool
     options: EngineOptions = EngineOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         v = self.variant
-        channels_in, channels_out = registry.stage_channels(self.stage)
+        channels_in, channels_out = registry.stage_channels(self.stage, v.channels)
 
-        def layer(std, residual, **kwargs):
-            return dict(
-                features=channels_out, init_std=std, activation=v.activation,
-                batchnorm=v.batchnorm, residual=residual, train=self.train, options=self.options, **kwargs,
-            )
+        def layer(c_in, skip, **kwargs):
+            return dict(spec=v, features=channels_out, kernel_init=conv_kernel_init(v, c_in, channels_out, self.fan),
+                        skip=skip, train=self.train, options=self.options, **kwargs)
 
-        first_std = registry.conv_init_std(v, channels_in, channels_out, self.fan)
-        x, _ = ConvLayer(**layer(first_std, residual=False, name="first"))(x)
+        x, _ = ConvLayer(**layer(channels_in, skip="none", name="first"))(x)
         if self.num_layers > 1:
-            same_std = registry.conv_init_std(v, channels_out, channels_out, self.fan)
             scanned = nn.scan(
                 nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False) if self.options.rematerialize
                 else ConvLayer,
@@ -161,7 +207,7 @@ class Stage(nn.Module):
                 split_rngs={"params": True},
                 length=self.num_layers - 1,
             )
-            x, _ = scanned(**layer(same_std, residual=v.residual, name="layers"))(x, None)
+            x, _ = scanned(**layer(channels_out, skip=v.residual, name="layers"))(x, None)
         # torch's AvgPool2d(2, 2) floors 7x7 to 3x3; Flax needs the stride and VALID spelled out.
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
@@ -172,16 +218,16 @@ def flatten_like_torch(x: jax.Array) -> jax.Array:
 
 
 class DepthCNN(nn.Module):
-    """Every variant of the notebook: 3 stages of k // 3 conv layers (4, 8, 16 channels) and a
-    Linear head; `elu_multihead` adds heads after stages 1 and 2 and returns three logit arrays.
+    """Every variant: 3 stages of k // 3 conv layers (the notebook's 4, 8, 16 channels) and a Linear
+    head; with heads="every_stage" (elu_multihead) a head after every stage, three logit arrays.
 
-    `fan` picks the Glorot-style sigma: "out" (the notebook's choice) or "in"; `options` how the
-    engine computes (flaxdepth.options).
+    `fan` (None: the spec's `init_fan`) overrides the fan of Gaussian inits: "out" (the notebook's
+    choice) or "in"; `options` say how the engine computes (flaxdepth.options).
     """
 
     variant: registry.Variant
     depth: int
-    fan: str = "out"
+    fan: str | None = None
     options: EngineOptions = EngineOptions()
 
     @nn.compact
@@ -203,11 +249,13 @@ class DepthCNN(nn.Module):
         return tuple(logits) if self.variant.multihead else logits[0]
 
 
-def build_model(variant: str, depth: int, fan: str = "out", options: EngineOptions = EngineOptions()) -> DepthCNN:
-    """The Flax model of a registered variant at depth k (validated), computed as `options` say."""
-    spec = registry.get_variant(variant)
+def build_model(variant: str | registry.Variant, depth: int, fan: str | None = None,
+                options: EngineOptions = EngineOptions()) -> DepthCNN:
+    """The Flax model of a registered variant (name or spec) at depth k (validated), computed as
+    `options` say."""
+    spec = registry.resolve(variant)
     registry.check_depth(depth)
-    if fan not in registry.GLOROT_FANS:
+    if fan is not None and fan not in registry.GLOROT_FANS:
         raise ValueError(f"fan must be one of {registry.GLOROT_FANS}, got {fan!r}")
     return DepthCNN(spec, depth, fan, options)
 

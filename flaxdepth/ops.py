@@ -46,7 +46,31 @@ tanh = _activation(lambda x: jnp.tanh(x), lambda y: 1 - y * y)
 # computes exp(x)): no second exponential, for an absolute error of at most one rounding of 1
 # (float32: 6e-8; relative to exp(x), 1e-3 at x = -10), far inside the parity tolerances
 elu = _activation(lambda x: nn.elu(x), lambda y: jnp.where(y > 0, 1, y + 1))
-ACTIVATIONS = {"tanh": tanh, "elu": elu}
+#: The activations that train-mode BatchNorm applies itself (one CPU kernel with it).
+FUSED_WITH_BATCHNORM = ("tanh", "elu")
+
+
+def _softplus(x):
+    # torch's Softplus (beta 1, threshold 20): linear above the threshold
+    return jnp.where(x > 20, x, jnp.logaddexp(x, 0))
+
+
+#: Every activation of registry.ACTIVATIONS but leaky_relu (which takes a slope), as torch computes
+#: it: relu's slope at 0 is 0, gelu is erf-based, gelu_tanh the tanh approximation.
+ACTIVATIONS = {
+    "tanh": tanh, "elu": elu, "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False), "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "selu": jax.nn.selu, "silu": jax.nn.silu, "softplus": _softplus, "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str, negative_slope: float = 0.01):
+    """The activation function `name` (registry.ACTIVATIONS); leaky_relu with `negative_slope`."""
+    if name == "leaky_relu":
+        # slope at 0 is the negative side's, as torch's leaky_relu backward takes it
+        return lambda x: jnp.where(x > 0, x, negative_slope * x)
+    return ACTIVATIONS[name]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -56,11 +56,11 @@ def _heads(output):
     return output if isinstance(output, tuple) else (output,)
 
 
-def quick_parity(variant: str, dataset: Dataset, depth: int = 6, steps: int = 3, batch: int = 32,
+def quick_parity(variant: str | registry.Variant, dataset: Dataset, depth: int = 6, steps: int = 3, batch: int = 32,
                  lr: float | None = None, options: EngineOptions = EngineOptions()) -> ParityReport:
     """Compare eval-mode logits, then `steps` SGD-momentum steps of the engine's train_step as
     `options` compute it (losses and parameters)."""
-    spec = registry.get_variant(variant)
+    spec = registry.resolve(variant)
     lr = spec.lr if lr is None else lr
     torch.manual_seed(0)
     model = torch_ref.build(variant, depth).float()
@@ -94,11 +94,11 @@ def quick_parity(variant: str, dataset: Dataset, depth: int = 6, steps: int = 3,
             loss_error = max(loss_error, abs(float(metrics["loss"]) - loss.item()) / abs(loss.item()))
     exported = interop.to_torch(variant, depth, {"params": state.params, "batch_stats": state.batch_stats}
                                 if spec.batchnorm else {"params": state.params})
-    # Only weights: conv biases before BatchNorm carry rounding noise (zero true gradient).
+    # Weights and residual gates: conv biases before a norm carry rounding noise (zero true gradient).
     for key, value in model.state_dict().items():
-        if key.endswith("weight"):
+        if key.endswith(("weight", "gate")):
             param_error = max(param_error, _relative(exported[key], value.numpy()))
-    report = ParityReport(variant, depth, steps, logit_error, loss_error, param_error)
+    report = ParityReport(spec.name, depth, steps, logit_error, loss_error, param_error)
     if not report.worst <= TOLERANCE:  # also catches NaN
         raise ParityError(f"flaxdepth disagrees with torch_ref: {report}; run `pytest parity_tests` "
                           f"for the full comparison, or pass --skip-parity to train anyway")

@@ -53,7 +53,7 @@ class SweepConfig:
     limit_test: int | None = None
     notebook_quirks: bool = False
     framework: str = "jax"
-    fan: str = "out"
+    fan: str | None = None  # overrides the variant's init_fan
     skip_parity: bool = False
     engine: EngineOptions = EngineOptions()  # how the engine computes (flaxdepth.options)
 
@@ -83,16 +83,21 @@ class SweepConfig:
             raise ConfigError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
         if not isinstance(self.engine, EngineOptions):
             raise ConfigError(f"engine must be an EngineOptions, got {type(self.engine).__name__}")
-        if self.fan not in registry.GLOROT_FANS:
-            raise ConfigError(f"--fan must be one of {', '.join(registry.GLOROT_FANS)}, got {self.fan!r}")
+        if self.fan is not None and self.fan not in registry.FANS:
+            raise ConfigError(f"--fan must be one of {', '.join(registry.FANS)}, got {self.fan!r}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ConfigError(f"--data-dir {self.data_dir} is not a folder; point it at the folder "
                               f"holding the four IDX files")
         return self
 
     @property
+    def spec(self) -> registry.Variant:
+        """The variant's registered spec."""
+        return registry.get_variant(self.variant)
+
+    @property
     def learning_rates(self) -> tuple[float, ...]:
-        return self.lrs or (registry.get_variant(self.variant).lr,)
+        return self.lrs or (self.spec.lr,)
 
     @property
     def seed_list(self) -> list[int]:
@@ -114,7 +119,7 @@ class SweepConfig:
             parts.append(f"train{self.limit_train}")
         if self.limit_test:
             parts.append(f"test{self.limit_test}")
-        if self.fan != "out":
+        if self.fan is not None and self.fan != self.spec.init_fan:
             parts.append(f"fan{self.fan}")
         if self.engine.precision != "default":
             parts.append(f"prec{self.engine.precision}")
@@ -284,7 +289,19 @@ class Sweep:
         if elsewhere:
             self.log(f"  k={depth}: runs of {', '.join(map(str, elsewhere))} in {self.file.path} are not reused "
                      f"on {self.env['device']}")
-        return {(row["seed"], row["lr"]): row for row in rows if row.get("device") == self.env["device"]}
+        rows = [row for row in rows if row.get("device") == self.env["device"]]
+        other_spec = [row for row in rows if not self._same_spec(row)]
+        if other_spec:
+            self.log(f"  k={depth}: {len(other_spec)} runs in {self.file.path} were trained with other fields of "
+                     f"{self.config.variant}; they are not reused")
+        return {(row["seed"], row["lr"]): row for row in rows if self._same_spec(row)}
+
+    def _same_spec(self, row: dict) -> bool:
+        """Whether a row was trained with this sweep's spec (rows without one are the built-ins')."""
+        spec = self.config.spec
+        if "spec" not in row:
+            return spec == registry.VARIANTS.get(spec.name)
+        return row["spec"] == spec.fields()
 
     def _from_process_zero(self, value):
         """Process 0's `value` (JSON data) on every process."""
@@ -307,7 +324,7 @@ class Sweep:
             "wall_s": wall_s, "replicas_trained_together": replicas,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **self.env, "cpu_kernels_used": self._cpu_kernels_used(), "dataset_sha256": self.dataset_sha256,
-            "config": c.as_row(),
+            "config": c.as_row(), "spec": c.spec.fields(),
         }
 
     def _cpu_kernels_used(self) -> bool:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from flaxdepth import registry
+from flaxdepth.variants import add_variants_file_argument, load_variants_files
 from flaxdepth.options import PRECISIONS, EngineOptions
 from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, ConfigError, SweepConfig
 
@@ -28,7 +29,10 @@ def _numbers(kind, what):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variant", required=True, help=f"one of {', '.join(registry.VARIANT_NAMES)}, or 'all'")
+    p.add_argument("--variant", required=True,
+                   help=f"one of {', '.join(registry.VARIANT_NAMES)}, a variant of a --variants-file, or 'all' "
+                        f"(every one of both)")
+    add_variants_file_argument(p)
     p.add_argument("--depths", type=_numbers(int, "--depths"), default=None,
                    help="evaluate these depths (multiples of 3, e.g. 3,6,9) instead of searching")
     p.add_argument("--lr", type=_numbers(float, "--lr"), default=None,
@@ -48,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--notebook-quirks", action="store_true",
                    help="reproduce the notebook's missing model.train(): BatchNorm in eval mode after epoch 1")
     p.add_argument("--framework", default="jax", choices=FRAMEWORKS)
-    p.add_argument("--fan", default="out", choices=registry.GLOROT_FANS,
-                   help="Glorot-style sigma over fan-out (the notebook's) or fan-in")
+    p.add_argument("--fan", default=None, choices=registry.FANS,
+                   help="fan of the glorot / he / lecun sigma, overriding the variant's init_fan (the "
+                        "notebook's Glorot-style sigma is over fan-out)")
     add_engine_arguments(p)
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="on CPUs, split each depth's runs over N devices that train side by side; default: "
@@ -116,7 +121,8 @@ def configs(args) -> list[SweepConfig]:
     bad = [d for d in args.depths or () if d < 3 or d % 3]
     if bad:
         raise ConfigError(f"--depths must be positive multiples of 3 (3, 6, 9, ...), got {bad}")
-    names = registry.VARIANT_NAMES if args.variant == "all" else (args.variant,)
+    load_variants_files(args.variants_file)
+    names = registry.variant_names() if args.variant == "all" else (args.variant,)
     engine = engine_options(args)
     return [SweepConfig(
         variant=name, lrs=args.lr, seeds=args.seeds, first_seed=args.first_seed, depths=args.depths,
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
 
         dataset = data.subset(data.load_dataset(args.dataset, args.data_dir),
                               args.limit_train, args.limit_test)
-    except (ConfigError, registry.UnknownVariantError, DataError) as error:
+    except (ConfigError, registry.SpecError, DataError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 

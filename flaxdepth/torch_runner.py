@@ -32,20 +32,20 @@ class EpochOrderLoader:
         yield from training.batches(self.images, self.labels, order, self.batch_size)
 
 
-def initial_state_dict(variant: str, depth: int, seed: int, fan: str = "out",
+def initial_state_dict(variant: str | registry.Variant, depth: int, seed: int, fan: str | None = None,
                        batch_size: int = 256) -> dict[str, np.ndarray]:
     """flaxdepth's initial weights of a seed, as a torch state_dict. (`batch_size` only picks
     the cached compiled_functions entry a sweep of that batch size already compiled.)"""
     _, init, _, _ = train.compiled_functions(variant, depth, batch_size, fan)
     state = init(np.asarray([seed], np.int32), np.zeros(1, np.float32))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if not registry.get_variant(variant).batchnorm:
+    if not registry.resolve(variant).batchnorm:
         variables.pop("batch_stats")
     return interop.to_torch(variant, depth, jax.tree.map(lambda a: a[0], variables))
 
 
-def train_torch_runs(variant: str, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
-                     epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
+def train_torch_runs(variant: str | registry.Variant, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
+                     epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str | None = None,
                      log: Callable[[str], None] | None = None, device: str | None = None,
                      dtype: torch.dtype = torch.float32, precision: str = "default") -> list[train.RunResult]:
     """Train each (seed, lr) with torch_ref's notebook loop, one after the other; `log` gets the
@@ -74,7 +74,7 @@ def tf32_allowed(allowed: bool):
 
 def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log, device, dtype):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spec = registry.get_variant(variant)
+    spec = registry.resolve(variant)
     train_images = training.normalize(dataset.train_images, dtype)
     test_images = training.normalize(dataset.test_images, dtype)
     n = len(dataset.train_labels)

@@ -274,17 +274,21 @@ def over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, 
                    **jit_options)
 
 
-@functools.lru_cache(maxsize=16)
-def compiled_functions(variant: str, depth: int, batch_size: int, fan: str = "out",
+def compiled_functions(variant: str | registry.Variant, depth: int, batch_size: int, fan: str | None = None,
                        options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
-    """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant and depth,
-    computed as `options` say (part of the cache key).
+    """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant (name or spec)
+    and depth, computed as `options` say (the spec and the options are part of the cache key).
 
     init(seeds, lrs) -> state; epoch(state, orders, data) -> (state, metrics); test(state, data)
     -> errors. Replica counts must be multiples of the mesh size (train_replicas pads); default mesh:
     `local_mesh()`."""
-    mesh = mesh or local_mesh()
-    model = models.build_model(variant, depth, fan, options)
+    return _compiled_functions(registry.resolve(variant), depth, batch_size, fan, options, mesh or local_mesh())
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_functions(spec: registry.Variant, depth: int, batch_size: int, fan: str | None,
+                        options: EngineOptions, mesh: Mesh):
+    model = models.build_model(spec, depth, fan, options)
     init = over_replicas(functools.partial(init_state, model), mesh, (0, 0), False, options,
                          compiler_options=INIT_COMPILER_OPTIONS)
     epochs = {
@@ -326,8 +330,8 @@ def padded_runs(runs: Sequence[tuple[int, float]], devices: int) -> list[tuple[i
     return list(runs) + [runs[-1]] * (-len(runs) % devices)
 
 
-def train_replicas(variant: str, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
-                   epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str = "out",
+def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
+                   epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str | None = None,
                    on_epoch: Callable[[int, list[RunResult]], None] | None = None,
                    mesh: Mesh | None = None, options: EngineOptions = EngineOptions()) -> list[RunResult]:
     """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol,
@@ -335,9 +339,9 @@ def train_replicas(variant: str, depth: int, data: DeviceData, runs: Sequence[tu
 
     The replicas are split over `mesh` (default `local_mesh()`; `data` must live on the same mesh,
     see `DeviceData.put`)."""
-    spec = registry.get_variant(variant)
+    spec = registry.resolve(variant)
     mesh = mesh or local_mesh()
-    model, init, epoch_fns, test = compiled_functions(variant, depth, batch_size, fan, options, mesh)
+    model, init, epoch_fns, test = compiled_functions(spec, depth, batch_size, fan, options, mesh)
     padded = padded_runs(runs, mesh.size)
     split = split_over_replicas(mesh)
     seeds = global_array(np.asarray([seed for seed, _ in padded], np.int32), split)

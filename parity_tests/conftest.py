@@ -14,15 +14,32 @@ import pytest
 import torch
 
 import torch_ref
-from flaxdepth import data
+from flaxdepth import data, registry
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
+EXPERIMENT_VARIANTS = Path(__file__).resolve().parents[1] / "experiments" / "variants.toml"
 
-#: Depths every parity check runs at: 3 (no scanned layer), 6 (a scan of one layer per stage) and
-#: 31 (scans of nine layers, residual blocks on residual blocks; not a multiple of 3, as the
-#: notebook's k = 139: it builds k // 3 = 10 layers per stage). Other depths compile the same
-#: programs with other scan lengths.
+#: The suite covers the registry: the notebook's eight and the variants that experiments/ declares.
+DECLARED_VARIANTS = tuple(registry.load_variants(EXPERIMENT_VARIANTS))
+PARITY_VARIANTS = registry.variant_names()
+
+#: Depths every parity check runs the notebook's variants at: 3 (no scanned layer), 6 (a scan of
+#: one layer per stage) and 31 (scans of nine layers, residual blocks on residual blocks; not a
+#: multiple of 3, as the notebook's k = 139: it builds k // 3 = 10 layers per stage). Other depths
+#: compile the same programs with other scan lengths. Declared variants are built by the same code
+#: from their fields, so they run at 6 (every kind of layer: a first conv and a scanned one with
+#: its skip), as the property-based test_spec_parity.py runs random specs.
 PARITY_DEPTHS = (3, 6, 31)
+DECLARED_DEPTHS = (6,)
+
+
+def parity_depths(variant: str) -> tuple[int, ...]:
+    return PARITY_DEPTHS if variant in registry.VARIANTS else DECLARED_DEPTHS
+
+
+def variant_depth_cases(variants=PARITY_VARIANTS) -> list:
+    """(variant, depth) parameters of the parity checks, ids "variant-k"."""
+    return [pytest.param(v, d, id=f"{v}-{d}") for v in variants for d in parity_depths(v)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +104,31 @@ def mnist_batches(mnist):
     return images, labels
 
 
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per variant (`--dist loadgroup`, pyproject.toml): a variant's parity tests
+    run in one worker, where its compiled programs (the engine's are cached per variant, depth and
+    dtype) serve every test that uses them instead of being compiled again in the other worker."""
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if params and "variant" in params and item.path.parent == Path(__file__).parent:
+            item.add_marker(pytest.mark.xdist_group(f"variant-{params['variant']}"))
+
+
 def torch_model(variant: str, depth: int, precision: Precision, seed: int = 0) -> torch.nn.Module:
-    """A torch_ref model with the notebook's init, and BatchNorm affine parameters and running
-    statistics moved away from their defaults so that every BatchNorm term is exercised."""
+    """A torch_ref model with the variant's init, and norm affine parameters, BatchNorm running
+    statistics and residual gates moved away from their defaults so that every term is exercised
+    (a gate at 0 would give its branch's weights zero gradients)."""
     torch.manual_seed(seed)
     model = torch_ref.build(variant, depth).to(precision.torch_dtype)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".gate"):
+                parameter.copy_(0.5 + torch.rand((), generator=generator))
         for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.copy_(0.5 + torch.rand(module.num_channels, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.num_channels, generator=generator))
             if isinstance(module, torch.nn.BatchNorm2d):
                 c = module.num_features
                 module.weight.copy_(0.5 + torch.rand(c, generator=generator))

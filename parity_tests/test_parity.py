@@ -1,5 +1,6 @@
 """flaxdepth == torch_ref: shapes, exact round trips, forward, BatchNorm updates, loss, gradients
-and 20-step SGD trajectories, for every variant at every parity depth, in float64 and float32."""
+and 20-step SGD trajectories, for every registered variant at its parity depths (conftest), in
+float64 and float32."""
 
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import torch
 import torch_ref
 from flaxdepth import interop, models, registry, train
 from flaxdepth.data import normalize
-from conftest import (PARITY_DEPTHS, assert_close, relative_error, state_dict_error, assert_state_dicts_close, record, state_dict_numpy,
-                      torch_model)
+from conftest import (PARITY_VARIANTS, assert_close, relative_error, state_dict_error, assert_state_dicts_close, record,
+                      state_dict_numpy, torch_model, variant_depth_cases)
 
-pytestmark = pytest.mark.parametrize("depth", PARITY_DEPTHS)
-VARIANTS = pytest.mark.parametrize("variant", registry.VARIANT_NAMES)
+VARIANTS = pytest.mark.parametrize("variant, depth", variant_depth_cases())
 
 
 def torch_outputs(output) -> list[np.ndarray]:
@@ -62,11 +62,12 @@ def test_round_trip_is_exact(variant, depth, precision):
 
 
 # Train mode changes only BatchNorm: the variants without it compute the same in both modes.
-FORWARD_CASES = [pytest.param(v, mode, id=f"{v}-{'train' if mode else 'eval'}") for v in registry.VARIANT_NAMES
-                 for mode in ((False, True) if registry.get_variant(v).batchnorm else (False,))]
+FORWARD_CASES = [pytest.param(*case.values, mode, id=f"{case.id}-{'train' if mode else 'eval'}")
+                 for case in variant_depth_cases()
+                 for mode in ((False, True) if registry.get_variant(case.values[0]).batchnorm else (False,))]
 
 
-@pytest.mark.parametrize("variant, train_mode", FORWARD_CASES)
+@pytest.mark.parametrize("variant, depth, train_mode", FORWARD_CASES)
 def test_forward_and_batchnorm_statistics(variant, depth, precision, train_mode, mnist_batches):
     model = torch_model(variant, depth, precision)
     variables = interop.from_torch(variant, depth, state_dict_numpy(model))
@@ -88,7 +89,8 @@ def test_loss_and_gradients(variant, depth, precision, mnist_batches):
     check_loss_and_gradients(variant, depth, precision, mnist_batches, train_mode=True)
 
 
-@pytest.mark.parametrize("variant", [v for v in registry.VARIANT_NAMES if registry.get_variant(v).batchnorm])
+@pytest.mark.parametrize("variant, depth", variant_depth_cases(
+    [v for v in PARITY_VARIANTS if registry.get_variant(v).batchnorm]))
 def test_eval_mode_loss_and_gradients(variant, depth, precision, mnist_batches):
     """The notebook trains BatchNorm models in eval mode from epoch 2 on: gradients through the
     running statistics (here: after one train-mode batch moved them off 0 and 1), and through

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from flax import serialization
 
 import torch_ref
-from flaxdepth import convert, interop, models
+from flaxdepth import convert, interop, models, registry
 
 PREFIX = "python -m flaxdepth.convert: error: "
 
@@ -46,15 +47,30 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in err, err
 
 
+EXPERIMENT_VARIANTS = Path(__file__).resolve().parents[1] / "experiments" / "variants.toml"
+
+
+@pytest.fixture
+def declared_variants():
+    """experiments/variants.toml's variants registered, as the commands register them with
+    --variants-file (unregistered afterwards)."""
+    names = registry.load_variants(EXPERIMENT_VARIANTS)
+    yield ["--variants-file", EXPERIMENT_VARIANTS]
+    for name in names:
+        registry.unregister(name)
+
+
 @pytest.mark.parametrize("variant, depth, dtype", [
     ("elu_bn", 7, torch.float32),  # BatchNorm buffers, num_batches_tracked included
     ("elu_multihead", 6, torch.float32),  # three heads
     ("resnet", 9, torch.float64),  # residual keys; float64 must not be narrowed
+    ("resnet_skipinit", 9, torch.float32),  # declared in a TOML file: residual gates
+    ("elu_groupnorm", 6, torch.float64),  # declared in a TOML file: GroupNorm's affine parameters
 ])
-def test_round_trip_through_files_is_exact(variant, depth, dtype, tmp_path, capsys):
+def test_round_trip_through_files_is_exact(variant, depth, dtype, tmp_path, capsys, declared_variants):
     original = state_dict(variant, depth, dtype)
     torch.save(original, tmp_path / "in.pt")
-    args = ["--variant", variant, "--depth", depth]
+    args = ["--variant", variant, "--depth", depth, *declared_variants]
     code, out, _ = run(["to-flax", *args, tmp_path / "in.pt", tmp_path / "flax.msgpack"], capsys)
     assert code == 0 and "wrote" in out
     code, _, _ = run(["to-torch", *args, tmp_path / "flax.msgpack", tmp_path / "back.pt"], capsys)
@@ -124,7 +140,7 @@ def files(tmp_path):
     (["to-torch", "--variant", "elu_multihead", "--depth", 6, "elu_bn.msgpack"], ["missing params/fc1/bias"]),
     (["to-torch", "--variant", "elu_bn", "--depth", 9, "elu_bn.msgpack"], ["scanned layers"]),
     (["to-torch", "--variant", "tanh", "--depth", 6, "elu_bn.msgpack"], ["unexpected batch_stats/"]),
-    (["to-flax", "--variant", "nope", "--depth", 6, "elu_bn.pt"], ["invalid choice: 'nope'"]),
+    (["to-flax", "--variant", "nope", "--depth", 6, "elu_bn.pt"], ["unknown variant 'nope'"]),
     (["to-flax", "--variant", "elu_bn", "--depth", 2, "elu_bn.pt"], ["--depth", ">= 3"]),
     (["sideways", "--variant", "elu_bn", "--depth", 6, "elu_bn.pt"], ["invalid choice: 'sideways'"]),
 ])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxdepth import parity_check, results, search, sweep, torch_runner, train
+from flaxdepth import parity_check, registry, results, search, sweep, torch_runner, train
 from flaxdepth.options import EngineOptions
 from flaxdepth.results import ResultsFile
 from flaxdepth.search import SweepConfig, run_sweep
@@ -30,7 +30,7 @@ SHARED_MNIST = REPO.parent / "shared" / "mnist"
 PROG_ERROR = "python -m flaxdepth.sweep: error: "
 ROW_FIELDS = {"variant", "depth", "lr", "seed", "framework", "protocol", "train_errors", "test_errors", "finite",
               "trainable", "wall_s", "replicas_trained_together", "finished_at", "device", "device_count", "host",
-              "versions", "config", "cpu_kernels_used", "dataset_sha256"}
+              "versions", "config", "cpu_kernels_used", "dataset_sha256", "spec"}
 
 needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                                  reason=f"the project's MNIST copy is absent ({SHARED_MNIST})")
@@ -689,6 +689,26 @@ def test_runs_of_another_device_are_kept_but_not_reused(tmp_path, fake):
     assert len(file_rows(config)) == 4
 
 
+def test_runs_of_an_edited_variant_are_not_reused(tmp_path, fake):
+    """A declared variant whose fields change under the same name trains again: a row is reused
+    only for the spec it was trained with (rows without a spec are the built-ins')."""
+    config = make_config(tmp_path, variant="mine", depths=(3,), seeds=1)
+    try:
+        registry.register(registry.Variant("mine", "relu", init="he"))
+        trainer = fake(boundary_at(21))
+        sweep_quietly(config)
+        sweep_quietly(config)
+        assert trainer.depths == [3]
+        registry.register(registry.Variant("mine", "relu", init="he", init_fan="in"))
+        logged = []
+        sweep_quietly(config, log=logged.append)
+        assert trainer.depths == [3, 3]
+        assert any("other fields of mine" in line and "not reused" in line for line in logged)
+        assert [row["spec"]["init_fan"] for row in file_rows(config)] == ["out", "in"]
+    finally:
+        registry.unregister("mine")
+
+
 def test_default_output_is_the_users_folder(monkeypatch):
     """Not the repository's committed experiments/results: ./flaxdepth-results, or $FLAXDEPTH_RESULTS."""
     monkeypatch.delenv(search.RESULTS_ENV, raising=False)
@@ -718,15 +738,40 @@ def test_engine_options_from_the_command_line(monkeypatch):
 # ------------------------------------------------------------------------------ real runs
 
 
-REAL_ARGV = ["--variant", "tanh", "--depths", "3", "--seeds", "2", "--epochs", "1", "--limit-train", "512",
-             "--limit-test", "256", "--data-dir", str(SHARED_MNIST)]
+#: The real runs train a variant declared in a TOML file, outside the CPU kernels' reach (ReLU,
+#: GroupNorm, He init, a random bias): the whole path from the file to the rows and the plot.
+DECLARED_TOML = """
+[variants.relu_gn]
+activation = "relu"
+norm = "group"
+norm_groups = 2
+init = "he"
+init_fan = "in"
+bias_std = 0.01
+description = "ReLU, GroupNorm, He init"
+"""
+
+
+@pytest.fixture
+def declared(tmp_path):
+    """A variants file declaring relu_gn (unregistered afterwards)."""
+    path = tmp_path / "my_variants.toml"
+    path.write_text(DECLARED_TOML)
+    yield path
+    registry.unregister("relu_gn")
+
+
+def real_argv(variants_file: Path) -> list[str]:
+    return ["--variants-file", str(variants_file), "--variant", "relu_gn", "--depths", "3", "--seeds", "2",
+            "--epochs", "1", "--limit-train", "512", "--limit-test", "256", "--data-dir", str(SHARED_MNIST)]
 
 
 def check_real_rows(rows: list[dict], framework: str, out: Path) -> None:
     assert [(r["depth"], r["seed"], r["lr"]) for r in rows] == [(3, 0, 0.05), (3, 1, 0.05)]
     for row in rows:
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
-        assert row["variant"] == "tanh" and row["framework"] == framework and row["protocol"] == "corrected"
+        assert row["variant"] == "relu_gn" and row["framework"] == framework and row["protocol"] == "corrected"
+        assert row["spec"] == registry.get_variant("relu_gn").fields() and row["spec"]["norm"] == "group"
         assert len(row["train_errors"]) == len(row["test_errors"]) == 1
         assert all(0 <= e <= 1 for e in row["train_errors"] + row["test_errors"])
         # errors are counts over the subset sizes
@@ -737,7 +782,7 @@ def check_real_rows(rows: list[dict], framework: str, out: Path) -> None:
         assert isinstance(row["device"], str) and ":" in row["device"]
         assert row["versions"]["jax"] and row["versions"]["torch"]
         expected = SweepConfig(
-            variant="tanh", depths=(3,), seeds=2, epochs=1, limit_train=512, limit_test=256,
+            variant="relu_gn", depths=(3,), seeds=2, epochs=1, limit_train=512, limit_test=256,
             data_dir=str(SHARED_MNIST), out=str(out), framework=framework, skip_parity=framework == "torch").as_row()
         assert row["config"] == json.loads(json.dumps(expected))
         # no private paths: folders outside the working directory by their names
@@ -750,7 +795,7 @@ def check_printed_table(stdout: str, framework: str) -> Path:
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["k", "lr"])
     assert "seed 0" in lines[header] and "seed 1" in lines[header]
     assert lines[header + 1].split()[:2] == ["3", "0.05"] and re.search(r" [012]/2$", lines[header + 1])
-    assert lines[header + 2].startswith(f"tanh (corrected, {framework}, lr 0.05): ")
+    assert lines[header + 2].startswith(f"relu_gn (corrected, {framework}, lr 0.05): ")
     results_line = next(line for line in lines if line.startswith("results: "))
     plot_line = next(line for line in lines if line.startswith("plot: "))
     path = Path(results_line.split(maxsplit=1)[1])
@@ -760,32 +805,32 @@ def check_printed_table(stdout: str, framework: str) -> Path:
 
 @pytest.mark.slow
 @needs_mnist
-def test_real_cli_run_jax_with_parity_check(tmp_path, capsys):
+def test_real_cli_run_jax_with_parity_check(tmp_path, capsys, declared):
     out = tmp_path / "results"
-    assert sweep.main([*REAL_ARGV, "--out", str(out)]) == 0
+    assert sweep.main([*real_argv(declared), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert stdout.splitlines()[0].startswith("parity tanh k=6, 3 SGD steps: relative error")
+    assert stdout.splitlines()[0].startswith("parity relu_gn k=6, 3 SGD steps: relative error")
     path = check_printed_table(stdout, "jax")
-    assert path == out / "tanh_jax_corrected_e1_b256_mnist_train512_test256.jsonl"
+    assert path == out / "relu_gn_jax_corrected_e1_b256_mnist_train512_test256.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     check_real_rows(rows, "jax", out)
 
 
 @pytest.mark.slow
 @needs_mnist
-def test_real_cli_run_torch_gives_the_same_row_format(tmp_path, capsys):
+def test_real_cli_run_torch_gives_the_same_row_format(tmp_path, capsys, declared):
     out = tmp_path / "results"
-    assert sweep.main([*REAL_ARGV, "--out", str(out), "--framework", "torch", "--skip-parity"]) == 0
+    assert sweep.main([*real_argv(declared), "--out", str(out), "--framework", "torch", "--skip-parity"]) == 0
     stdout = capsys.readouterr().out
     assert "parity" not in stdout
     path = check_printed_table(stdout, "torch")
-    assert path == out / "tanh_torch_corrected_e1_b256_mnist_train512_test256.jsonl"
+    assert path == out / "relu_gn_torch_corrected_e1_b256_mnist_train512_test256.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     check_real_rows(rows, "torch", out)
 
 
 @needs_mnist
-def test_a_failing_parity_check_stops_the_sweep_before_training(tmp_path, capsys, monkeypatch):
+def test_a_failing_parity_check_stops_the_sweep_before_training(tmp_path, capsys, monkeypatch, declared):
     """A flaxdepth that computes something else than torch_ref (here one conv kernel scaled after
     conversion) trains nothing: exit 1, one line with the errors and what to do."""
     import jax
@@ -801,9 +846,9 @@ def test_a_failing_parity_check_stops_the_sweep_before_training(tmp_path, capsys
     monkeypatch.setattr(interop, "from_torch", off)
     monkeypatch.setattr(search, "run_sweep", lambda *args, **kwargs: pytest.fail("training started"))
     out = tmp_path / "out"
-    assert sweep.main([*REAL_ARGV, "--out", str(out)]) == 1
+    assert sweep.main([*real_argv(declared), "--out", str(out)]) == 1
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{PROG_ERROR}flaxdepth disagrees with torch_ref: parity tanh")
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG_ERROR}flaxdepth disagrees with torch_ref: parity relu_gn")
     assert "--skip-parity" in lines[0] and "Traceback" not in captured.err
     assert not out.exists()

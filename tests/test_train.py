@@ -339,15 +339,17 @@ def bench_main(argv):
 def test_bench_full_run_times_both_loops_and_the_one_device_engine(env_without_device_count):
     """--full-run on a subset, in a fresh process with 2 CPU devices: the notebook loop, the
     engine over the devices and the engine on one device (2 interleaved rounds) on the subset
-    asked for, every time and ratio reported."""
+    asked for, every time and ratio reported; of a variant declared in experiments/variants.toml."""
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the project's MNIST copy is absent ({SHARED_MNIST})")
     proc = subprocess.run(
-        [sys.executable, "-m", "flaxdepth.bench", "--full-run", "--variant", "tanh", "--depth", "3",
+        [sys.executable, "-m", "flaxdepth.bench", "--full-run", "--variants-file", "experiments/variants.toml",
+         "--variant", "selu_lecun", "--depth", "3",
          "--replicas", "2", "--cpu-devices", "2", "--epochs", "1", "--rounds", "2", "--limit-train", "300",
          "--limit-test", "100", "--data-dir", str(SHARED_MNIST), "--json"],
         cwd=REPO, env=env_without_device_count, capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(proc.stdout)
+    assert result["variant"] == "selu_lecun"
     assert (result["train_images"], result["test_images"], result["jax_devices"], result["rounds"]) == (300, 100, 2, 2)
     timed = ("torch_notebook_loop_s", "jax_run_s", "jax_one_device_run_s", "jax_compile_s", "speedup_per_model",
              "cpu_devices_speedup")

@@ -1,4 +1,4 @@
-"""The PyTorch reference: the notebook's models and training loop."""
+"""The PyTorch reference: the notebook's models (and any declared variant's) and training loop."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch_ref.models import (
     CNNtanh,
     CNNtanh_newinit,
     CNNtanhBN_oldinit,
+    DepthCNN,
     ResidualBlock,
     ResidualBlock_noBN,
     ResNet,
@@ -25,15 +26,19 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def build(variant: str, k: int, fan: str = "out") -> nn.Module:
-    """The notebook's model for `variant` with depth `k` (k // 3 conv layers per stage)."""
-    registry.get_variant(variant)  # the registry's error for an unknown name
-    return MODEL_CLASSES[variant](k, fan=fan)
+def build(variant: str | registry.Variant, k: int, fan: str | None = None) -> nn.Module:
+    """The model of a registered variant (name or spec) with depth `k` (k // 3 conv layers per
+    stage): the notebook's own class for the eight built-ins, a `DepthCNN` for a declared spec."""
+    spec = registry.resolve(variant)  # the registry's error for an unknown name or a bad spec
+    if spec.name in MODEL_CLASSES and spec == registry.VARIANTS[spec.name]:
+        return MODEL_CLASSES[spec.name](k, fan=fan)
+    return models.DepthCNN(spec, k, fan=fan)
 
 
 __all__ = [
     "MODEL_CLASSES",
     "build",
+    "DepthCNN",
     "CNNtanh",
     "CNNtanh_newinit",
     "CNNelu",
