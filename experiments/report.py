@@ -28,6 +28,7 @@ from flaxdepth.results import final_error  # noqa: E402
 from flaxdepth.search import SweepConfig, boundary_search  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+DECLARED = registry.load_variants(HERE / "variants.toml")  # the variants of your own that sweeps train
 PROTOCOLS = ("faithful", "corrected")
 COLOR, MARKER = {"faithful": "tab:blue", "corrected": "tab:orange"}, {"faithful": "o", "corrected": "s"}
 NOT_RUN = "not run"
@@ -276,11 +277,60 @@ def what_was_run(files, results_link: str) -> str:
     for e in tomllib.loads((HERE / "sweeps.toml").read_text())["sweep"]:
         names = registry.VARIANT_NAMES if e["variants"] == "all" else e["variants"]
         protocol, pair = "faithful" if e.get("notebook_quirks") else "corrected", e["depths"] == "notebook_pair"
-        entry_rows = standard_rows(files, e.get("precision", "default"))
-        done = [n for n in names if any((r["depth"] in registry.get_variant(n).notebook_pair) == pair
-                                        for r in pick(entry_rows, n, protocol, e.get("framework", "jax")))]
+        if all(n in DECLARED for n in names):  # declared variants: no notebook pair, their own subset
+            done = [n for n in names if declared_rows(files, n)]
+        else:
+            entry_rows = standard_rows(files, e.get("precision", "default"))
+            done = [n for n in names if any((r["depth"] in registry.get_variant(n).notebook_pair) == pair
+                                            for r in pick(entry_rows, n, protocol, e.get("framework", "jax")))]
         lines.append(f"- `{e['name']}`: {len(done)}/{len(names)}" + (f" ({', '.join(done)})" if done else ""))
     return "\n".join(lines)
+
+
+def declared_rows(files, variant: str) -> list[dict]:
+    """The main folder's jax rows of a declared variant trained with its current spec."""
+    spec = registry.get_variant(variant).fields()
+    return [r for name, rs in files.items() if "/" not in name for r in rs
+            if r["variant"] == variant and r["framework"] == "jax" and r.get("spec") == spec]
+
+
+def declared_section(files, path: Path) -> str:
+    """A table (and a figure) of experiments/variants.toml's variants: per depth, the seeds that
+    train and their final errors, on the subset each was trained on."""
+    table_rows, plotted = [], {}
+    for name in DECLARED:
+        rows = declared_rows(files, name)
+        plotted[name] = rows
+        if not rows:
+            table_rows.append(f"| {name} | {registry.get_variant(name).description} | {NOT_RUN} | |")
+            continue
+        c = rows[0]["config"]
+        setup = (f"{c['limit_train'] or 60000} / {c['limit_test'] or 10000} images, {c['epochs']} epochs, "
+                 f"lr {rows[0]['lr']:g}")
+        cells = []
+        for depth in sorted({r["depth"] for r in rows}):
+            at = sorted((r for r in rows if r["depth"] == depth), key=lambda r: r["seed"])
+            errors = ", ".join(f"{100 * final_error(r):.1f}%" for r in at)
+            cells.append(f"k={depth}: {rate(at)[2]} ({errors})")
+        table_rows.append(f"| {name} | {registry.get_variant(name).description} | {setup} | {'<br>'.join(cells)} |")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, rows in plotted.items():
+        depths = sorted({r["depth"] for r in rows})
+        if depths:
+            ax.plot(depths, [100 * sum(final_error(r) for r in rows if r["depth"] == d) /
+                             sum(r["depth"] == d for r in rows) for d in depths], marker="o", label=name)
+    ax.axhline(20, color="k", ls="--", lw=0.8)
+    ax.set(xscale="log", xlabel="depth k", ylabel="final error, mean over seeds [%]", ylim=(-3, 103),
+           title="experiments/variants.toml: final error against depth (CPU subset)")
+    ax.grid(alpha=0.3)
+    _not_run(ax, [r for rows in plotted.values() for r in rows])
+    if any(plotted.values()):
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "\n".join(["| variant | what | trained on | seeds that train (final error per seed) |",
+                      "|" + " --- |" * 4] + table_rows)
 
 
 def hardware(files) -> str:
@@ -419,6 +469,7 @@ def main(argv=None) -> int:
     fig_error_vs_depth(rows, args.out / "figures/error_vs_depth.png", pct)
     fig_boundaries(rows, args.out / "figures/boundaries.png")
     fig_epoch_curves(rows, args.out / "figures/epoch_curves.png", pct)
+    declared = declared_section(files, args.out / "figures/declared_variants.png")
     link = Path(os.path.relpath(args.results.resolve(), args.out.resolve())).as_posix()
     (args.out / "REPORT.md").write_text("\n\n".join([
         "# flaxdepth: trainability against depth, results",
@@ -434,9 +485,16 @@ def main(argv=None) -> int:
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
         "## Interpretation", interpretation(rows, pct, all_rows, files),
         "![per-epoch test error](figures/epoch_curves.png)",
+        "## Networks of your own: experiments/variants.toml",
+        "Networks the notebook did not train, declared in `experiments/variants.toml` (each with the reason it "
+        "is there) and trained by the same engine after the same parity check. They were swept on a 2-core CPU, "
+        "so on a subset of MNIST (the `declared-cpu` entry of `sweeps.toml`: the first images of each split) "
+        "at three depths rather than searched: a depth that trains here may fail on full MNIST and the other "
+        "way round, and these errors are not comparable with the notebook's.",
+        declared, "![declared variants](figures/declared_variants.png)",
         "## What was run", what_was_run(files, link),
         "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
-    print(f"wrote {args.out / 'REPORT.md'} and 3 figures in {args.out / 'figures'}")
+    print(f"wrote {args.out / 'REPORT.md'} and 4 figures in {args.out / 'figures'}")
     return 0
 
 

@@ -33,11 +33,14 @@ from flaxdepth.search import SweepConfig, run_sweep
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "sweeps.toml"
 RESULTS = HERE / "results"
+# The declared variants some sweeps train; registered at import, so in spawned workers too.
+DECLARED = registry.load_variants(HERE / "variants.toml")
 
 
 def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None = None,
            limit_test: int | None = None) -> list[SweepConfig]:
-    """One SweepConfig per variant of a sweeps.toml entry."""
+    """One SweepConfig per variant of a sweeps.toml entry; an entry's own limit_train / limit_test
+    (a CPU-sized subset) win over the command line's."""
     variants = registry.VARIANT_NAMES if entry["variants"] == "all" else tuple(entry["variants"])
     configs = []
     for name in variants:
@@ -49,7 +52,7 @@ def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None
             epochs=entry.get("epochs", 3), notebook_quirks=entry.get("notebook_quirks", False),
             framework=entry.get("framework", "jax"), engine=EngineOptions(precision=entry.get("precision", "default")),
             out=str(out), data_dir=data_dir,
-            limit_train=limit_train, limit_test=limit_test,
+            limit_train=entry.get("limit_train", limit_train), limit_test=entry.get("limit_test", limit_test),
             skip_parity=True,  # the parity suite and one check per process (below) cover it
         ).validate())
     return configs
@@ -76,7 +79,7 @@ def plan(entries: list[dict], only, variants, out: Path, data_dir, limit_train=N
          limit_test=None) -> list[tuple[str, SweepConfig]]:
     """(entry name, config) of every sweep to run, in run order: sweeps.toml's entries in file
     order, each entry's variants in `variants` order (registry order when None)."""
-    rank = {name: i for i, name in enumerate(variants or registry.VARIANT_NAMES)}
+    rank = {name: i for i, name in enumerate(variants or registry.variant_names())}
     sweeps = []
     for entry in entries:
         if only and entry["name"] not in only:
@@ -153,10 +156,10 @@ def main(argv=None) -> int:
     if unknown:
         print(f"experiments/run.py: error: no sweep named {', '.join(sorted(unknown))} in {CONFIG}", file=sys.stderr)
         return 2
-    bad = set(args.variants or ()) - set(registry.VARIANT_NAMES)
+    bad = set(args.variants or ()) - set(registry.variant_names())
     if bad:
         print(f"experiments/run.py: error: unknown variant {', '.join(sorted(bad))}; choose from "
-              f"{', '.join(registry.VARIANT_NAMES)}", file=sys.stderr)
+              f"{', '.join(registry.variant_names())}", file=sys.stderr)
         return 2
     if args.jobs < 1:
         print(f"experiments/run.py: error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)

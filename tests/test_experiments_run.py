@@ -37,8 +37,16 @@ def test_plan_without_filters_is_every_entry_in_registry_order(run_module, tmp_p
     sweeps = run_module.plan(ENTRIES, None, None, tmp_path, None)
     expected = [(e["name"], v) for e in ENTRIES
                 for v in (registry.VARIANT_NAMES if e["variants"] == "all" else
-                          [n for n in registry.VARIANT_NAMES if n in e["variants"]])]
+                          [n for n in registry.variant_names() if n in e["variants"]])]
     assert [(name, c.variant) for name, c in sweeps] == expected
+
+
+def test_declared_variants_sweep_on_their_entrys_subset(run_module, tmp_path):
+    """experiments/variants.toml's variants are registered by run.py itself (and so in its
+    workers), and an entry's limit_train / limit_test win over the command line's."""
+    sweeps = run_module.plan(ENTRIES, ["declared-cpu"], None, tmp_path, None, limit_train=512)
+    assert [c.variant for _, c in sweeps] == list(run_module.DECLARED)
+    assert {(c.limit_train, c.limit_test, c.depths) for _, c in sweeps} == {(6000, 2000, (6, 24, 96))}
 
 
 def test_startable_never_runs_two_sweeps_of_one_results_file_at_once(run_module, tmp_path):

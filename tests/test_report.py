@@ -197,3 +197,28 @@ def test_float32_rows_get_their_own_line_and_stay_out_of_the_table(report, tmp_p
     assert ("- elu_bn (faithful) in float32 (`--precision highest`) on gpu: k=63 jax 2/3 seeds (default "
             "precision: 0/3 seeds); k=63 torch 3/3 seeds (default precision: not run).") in text
     assert "- `precision-highest`: 1/1 (elu_bn)" in text and "- `precision-highest-torch`: 1/1 (elu_bn)" in text
+
+
+def test_declared_variants_get_their_own_table_on_their_subset(report, tmp_path):
+    """Rows of experiments/variants.toml's variants, trained with the current spec on a subset,
+    fill their own table (rows of an edited spec stay out of it); a variant without rows is
+    'not run'."""
+    from flaxdepth import registry
+
+    spec = registry.get_variant("relu_he").fields()
+    rows = [row("relu_he", 6, s, GOOD, GOOD, protocol="corrected", limit_train=6000, limit_test=2000)
+            for s in range(2)]
+    rows += [row("relu_he", 24, 0, GOOD, GOOD, protocol="corrected", limit_train=6000, limit_test=2000),
+             row("relu_he", 24, 1, BAD, BAD, protocol="corrected", limit_train=6000, limit_test=2000)]
+    for r in rows:
+        r["spec"] = spec
+    edited = row("relu_he", 96, 0, GOOD, GOOD, protocol="corrected", limit_train=6000)
+    edited["spec"] = {**spec, "init": "lecun"}
+    write(tmp_path / "results", "relu_he_jax_corrected_e3_b256_mnist_train6000_test2000.jsonl", rows + [edited])
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    cells = table_row(text, "relu_he")
+    assert cells[2] == "6000 / 2000 images, 3 epochs, lr 0.05"
+    assert cells[3] == "k=6: 2/2 seeds (5.0%, 5.0%)<br>k=24: 1/2 seeds (5.0%, 90.0%)"
+    assert table_row(text, "selu_lecun")[2] == "not run"
+    assert (tmp_path / "figures" / "declared_variants.png").read_bytes()[:8] == PNG_MAGIC
