@@ -33,7 +33,9 @@ PROTOCOLS = ("faithful", "corrected")
 COLOR, MARKER = {"faithful": "tab:blue", "corrected": "tab:orange"}, {"faithful": "o", "corrected": "s"}
 NOT_RUN = "not run"
 # The notebook's setup; rows of other setups (smoke tests, other lrs) are listed but not tabulated.
-STANDARD = {"epochs": 3, "batch_size": 256, "dataset": "mnist", "limit_train": None, "limit_test": None, "fan": "out"}
+STANDARD = {"epochs": 3, "batch_size": 256, "dataset": "mnist", "limit_train": None, "limit_test": None}
+#: The notebook's fan; None is the variant's own init_fan, "out" for every built-in.
+STANDARD_FANS = ("out", None)
 INTRO = """\
 The notebook trains each CNN variant once, unseeded, and reports a pair of depths k: the deepest
 that trains (under {pct}% error after {epochs} epochs) and the next one that does not. flaxdepth trains
@@ -63,6 +65,7 @@ def standard_rows(files: dict[str, list[dict]], precision: str = "default") -> l
     for r in (r for rows in files.values() for r in rows):
         v = registry.VARIANTS.get(r["variant"])
         if (v and r["lr"] == v.lr and all(r["config"].get(k) == x for k, x in STANDARD.items())
+                and r["config"].get("fan") in STANDARD_FANS
                 and r["config"].get("engine", {}).get("precision", "default") == precision):
             keep[r["variant"], r["framework"], r["protocol"], r["depth"], r["seed"], r["device"]] = r
     return list(keep.values())

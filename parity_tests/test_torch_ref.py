@@ -7,6 +7,7 @@ fails here.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -69,6 +70,29 @@ def test_build(variant):
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 6
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_toml_copy_of_a_builtin_draws_the_same_weights_with_the_same_keys(variant, tmp_path):
+    """A built-in's fields declared in a TOML file under another name build a generic DepthCNN
+    that creates and initializes its modules in the notebook's order: under the same torch seed,
+    the same state_dict keys and bit-identical weights as the notebook's class."""
+    fields = {k: v for k, v in registry.VARIANTS[variant].fields().items() if k not in ("notebook_class", "notebook_pair")}
+    (tmp_path / "copy.toml").write_text(f"[variants.{variant}_copy]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in fields.items()))
+    [name] = registry.load_variants(tmp_path / "copy.toml")
+    try:
+        for k in (6, 10):  # residual blocks nested on residual blocks from k = 9
+            torch.manual_seed(k)
+            original = torch_ref.build(variant, k).state_dict()
+            torch.manual_seed(k)
+            copy = torch_ref.build(name, k)
+            assert type(copy) is torch_ref.DepthCNN
+            assert list(copy.state_dict()) == list(original)
+            for key, value in copy.state_dict().items():
+                assert torch.equal(value, original[key]), key
+    finally:
+        registry.unregister(name)
+
+
 def test_build_rejects_unknown_variant():
     with pytest.raises(registry.UnknownVariantError, match="choose one of"):
         torch_ref.build("tahn", 6)
@@ -97,7 +121,7 @@ def _expected_shapes(variant: str, k: int) -> dict[str, tuple[int, ...]]:
         c_out = 4 * 2**s
         for i in range(n):
             c_in = (1 if s == 0 else c_out // 2) if i == 0 else c_out
-            if v.residual:  # stage Sequential -> [Sequential | ResidualBlock.block] -> conv, bn
+            if v.skip:  # stage Sequential -> [Sequential | ResidualBlock.block] -> conv, bn
                 unit = f"conv_stages.{s}.{i}." + ("" if i == 0 else "block.")
                 conv, bn = unit + "0", unit + "1"
             else:  # one flat Sequential: conv, [bn,] act, conv, [bn,] act, ..., pool
@@ -136,7 +160,7 @@ def test_module_structure(variant, k):
         pool = stage[-1]
         assert isinstance(pool, nn.AvgPool2d) and pool.kernel_size == 2 and pool.stride == 2
         units = list(stage)[:-1]
-        if v.residual:
+        if v.skip:
             block = torch_ref.ResidualBlock if v.batchnorm else torch_ref.ResidualBlock_noBN
             assert type(units[0]) is nn.Sequential
             assert all(type(u) is block for u in units[1:])

@@ -54,9 +54,10 @@ EXPERIMENT_VARIANTS = Path(__file__).resolve().parents[1] / "experiments" / "var
 def declared_variants():
     """experiments/variants.toml's variants registered, as the commands register them with
     --variants-file (unregistered afterwards)."""
-    names = registry.load_variants(EXPERIMENT_VARIANTS)
+    before = set(registry.variant_names())
+    registry.load_variants(EXPERIMENT_VARIANTS)
     yield ["--variants-file", EXPERIMENT_VARIANTS]
-    for name in names:
+    for name in set(registry.variant_names()) - before:  # what was registered before stays
         registry.unregister(name)
 
 
