@@ -104,6 +104,7 @@ def mnist_batches(mnist):
     return images, labels
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """One xdist group per variant (`--dist loadgroup`, pyproject.toml): a variant's parity tests
     run in one worker, where its compiled programs (the engine's are cached per variant, depth and
