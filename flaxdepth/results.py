@@ -94,6 +94,11 @@ class ResultsFile:
     def _write(self, rows: list[dict]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
+            # mkstemp makes the file private (0600); a results file is read by others (a job array,
+            # a shared folder): the permissions of a file created as usual, under the umask
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             with os.fdopen(fd, "w") as f:
                 for row in rows:
                     f.write(json.dumps(row, sort_keys=True) + "\n")

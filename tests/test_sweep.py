@@ -852,3 +852,16 @@ def test_a_failing_parity_check_stops_the_sweep_before_training(tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith(f"{PROG_ERROR}flaxdepth disagrees with torch_ref: parity relu_gn")
     assert "--skip-parity" in lines[0] and "Traceback" not in captured.err
     assert not out.exists()
+
+
+def test_a_results_file_has_the_permissions_of_any_new_file(tmp_path):
+    """Written through a private temporary file, it still gets 0666 less the umask (others in a
+    job array or a shared folder read it)."""
+    path = tmp_path / "runs.jsonl"
+    umask = os.umask(0o022)
+    try:
+        ResultsFile(path).append([{"depth": 3, "seed": 0, "lr": 0.05, "train_errors": [0.1], "test_errors": [0.1],
+                                   "finite": True}])
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
