@@ -3,11 +3,13 @@
 float64 at small depths, the forward pass in train and eval mode, the normalization statistics,
 the loss and every gradient (relative error <= 1e-10, conftest's FLOAT64).
 
-The example count is bounded for CI (the "ci" profile: 6 specs, derandomized so that a run is
-reproducible); `pytest --hypothesis-profile thorough parity_tests/test_spec_parity.py` draws 200.
+The example count is bounded for CI: 6 specs, derandomized so that a run is reproducible.
+`FLAXDEPTH_SPEC_EXAMPLES=200 python -m pytest parity_tests/test_spec_parity.py` draws 200 at random.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -17,11 +19,7 @@ from flaxdepth import interop, registry
 from flaxdepth.data import normalize
 from conftest import FLOAT64, assert_close, assert_state_dicts_close, state_dict_numpy, torch_model
 
-settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True, print_blob=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.register_profile("thorough", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.load_profile("ci")
+EXAMPLES = os.environ.get("FLAXDEPTH_SPEC_EXAMPLES")
 
 
 @st.composite
@@ -51,6 +49,8 @@ def heads(output) -> list[np.ndarray]:
     return [h.detach().numpy() if isinstance(h, torch.Tensor) else h for h in output]
 
 
+@settings(max_examples=int(EXAMPLES or 6), derandomize=EXAMPLES is None, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=specs(), depth=st.sampled_from([3, 6]))
 def test_any_spec_computes_the_same_in_both_frameworks(spec, depth, mnist_batches):
     images = normalize(mnist_batches[0][0], np.float64)
