@@ -255,8 +255,8 @@ def build_model(variant: str | registry.Variant, depth: int, fan: str | None = N
     `options` say."""
     spec = registry.resolve(variant)
     registry.check_depth(depth)
-    if fan is not None and fan not in registry.GLOROT_FANS:
-        raise ValueError(f"fan must be one of {registry.GLOROT_FANS}, got {fan!r}")
+    if fan is not None and fan not in registry.FANS:
+        raise ValueError(f"fan must be one of {registry.FANS}, got {fan!r}")
     return DepthCNN(spec, depth, fan, options)
 
 

@@ -146,11 +146,14 @@ def resolve(variant: str | Variant) -> Variant:
 def register(spec: Variant) -> Variant:
     """Add a declared variant (validated) under its name; built-in names cannot be shadowed.
     Registering the same name again replaces the earlier declaration."""
-    validate(spec)
-    if spec.name in VARIANTS:
-        raise SpecError(f"variant {spec.name!r}: name shadows the built-in variant {spec.name!r}; pick another name")
+    _check_not_builtin(validate(spec).name)
     _DECLARED[spec.name] = spec
     return spec
+
+
+def _check_not_builtin(name: str) -> None:
+    if name in VARIANTS:
+        raise SpecError(f"variant {name!r}: name shadows the built-in variant {name!r}; pick another name")
 
 
 def unregister(name: str) -> None:
@@ -241,8 +244,7 @@ def read_variants(path: str | Path) -> list[Variant]:
             raise SpecError(f"{path}: variants.{name} must be a table ([variants.{name}]), got {table!r}")
         try:
             spec = spec_from_table(name, table)
-            if name in VARIANTS:
-                raise SpecError(f"variant {name!r}: name shadows the built-in variant {name!r}; pick another name")
+            _check_not_builtin(name)
         except SpecError as error:
             raise SpecError(f"{path}: {error}") from None
         specs.append(spec)
@@ -282,7 +284,6 @@ def head_features(spec: Variant, stage: int) -> int:
     return stage_channels(stage, spec.channels)[1] * (28 // 2 ** (stage + 1)) ** 2
 
 
-GLOROT_FANS = FANS
 #: Gaussian conv inits: std = sqrt(scale / (9 * fan)), fan = C_out or C_in per `init_fan`. The
 #: notebook's Glorot-style sigma sqrt(1 / (9 * C_out)) is "glorot" (the same formula as lecun's,
 #: named as the notebook names it).
