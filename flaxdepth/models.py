@@ -146,7 +146,14 @@ class TorchGroupNorm(nn.Module):
 class ConvLayer(nn.Module):
     """conv 3x3 (pad 1) -> [norm] -> activation [-> skip]; (carry, None) form for nn.scan.
 
-    `skip` is the spec's residual form where the layer keeps its shape ("none" for a stage's first)."""
+    `skip` is the spec's residual form where the layer keeps its shape ("none" for a stage's first).
+
+    For flaxdepth.diagnose, applied with `mutable=["intermediates"]` the layer sows its
+    `pre_activation` (the conv output after the norm), `activation`, `output`, and where they
+    exist `batchnorm_input` (the conv output) and `residual_branch` (what the skip adds to x); a
+    `perturbations` collection holding an `output` array is added to the output, so that its
+    gradient is the output's. Without those collections the layer computes as it always does.
+    """
 
     spec: registry.Variant
     features: int
@@ -158,24 +165,38 @@ class ConvLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, _=None):
         s = self.spec
+        # The fused BatchNorm + activation never forms the activation's input; to record it, the
+        # two run as separate operations (the same values up to float32 rounding).
+        recording = self.is_mutable_collection("intermediates")
         y = checkpoint_name(Conv3x3(self.features, self.kernel_init, s.bias_std, self.options, name="conv")(x),
                             "conv_output")
         activation = ops.activation(s.activation, s.negative_slope)
         if s.norm == "batch":
+            self.sow("intermediates", "batchnorm_input", y)
             # tanh and ELU run with BatchNorm as one operation (a CPU kernel); the others after it
-            fused = s.activation if s.activation in ops.FUSED_WITH_BATCHNORM else "identity"
-            y = TorchBatchNorm(fused, self.options.cpu_kernels, name="bn")(y, self.train)
-            if fused == "identity":
+            fused = s.activation in ops.FUSED_WITH_BATCHNORM and not recording
+            y = TorchBatchNorm(s.activation if fused else "identity", self.options.cpu_kernels, name="bn")(
+                y, self.train)
+            if not fused:
+                self.sow("intermediates", "pre_activation", y)
                 y = activation(y)
-        elif s.norm == "group":
-            y = activation(TorchGroupNorm(s.norm_groups, name="gn")(y))
         else:
+            if s.norm == "group":
+                y = TorchGroupNorm(s.norm_groups, name="gn")(y)
+            self.sow("intermediates", "pre_activation", y)
             y = activation(y)
+        self.sow("intermediates", "activation", y)
         if self.skip == "gated":
             gate = self.param("gate", nn.initializers.constant(s.residual_gate_init), (), jnp.float32)
-            y = x + promote_dtype(gate, y)[0] * y
+            branch = promote_dtype(gate, y)[0] * y
+            self.sow("intermediates", "residual_branch", branch)
+            y = x + branch
         elif self.skip == "identity":
+            self.sow("intermediates", "residual_branch", y)
             y = y + x
+        self.sow("intermediates", "output", y)
+        if self.has_variable("perturbations", "output"):
+            y = y + self.get_variable("perturbations", "output")
         return y, None
 
 
@@ -203,7 +224,8 @@ class Stage(nn.Module):
             scanned = nn.scan(
                 nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False) if self.options.rematerialize
                 else ConvLayer,
-                variable_axes={"params": 0, "batch_stats": 0},
+                # intermediates and perturbations (flaxdepth.diagnose) stacked per layer like the weights
+                variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0, "perturbations": 0},
                 split_rngs={"params": True},
                 length=self.num_layers - 1,
             )
