@@ -364,8 +364,12 @@ def train_jax(config: DiagnoseConfig, dataset, probe: Probe, steps: list[int], r
     replicas = init(np.asarray([config.seed], np.int32), np.asarray([config.learning_rate], jnp.result_type(float)))
     state = jax.tree.map(lambda a: a[0], replicas)
     data = train.DeviceData.put(dataset)
-    step_fn = jax.jit(lambda state, data, indices, bn_train: train.train_step(
-        model, state, data.train_images[indices], data.train_labels[indices], bn_train), static_argnums=3)
+    @functools.partial(jax.jit, static_argnames=("size", "bn_train"))
+    def step_fn(state, data, order, start, size, bn_train):
+        # the batch's start traced, its size static: one program for every full batch
+        indices = jax.lax.dynamic_slice_in_dim(order, start, size)
+        return train.train_step(model, state, data.train_images[indices], data.train_labels[indices], bn_train)
+
     test_fn = jax.jit(lambda state, data: train.test_error(model, state, data, b))
     images, labels = train.normalize(probe.images), probe.labels.astype(np.int32)
 
@@ -384,7 +388,7 @@ def train_jax(config: DiagnoseConfig, dataset, probe: Probe, steps: list[int], r
         for start in range(0, n, b):
             if step == steps[-1]:
                 break
-            state, metrics = step_fn(state, data, order[start:start + b], bn_train)
+            state, metrics = step_fn(state, data, order, start, min(b, n - start), bn_train)
             correct += metrics["correct"]
             step += 1
             on_step()
@@ -520,6 +524,7 @@ def _log10(values) -> np.ndarray:
 
 def plot_heatmaps(diagnostics: dict, path: Path) -> None:
     """Conv layer x recorded step: log10 activation variance and log10 output-gradient norm."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
     from matplotlib.ticker import MaxNLocator
 
@@ -534,9 +539,8 @@ def plot_heatmaps(diagnostics: dict, path: Path) -> None:
                               ("log10 activation variance", "log10 |dloss / d layer output|")):
         grid = np.stack([_log10([layer[key] for layer in r["layers"]]) for r in records], axis=1)
         # rows at 1..L, as the signal-propagation plot numbers the layers
-        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(-0.5, len(records) - 0.5, len(layers) + 0.5, 0.5))
-        image.cmap.set_bad("lightgray")
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=colormaps["viridis"].with_extremes(
+            bad="lightgray"), extent=(-0.5, len(records) - 0.5, len(layers) + 0.5, 0.5))
         fig.colorbar(image, ax=ax)
         for start in _stage_starts(layers):
             ax.axhline(start + 0.5, color="white", lw=1)
