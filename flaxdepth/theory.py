@@ -564,9 +564,7 @@ def outside_theory(spec: registry.Variant) -> str | None:
         reasons.append(f"{spec.norm} normalization after every conv")
     if spec.residual != "none":
         reasons.append(f"{spec.residual} residual connections")
-    if not reasons:
-        return None
-    return " and ".join(reasons) + " (the theory covers plain conv -> activation layers)"
+    return " and ".join(reasons) or None
 
 
 def predict_variant(variant: str | registry.Variant, q0: float = 1.0) -> VariantPrediction:
@@ -633,7 +631,8 @@ def _print_point(field: MeanField, variances: np.ndarray | None) -> None:
 
 def _print_variant(prediction: VariantPrediction) -> None:
     if not prediction.applies:
-        print(f"{prediction.variant}: mean-field theory does not apply: {prediction.reason}")
+        print(f"{prediction.variant}: the mean-field theory of plain conv -> activation layers does not apply: "
+              f"{prediction.reason}")
         return
     print(f"{prediction.variant}: mean field of each stage's same-width layers; predicted trainable "
           f"k = 3 * min over stages of 6 xi_c = {_format(prediction.predicted_k)}")
