@@ -9,7 +9,9 @@ whatever has no rows is shown as "not run".
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import sys
 import tomllib
@@ -21,9 +23,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from flaxdepth import registry  # noqa: E402
+from flaxdepth import registry, theory  # noqa: E402
 from flaxdepth.results import final_error  # noqa: E402
 from flaxdepth.search import SweepConfig, boundary_search  # noqa: E402
 
@@ -336,6 +339,202 @@ def declared_section(files, path: Path) -> str:
                       "|" + " --- |" * 4] + table_rows)
 
 
+class Measured(NamedTuple):
+    deepest: int | None  # deepest k where most seeds train
+    shallowest: int | None  # shallowest k beyond `deepest` where most seeds fail
+    text: str
+
+
+def measured_limit(rows, files, name: str) -> Measured:
+    """A variant's measured depth limit: the replayed boundary search for the notebook's variants
+    (no BatchNorm: the faithful rows), the depths run on a subset for experiments/variants.toml's."""
+    if name not in DECLARED:
+        found = boundary(rows, name, "faithful")
+        return Measured(None, None, NOT_RUN) if found is None else Measured(found.deepest, found.shallowest,
+                                                                            boundary_text(found))
+    runs = declared_rows(files, name)
+    depths = sorted({r["depth"] for r in runs})
+    if not depths:
+        return Measured(None, None, NOT_RUN)
+    trains = {d: 2 * rate([r for r in runs if r["depth"] == d])[0] > sum(r["depth"] == d for r in runs) for d in depths}
+    deepest = max((d for d in depths if trains[d]), default=None)
+    shallowest = min((d for d in depths if not trains[d] and (deepest is None or d > deepest)), default=None)
+    text = (f"k={deepest} trains" if deepest else "none trains") + (f", k={shallowest} fails" if shallowest else "")
+    return Measured(deepest, shallowest, f"{text} (of k = {', '.join(map(str, depths))}; subset)")
+
+
+def theory_verdict(prediction: theory.VariantPrediction, measured: Measured) -> str:
+    """Where the predicted k lies against the measured limit."""
+    k = prediction.predicted_k
+    if measured.text == NOT_RUN:
+        return NOT_RUN
+    if math.isnan(k):
+        return "a stage's variance explodes: no prediction"
+    if math.isinf(k):
+        return "no depth limit predicted (every stage critical)" + (
+            f"; the failure at k={measured.shallowest} comes from outside the theory" if measured.shallowest else "")
+    if measured.deepest is not None and k < measured.deepest:
+        return f"trains deeper than predicted (k={measured.deepest} > {k:.3g})"
+    if measured.shallowest is not None and k >= measured.shallowest:
+        return f"fails shallower than predicted (k={measured.shallowest} <= {k:.3g})"
+    return "prediction within the measured bracket"
+
+
+def _number(x: float) -> str:
+    return "inf" if math.isinf(x) else ("-" if math.isnan(x) else f"{x:.3g}")
+
+
+def theory_section(rows, files, path: Path) -> str:
+    """Mean-field predictions (flaxdepth.theory) of every registered variant the theory covers,
+    per stage, beside flaxdepth's measured limit; the variants it does not cover; a figure."""
+    predictions = [theory.predict_variant(name) for name in registry.variant_names()]
+    covered = [p for p in predictions if p.applies]
+    measured = {p.variant: measured_limit(rows, files, p.variant) for p in covered}
+    lines = ["| variant | activation, init | sigma_w^2 per stage | sigma_b^2 | phase per stage | chi_1 per stage | "
+             "6 xi_c per stage (layers) | predicted k (3 x smallest 6 xi_c) | measured | theory vs measured |",
+             "|" + " --- |" * 10]
+    for p in covered:
+        spec = registry.get_variant(p.variant)
+        fields = [s.mean_field for s in p.stages]
+        init = spec.init + (f" {spec.init_std:g}" if spec.init == "normal" else "")
+        lines.append("| " + " | ".join([
+            p.variant, f"{spec.activation}, {init}", " / ".join(f"{f.sigma_w2:.3g}" for f in fields),
+            f"{spec.bias_std ** 2:g}", " / ".join(f.phase for f in fields), " / ".join(_number(f.chi_1) for f in fields),
+            " / ".join(_number(f.predicted_depth) for f in fields), _number(p.predicted_k), measured[p.variant].text,
+            theory_verdict(p, measured[p.variant])]) + " |")
+    outside = [f"{p.variant} ({p.reason})" for p in predictions if not p.applies]
+    fig_theory_vs_measured(covered, measured, path)
+    return "\n\n".join(["\n".join(lines), "Outside the theory: " + "; ".join(outside) + ".",
+                        theory_reading(covered, measured)])
+
+
+def theory_reading(covered, measured: dict[str, Measured]) -> str:
+    """Where prediction and measurement differ and why, from the predictions' phases."""
+    def limits(ps):
+        return "; ".join(f"{p.variant}: {measured[p.variant].text}" for p in ps)
+    critical = [p for p in covered if all(s.mean_field.phase == "critical" for s in p.stages)]
+    ordered = [p for p in covered if all(s.mean_field.phase == "ordered" for s in p.stages)]
+    chaotic = [p for p in covered if any(s.mean_field.phase == "chaotic" for s in p.stages)]
+    widths = sorted({s.channels for p in covered for s in p.stages})
+    lines = ["Reading:", ""]
+    if ordered:
+        lines.append(
+            f"- Ordered stages ({limits(ordered)}): correlations between inputs converge to 1 and gradients "
+            "shrink by chi_1 a layer, so the theory sets a real limit: the network stops training once its stage "
+            "of smallest xi_c holds about 6 xi_c layers ("
+            + "; ".join(f"{p.variant}: stage {s.stage}, {s.channels} channels, sigma_w^2 = {s.mean_field.sigma_w2:.3g}"
+                        for p in ordered for s in [min(p.stages, key=lambda s: s.mean_field.xi_c)])
+            + "; with a fixed std s, sigma_w^2 = 9 C s^2 is smallest in the narrowest stage).")
+    if critical:
+        zero = [p for p in critical if all(s.mean_field.q_star == 0 for s in p.stages)]
+        lines.append(
+            f"- Critical stages ({limits(critical)}): xi_c diverges, so the theory sets no depth limit and the "
+            "measured one comes from what it leaves out (below)."
+            + (f" For {', '.join(p.variant for p in zero)} q* = 0 (sigma_b = 0 and phi(0) = 0): the forward "
+               "variance decays polynomially with depth instead of settling (tanh: q_l ~ 1 / (2 l)), so deep layers "
+               "work on ever smaller signals, which the depth scales do not measure." if zero else ""))
+    multihead = [p.variant for p in covered if registry.get_variant(p.variant).multihead]
+    if multihead:
+        lines.append(f"- {', '.join(multihead)}: a loss head after every stage gives each stage's layers a gradient "
+                     "path of their own, which the theory does not model; it describes the layers, the same as those of "
+                     "the single-head variant with this activation and init.")
+    if chaotic:
+        lines.append(
+            f"- Chaotic stages ({limits(chaotic)}): chi_1 > 1, gradients grow by chi_1 a layer and nearby inputs "
+            "decorrelate over xi_c layers. A limit far below 6 xi_c has another cause.")
+    lines += [
+        "",
+        "Why the two can differ, for every row: the theory describes infinitely wide stacks of identical layers "
+        f"at initialization. These networks have {' to '.join(map(str, (widths[0], widths[-1])))} channels (fan-in "
+        f"{9 * widths[0]}-{9 * widths[-1]}); the fluctuations of the per-layer variance around the mean-field map "
+        "grow with depth / width (Hanin & Nica, \"Products of many large random matrices and gradients in deep "
+        "neural networks\"), which at this width and tens of layers is far from small. Each stage begins with a "
+        "conv from fewer channels (from the 1-channel image in stage 0) whose sigma_w^2 differs from the stage's "
+        "(`first_layer_sigma_w2` in `python -m flaxdepth.theory --variant NAME --json`), and 2x2 average pooling "
+        "between stages divides the variance by 1 to 4 depending on how correlated neighbouring pixels are; the "
+        "table uses each stage's same-width layers alone. \"Trainable\" here is under 20% error after three epochs "
+        "of SGD with momentum at a fixed learning rate, not Schoenholz et al.'s criterion; their 6 xi_c is itself "
+        "an empirical fit on fully connected networks. The declared variants were trained on a subset of MNIST at "
+        "a few depths (their section above), so their brackets are coarse.",
+        "",
+        "![theory against measurement](figures/theory_vs_measured.png)"]
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def critical_line(activation: str) -> tuple[tuple[float, float], ...]:
+    """(critical sigma_w^2, sigma_b^2) for sigma_b^2 = 0, 0.01, ..., 0.3 where the activation has one."""
+    biases = [0.01 * i for i in range(31)]
+    return tuple((w, b) for b in biases if (w := theory.critical_sigma_w2(activation, b)) is not None)
+
+
+def fig_theory_vs_measured(covered, measured: dict[str, Measured], path: Path) -> None:
+    """Left: per variant, the predicted k and each stage's 3 x 6 xi_c against the measured limit.
+    Right: the variants' stages on the (sigma_w^2, sigma_b^2) plane with their activations' critical lines."""
+    fig = Figure(figsize=(14, 5.2))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    top = 3000
+    for i, p in enumerate(covered):
+        m = measured[p.variant]
+        if m.deepest:
+            left.scatter(i, m.deepest, marker="o", color="tab:blue", zorder=3)
+        if m.shallowest:
+            left.scatter(i, m.shallowest, marker="x", color="tab:blue", s=60, zorder=3)
+        if m.deepest and m.shallowest:
+            left.plot([i, i], [m.deepest, m.shallowest], color="tab:blue", lw=2)
+        stage_ks = [3 * s.mean_field.predicted_depth for s in p.stages]
+        for k in stage_ks:
+            left.scatter(i + 0.15, min(k, top), marker="^" if k >= top else ".", color="tab:red", alpha=0.5)
+        if math.isfinite(p.predicted_k):
+            left.scatter(i + 0.15, p.predicted_k, marker="D", color="tab:red", zorder=3)
+        else:
+            left.annotate("critical: no limit", (i + 0.15, top), xytext=(0, -14), textcoords="offset points",
+                          ha="center", fontsize=7, color="tab:red")
+    left.set(yscale="log", ylim=(1, top * 1.3), xlim=(-0.6, len(covered) - 0.4), ylabel="depth k",
+             title="Mean-field predicted k (red) against the measured limit (blue)")
+    left.set_xticks(range(len(covered)), [p.variant + (" (subset)" if p.variant in DECLARED else "") for p in covered],
+                    rotation=25, ha="right", fontsize=8)
+    left.grid(alpha=0.3)
+    handles = [left.scatter([], [], marker="D", color="tab:red", label="predicted k = 3 x smallest 6 xi_c"),
+               left.scatter([], [], marker=".", color="tab:red", alpha=0.5, label="3 x 6 xi_c of each stage"),
+               left.scatter([], [], marker="o", color="tab:blue", label="deepest k that trains"),
+               left.scatter([], [], marker="x", color="tab:blue", label="shallowest k that fails beyond it")]
+    left.legend(handles=handles, fontsize=7.5, loc="lower right")
+    activations = sorted({p.stages[0].mean_field.activation for p in covered})
+    colors = dict(zip(activations, ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")))
+    critical_lines = {name: critical_line(name) for name in activations}
+    for name, line in critical_lines.items():
+        if len(line) > 1:
+            right.plot(*zip(*line), color=colors[name], label=f"{name}: critical line (chi_1 = 1)")
+        elif line:
+            right.scatter(*line[0], marker="*", s=150, color=colors[name], label=f"{name}: critical point")
+    # stages at the same (sigma_w^2, sigma_b^2): one marker per activation side by side, one label
+    groups = defaultdict(list)
+    for p in covered:
+        for stage in p.stages:
+            f = stage.mean_field
+            groups[round(f.sigma_w2, 9), round(f.sigma_b2, 9)].append((f.activation, p.variant, stage.stage))
+    for (w, b), members in groups.items():
+        for j, name in enumerate(sorted({m[0] for m in members})):
+            shift = offset_copy(right.transData, fig=fig, x=9 * j, units="points")
+            right.scatter(w, b, transform=shift, color=colors[name], s=40, zorder=3)
+        names = defaultdict(list)
+        for _, variant, stage in members:
+            names[variant].append(str(stage))
+        label = "\n".join(f"{v} (stage {', '.join(st)})" if len(st) < 3 else v for v, st in names.items())
+        right.annotate(label, (w, b), xytext=(0, 10), textcoords="offset points", rotation=90, ha="center",
+                       va="bottom", fontsize=7)
+    # offset markers do not enter autoscaling: the limits cover every stage and critical line
+    spread = [w for w, _ in groups] + [w for line in critical_lines.values() for w, _ in line]
+    right.set(xscale="log", xlim=(min(spread) / 1.5, max(spread) * 1.5), ylim=(-0.01, 0.3),
+              xlabel="sigma_w^2 of a stage's same-width layers", ylabel="sigma_b^2",
+              title="Stages (dots, by activation): ordered left of the critical line")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def hardware(files) -> str:
     """Per sweep (one results file): device, versions, wall time as the sum of wall_s over its runs."""
     lines = ["| sweep (results file) | runs | device | devices | runs trained together | wall time | finished | "
@@ -495,9 +694,18 @@ def main(argv=None) -> int:
         "at three depths rather than searched: a depth that trains here may fail on full MNIST and the other "
         "way round, and these errors are not comparable with the notebook's.",
         declared, "![declared variants](figures/declared_variants.png)",
+        "## Theory beside measurement",
+        "What the mean-field theory of signal propagation at initialization (Poole et al. 2016, Schoenholz et al. "
+        "2017; `python -m flaxdepth.theory`, README \"Mean-field predictions\") predicts for each stage's "
+        "same-width layers, from the variant's activation, init and bias: the phase, chi_1 (the factor by which "
+        "the mean squared gradient changes per layer) and the trainable depth 6 xi_c in layers; a stage of a "
+        "depth-k network holds k // 3 layers, so the network's predicted k is 3 times its smallest stage's "
+        "6 xi_c. *measured*: flaxdepth's boundary search (table above) for the notebook's variants, the depths "
+        "run for the declared ones.",
+        theory_section(rows, files, args.out / "figures/theory_vs_measured.png"),
         "## What was run", what_was_run(files, link),
         "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
-    print(f"wrote {args.out / 'REPORT.md'} and 4 figures in {args.out / 'figures'}")
+    print(f"wrote {args.out / 'REPORT.md'} and 5 figures in {args.out / 'figures'}")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("error_vs_depth.png", "boundaries.png", "epoch_curves.png")
+FIGURES = ("error_vs_depth.png", "boundaries.png", "epoch_curves.png", "theory_vs_measured.png")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,16 @@ def test_report_from_synthetic_results(report, results, tmp_path):
     assert "jax 0.0.1 |" in text and "torch None" not in text
     assert "| cpu/tanh_torch_faithful_e3_b256_mnist.jsonl | 2 | cpu:cpu |" in text
     assert "Total: 20 runs, 50.0 s of training." in text
+
+    theory = text[text.index("## Theory beside measurement"):text.index("## What was run")]
+    assert table_row(theory, "tanh") == [
+        "tanh", "tanh, normal 0.05", "0.09 / 0.18 / 0.36", "0", "ordered / ordered / ordered", "0.09 / 0.18 / 0.36",
+        "2.49 / 3.5 / 5.87", "7.48", "k=6 / k=9", "prediction within the measured bracket"]
+    assert table_row(theory, "elu")[8:] == ["not run", "not run"]
+    assert table_row(theory, "tanh_newinit")[4] == "critical / critical / critical"
+    assert "elu_bn (batch normalization after every conv)" in theory
+    assert "resnet_nobn (identity residual connections)" in theory
+    assert "- Ordered stages (tanh: k=6 / k=9)" in theory
     for name in FIGURES:
         assert f"](figures/{name})" in text
         assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC
@@ -221,4 +231,11 @@ def test_declared_variants_get_their_own_table_on_their_subset(report, tmp_path)
     assert cells[2] == "6000 / 2000 images, 3 epochs, lr 0.05"
     assert cells[3] == "k=6: 2/2 seeds (5.0%, 5.0%)<br>k=24: 1/2 seeds (5.0%, 90.0%)"
     assert table_row(text, "selu_lecun")[2] == "not run"
+    theory = text[text.index("## Theory beside measurement"):]
+    assert table_row(theory, "relu_he")[4] == "critical / critical / critical"
+    assert table_row(theory, "relu_he")[8:] == [
+        "k=6 trains, k=24 fails (of k = 6, 24; subset)",
+        "no depth limit predicted (every stage critical); the failure at k=24 comes from outside the theory"]
+    assert table_row(theory, "selu_lecun")[8] == "not run"
+    assert "resnet_skipinit (gated residual connections)" in theory
     assert (tmp_path / "figures" / "declared_variants.png").read_bytes()[:8] == PNG_MAGIC
