@@ -364,6 +364,7 @@ def train_jax(config: DiagnoseConfig, dataset, probe: Probe, steps: list[int], r
     replicas = init(np.asarray([config.seed], np.int32), np.asarray([config.learning_rate], jnp.result_type(float)))
     state = jax.tree.map(lambda a: a[0], replicas)
     data = train.DeviceData.put(dataset)
+
     @functools.partial(jax.jit, static_argnames=("size", "bn_train"))
     def step_fn(state, data, order, start, size, bn_train):
         # the batch's start traced, its size static: one program for every full batch
@@ -479,8 +480,9 @@ def train_torch(config: DiagnoseConfig, dataset, probe: Probe, steps: list[int],
 
 
 def run(config: DiagnoseConfig, dataset, log: Callable[[str], None] = print, progress=None) -> dict:
-    """Train and measure one run (`dataset` already limited; the probe comes from its test images);
-    returns diagnostics.json's content. `progress`: a tqdm-like factory for a bar of steps."""
+    """Train and measure one run; returns diagnostics.json's content. `dataset` is whole: the probe
+    is its first test images, training and testing use `config.limit_train` / `limit_test` of it.
+    `progress`: a tqdm-like factory for a bar of steps."""
     from flaxdepth import data, search
 
     config = config.validate()
@@ -537,6 +539,7 @@ def plot_heatmaps(diagnostics: dict, path: Path) -> None:
                                 else "") for r in records]
     for ax, key, title in zip(axes, ("activation_variance", "output_grad_norm"),
                               ("log10 activation variance", "log10 |dloss / d layer output|")):
+        # gray cells: zero or not finite (a dead or diverged layer)
         grid = np.stack([_log10([layer[key] for layer in r["layers"]]) for r in records], axis=1)
         # rows at 1..L, as the signal-propagation plot numbers the layers
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=colormaps["viridis"].with_extremes(
@@ -551,7 +554,7 @@ def plot_heatmaps(diagnostics: dict, path: Path) -> None:
     axes[0].set_ylabel("conv layer (white lines: stage boundaries)")
     c = diagnostics["config"]
     fig.suptitle(f"{c['variant']} k={c['depth']}, {diagnostics['protocol']} protocol, {c['framework']}, seed {c['seed']}; "
-                 f"{diagnostics['probe']}", fontsize=10)
+                 f"{diagnostics['probe']}; gray: zero or not finite", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -114,6 +114,8 @@ BAD_INPUT = {
     "probe of no images": (["--variant", "tanh", "--depth", "6", "--probe-size", "0"], "--probe-size must be"),
     "bad framework": (["--variant", "tanh", "--depth", "6", "--framework", "mxnet"], "argument --framework"),
     "negative lr": (["--variant", "tanh", "--depth", "6", "--lr=-1"], "learning rates must be positive"),
+    "missing variants file": (["--variants-file", str(REPO / "no-such-variants.toml"), "--variant", "tanh",
+                               "--depth", "6"], "no-such-variants.toml: no such file"),
 }
 
 
