@@ -10,7 +10,8 @@ the parameters and to zero perturbations added to the layers' outputs gives the 
 `python -m flaxdepth.diagnose --variant NAME --depth K` trains one run with the sweep's protocol
 (flaxdepth.train: initial weights, batch order, SGD momentum, BatchNorm modes) step by step, and
 records the diagnostics at the requested steps on a fixed probe batch, the first `probe_size` test
-images: `diagnostics.json` and two PNGs in `--out`.
+images, with BatchNorm in the mode training uses from that step on: `diagnostics.json` and two PNGs
+in `--out`.
 
 Keys of a layer's dict (statistics over the probe batch, N, H, W and channels, unless said):
 - stage, layer: the stage and the layer's index in it (0: the stage's first conv);
@@ -21,9 +22,9 @@ Keys of a layer's dict (statistics over the probe batch, N, H, W and channels, u
   per-channel mean, and of the per-channel variance (per channel: over N, H, W);
 - residual_variance (layers with a skip connection): the average channel variance of the residual
   branch, the term the skip adds to its input;
-- saturated_fraction (tanh and sigmoid): the fraction of units whose activation lies within 1% of
-  an end of its range, |tanh| > 0.99 or |2 sigmoid - 1| > 0.99, where the slope is under 2% of its
-  largest value;
+- saturated_fraction (tanh and sigmoid): the fraction of units with |tanh| > 0.99, or
+  |2 sigmoid - 1| > 0.99 (the same point: sigmoid(x) = (1 + tanh(x / 2)) / 2), where the
+  activation's slope is under 2% of its largest;
 - output_grad_norm: the L2 norm of the loss's gradient with respect to the layer's output;
 - param_grad_norms: the L2 norm of the loss's gradient with respect to each parameter of the layer
   (conv_weight, conv_bias, norm_weight, norm_bias, gate);
