@@ -92,22 +92,31 @@ class ResultsFile:
         return self._lock
 
     def _write(self, rows: list[dict]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            # mkstemp makes the file private (0600); a results file is read by others (a job array,
-            # a shared folder): the permissions of a file created as usual, under the umask
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            with os.fdopen(fd, "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        def write_rows(f):
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        atomic_write(self.path, write_rows, "w")
+
+
+def atomic_write(path: Path, write: Callable, mode: str = "wb") -> None:
+    """`write(f)` fills a temporary file beside `path`, which then replaces `path` at once: a
+    reader, or a process killed meanwhile, sees the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); results and weights are read by others (a job array,
+        # a shared folder): the permissions of a file created as usual, under the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def final_error(row: dict) -> float:
