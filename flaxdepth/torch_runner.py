@@ -13,6 +13,7 @@ import torch
 
 import torch_ref
 from torch_ref import training
+from torch_ref.tf32 import tf32_convolutions
 from flaxdepth import interop, registry, train
 from flaxdepth.data import Dataset
 
@@ -47,14 +48,28 @@ def initial_state_dict(variant: str | registry.Variant, depth: int, seed: int, f
 def train_torch_runs(variant: str | registry.Variant, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
                      epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str | None = None,
                      log: Callable[[str], None] | None = None, device: str | None = None,
-                     dtype: torch.dtype = torch.float32, precision: str = "default") -> list[train.RunResult]:
+                     dtype: torch.dtype = torch.float32, precision: str = "default",
+                     on_model: Callable[[int, float, int, torch.nn.Module], None] | None = None
+                     ) -> list[train.RunResult]:
     """Train each (seed, lr) with torch_ref's notebook loop, one after the other; `log` gets the
     notebook's per-epoch lines, prefixed with the seed and lr. `dtype=torch.float64` runs model
     and inputs in double precision (for parity checks; pair it with JAX's x64 mode);
-    `precision="highest"` turns TF32 off (`EngineOptions.precision`)."""
-    with tf32_allowed(precision == "default"):
+    `precision` is `EngineOptions.precision` (see `torch_precision`). `on_model(seed, lr, epochs
+    trained, model)` sees each model with its initial weights (0) and at the end (`epochs`)."""
+    with torch_precision(precision):
         return _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log,
-                                 device, dtype)
+                                 device, dtype, on_model)
+
+
+@contextlib.contextmanager
+def torch_precision(precision: str):
+    """torch computing as `EngineOptions.precision` says: "default" with torch's own TF32 switches,
+    "highest" with TF32 off, "tf32" with every float32 convolution's operands rounded to TF32 on any
+    device (torch_ref.tf32) and the switches off, so that the rounded values are convolved, and
+    Linear layers multiplied, in float32."""
+    convolutions = tf32_convolutions() if precision == "tf32" else contextlib.nullcontext()
+    with tf32_allowed(precision == "default"), convolutions:
+        yield
 
 
 @contextlib.contextmanager
@@ -72,7 +87,8 @@ def tf32_allowed(allowed: bool):
             flag.allow_tf32 = value
 
 
-def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log, device, dtype):
+def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log, device, dtype,
+                      on_model):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = registry.resolve(variant)
     train_images = training.normalize(dataset.train_images, dtype)
@@ -91,6 +107,8 @@ def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, noteboo
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=train.MOMENTUM)
         criterion = torch.nn.CrossEntropyLoss()
         run_log = None if log is None else (lambda line, seed=seed, lr=lr: log(f"seed={seed} lr={lr:g}  {line}"))
+        if on_model is not None:
+            on_model(seed, lr, 0, model)
         if spec.multihead:  # the notebook's multihead loop always calls model.train()
             train_errors, test_errors = training.train_multihead(
                 epochs, model, criterion, optimizer, loader, test_loader, log=run_log)
@@ -99,5 +117,7 @@ def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, noteboo
                 epochs, model, criterion, optimizer, loader, test_loader,
                 notebook_quirks=notebook_quirks, log=run_log)
         finite = all(torch.isfinite(p).all().item() for p in model.parameters())
+        if on_model is not None:
+            on_model(seed, lr, epochs, model)
         results.append(train.RunResult(seed, lr, list(train_errors), list(test_errors), finite))
     return results

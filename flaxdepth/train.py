@@ -333,12 +333,15 @@ def padded_runs(runs: Sequence[tuple[int, float]], devices: int) -> list[tuple[i
 def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
                    epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str | None = None,
                    on_epoch: Callable[[int, list[RunResult]], None] | None = None,
-                   mesh: Mesh | None = None, options: EngineOptions = EngineOptions()) -> list[RunResult]:
+                   mesh: Mesh | None = None, options: EngineOptions = EngineOptions(),
+                   on_state: Callable[[int, TrainState], None] | None = None) -> list[RunResult]:
     """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol,
     computed as `options` say.
 
     The replicas are split over `mesh` (default `local_mesh()`; `data` must live on the same mesh,
-    see `DeviceData.put`)."""
+    see `DeviceData.put`). `on_state(epochs trained, state)` sees the replica-stacked state at
+    initialization (0) and after every epoch; its first len(runs) replicas are `runs`' (the rest
+    pad the mesh), and it is split over the mesh's devices."""
     spec = registry.resolve(variant)
     mesh = mesh or local_mesh()
     model, init, epoch_fns, test = compiled_functions(spec, depth, batch_size, fan, options, mesh)
@@ -348,6 +351,8 @@ def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData
     state = init(seeds, global_array(np.asarray([lr for _, lr in padded], jnp.result_type(float)), split))
     train_errors, test_errors = [], []
     finite = np.ones(len(runs), bool)
+    if on_state is not None:
+        on_state(0, state)
     for epoch in range(epochs):
         orders = epoch_orders(seeds, epoch, data.train_images.shape[0], mesh)
         state, metrics = epoch_fns[bn_train_mode(epoch, notebook_quirks, spec)](state, orders, data)
@@ -361,6 +366,8 @@ def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData
         ]
         if on_epoch is not None:
             on_epoch(epoch, results)
+        if on_state is not None:
+            on_state(epoch + 1, state)
     return results
 
 
