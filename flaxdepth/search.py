@@ -17,7 +17,7 @@ import filelock
 import jax
 import numpy as np
 
-from flaxdepth import registry, train
+from flaxdepth import registry, run_outputs, train
 from flaxdepth.data import DATASETS
 from flaxdepth.options import EngineOptions
 from flaxdepth.results import ResultsFile, final_error, plot
@@ -56,6 +56,9 @@ class SweepConfig:
     fan: str | None = None  # overrides the variant's init_fan
     skip_parity: bool = False
     engine: EngineOptions = EngineOptions()  # how the engine computes (flaxdepth.options)
+    save_weights: bool = False  # each run's final weights beside the results file (flaxdepth.run_outputs)
+    diagnostics: bool = False  # a per-layer summary at init and at the end in each row (flaxdepth.run_outputs)
+    probe_size: int = 64  # the diagnostics' probe batch: the first probe_size test images
 
     def validate(self) -> "SweepConfig":
         registry.get_variant(self.variant)  # UnknownVariantError lists the valid names
@@ -64,6 +67,8 @@ class SweepConfig:
         for name in ("seeds", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.probe_size < 1:
+            raise ConfigError(f"--probe-size must be at least 1, got {self.probe_size}")
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -89,6 +94,12 @@ class SweepConfig:
             raise ConfigError(f"--data-dir {self.data_dir} is not a folder; point it at the folder "
                               f"holding the four IDX files")
         return self
+
+    def check_dataset(self, dataset) -> None:
+        """What only the loaded dataset can tell: enough test images for the diagnostics' probe."""
+        if self.diagnostics and self.probe_size > len(dataset.test_labels):
+            raise ConfigError(f"--probe-size {self.probe_size} is more than the {len(dataset.test_labels)} test "
+                              f"images; lower --probe-size or raise --limit-test")
 
     @property
     def spec(self) -> registry.Variant:
@@ -247,6 +258,9 @@ class Sweep:
         self._check_same_rows_everywhere(self.file.rows())
         self.env = environment()
         self.dataset_sha256 = None if dataset is None else dataset_fingerprint(dataset)
+        if dataset is not None:
+            config.check_dataset(dataset)
+        self._outputs = None  # the run_outputs.RunOutputs of the depth in training
         self.outcomes: dict[int, DepthOutcome] = {}
         self.mesh = train.replica_mesh() if config.framework == "jax" else None
         self._device_data = None
@@ -355,18 +369,24 @@ class Sweep:
             log_epoch("\n".join(f"  k={depth} seed={r.seed} lr={r.lr:g}  " + train.notebook_log_line(
                 epoch, c.epochs, r.train_errors[epoch], r.test_errors[epoch]) for r in results))
 
+        outputs = None
+        if c.save_weights or c.diagnostics:
+            probe = self.dataset.test_images[:c.probe_size], self.dataset.test_labels[:c.probe_size]
+            outputs = self._outputs = run_outputs.RunOutputs(c, depth, runs, *probe, measure=self.writer)
         try:
             if c.framework == "jax":
                 if self._device_data is None:
                     self._device_data = train.DeviceData.put(self.dataset, self.mesh)
                 return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,
-                                            c.notebook_quirks, c.fan, on_epoch, self.mesh, c.engine)
+                                            c.notebook_quirks, c.fan, on_epoch, self.mesh, c.engine,
+                                            on_state=None if outputs is None else outputs.jax_state)
             from flaxdepth import torch_runner
 
             return torch_runner.train_torch_runs(c.variant, depth, self.dataset, runs, c.epochs, c.batch_size,
                                                  c.notebook_quirks, c.fan,
                                                  log=lambda line: log_epoch(f"  k={depth} {line}"),
-                                                 precision=c.engine.precision)
+                                                 precision=c.engine.precision,
+                                                 on_model=None if outputs is None else outputs.torch_model)
         finally:
             if bar is not None:
                 bar.close()
@@ -378,12 +398,17 @@ class Sweep:
         with self._claim(depth):
             finished = self._finished(depth)
             missing = [run for run in wanted if run not in finished]
+            self._log_reused_without_outputs(depth, [finished[run] for run in wanted if run in finished])
             if missing:
+                self._outputs = None
                 start = time.perf_counter()
                 results = self._train(depth, missing)
-                wall = time.perf_counter() - start
+                # the time spent measuring and copying weights is not the runs' training time
+                wall = time.perf_counter() - start - (0 if self._outputs is None else self._outputs.elapsed)
                 rows = [self._row(depth, r, wall / len(results), len(results)) for r in results]
                 if self.writer:
+                    if self._outputs is not None:  # under the depth's lock: the weight files' names are ours
+                        self._outputs.add_to(rows, self.file.path, run_outputs.taken_names(self.file.rows()))
                     self.file.append(rows)
                 finished.update({(r["seed"], r["lr"]): r for r in rows})
             else:
@@ -394,6 +419,15 @@ class Sweep:
         outcome = DepthOutcome(depth, rows)
         self.outcomes[depth] = outcome
         return outcome
+
+    def _log_reused_without_outputs(self, depth: int, reused: list[dict]) -> None:
+        """Reused runs keep what they were trained with: say which asked-for outputs they lack."""
+        for asked, key, flag in ((self.config.save_weights, "weights", "--save-weights"),
+                                 (self.config.diagnostics, "diagnostics", "--diagnostics")):
+            lacking = sum(key not in row for row in reused) if asked else 0
+            if lacking:
+                self.log(f"  k={depth}: {lacking} reused runs in {self.file.path} were trained without {flag} "
+                         f"and have no {key}; a new --out trains them again")
 
     def trains(self, depth: int) -> bool:
         outcome = self.outcomes.get(depth) or self.evaluate(depth)

@@ -55,6 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fan", default=None, choices=registry.FANS,
                    help="fan of the glorot / he / lecun sigma, overriding the variant's init_fan (the "
                         "notebook's Glorot-style sigma is over fan-out)")
+    outputs = p.add_argument_group("what each run keeps beside its errors (both frameworks)")
+    outputs.add_argument("--save-weights", action="store_true",
+                         help="write each run's final weights beside the results file, in RESULTS.weights/ as "
+                              "VARIANT-kK-seedS-lrLR.msgpack (Flax variables, flax.serialization) and .pt (the "
+                              "torch state_dict); the row names the files")
+    outputs.add_argument("--diagnostics", action="store_true",
+                         help="record in each row a per-layer summary at initialization and at the end: activation "
+                              "variance, output-gradient norm and, with BatchNorm, the running statistics' distance "
+                              "to the probe batch's (flaxdepth.diagnose; torch_ref.diagnose with --framework torch)")
+    outputs.add_argument("--probe-size", type=int, default=SweepConfig.probe_size,
+                         help="--diagnostics measures on the first N test images")
     add_engine_arguments(p)
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="on CPUs, split each depth's runs over N devices that train side by side; default: "
@@ -78,7 +89,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("engine options (how flaxdepth computes; stored in every results row)")
     group.add_argument("--precision", default="default", choices=PRECISIONS,
                        help="convolution and matmul arithmetic: each framework's default (TF32 on recent NVIDIA "
-                            "GPUs) or highest (float32 in both; results go to their own file)")
+                            "GPUs), highest (float32 in both), or tf32 (convolution operands rounded to TF32 in "
+                            "both, on any device, as torch's cuDNN default; matmuls float32); other than default, "
+                            "results go to their own file")
     group.add_argument("--cpu-kernels", default=None, action=argparse.BooleanOptionalAction,
                        help="flaxdepth's C++ kernels on CPUs (default: on, unless FLAXDEPTH_CPU_KERNELS=0); "
                             "off: XLA's operations")
@@ -129,7 +142,8 @@ def configs(args) -> list[SweepConfig]:
         max_depth=args.max_depth, epochs=args.epochs, batch_size=args.batch_size, threshold=args.threshold,
         dataset=args.dataset, data_dir=args.data_dir, out=args.out, limit_train=args.limit_train,
         limit_test=args.limit_test, notebook_quirks=args.notebook_quirks, framework=args.framework,
-        fan=args.fan, skip_parity=args.skip_parity, engine=engine,
+        fan=args.fan, skip_parity=args.skip_parity, engine=engine, save_weights=args.save_weights,
+        diagnostics=args.diagnostics, probe_size=args.probe_size,
     ).validate() for name in names]
 
 
@@ -168,6 +182,8 @@ def main(argv=None) -> int:
 
         dataset = data.subset(data.load_dataset(args.dataset, args.data_dir),
                               args.limit_train, args.limit_test)
+        for config in sweep_configs:
+            config.check_dataset(dataset)
     except (ConfigError, registry.SpecError, DataError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
