@@ -17,9 +17,15 @@ import torch_ref
 from flaxdepth import interop, models, registry, train
 from flaxdepth.data import normalize
 from conftest import (PARITY_VARIANTS, assert_close, relative_error, state_dict_error, assert_state_dicts_close, record,
-                      state_dict_numpy, torch_model, variant_depth_cases)
+                      state_dict_numpy, torch_model, variant_depth_cases, variant_depth_precision_cases)
 
 VARIANTS = pytest.mark.parametrize("variant, depth", variant_depth_cases())
+NUMERICAL_CASES = variant_depth_precision_cases()
+
+
+def numerical_cases(cases=NUMERICAL_CASES):
+    """Parametrize (variant, depth, precision) with the precision as the fixture's parameter."""
+    return pytest.mark.parametrize("variant, depth, precision", cases, indirect=["precision"])
 
 
 def torch_outputs(output) -> list[np.ndarray]:
@@ -63,11 +69,11 @@ def test_round_trip_is_exact(variant, depth, precision):
 
 # Train mode changes only BatchNorm: the variants without it compute the same in both modes.
 FORWARD_CASES = [pytest.param(*case.values, mode, id=f"{case.id}-{'train' if mode else 'eval'}")
-                 for case in variant_depth_cases()
+                 for case in NUMERICAL_CASES
                  for mode in ((False, True) if registry.get_variant(case.values[0]).batchnorm else (False,))]
 
 
-@pytest.mark.parametrize("variant, depth, train_mode", FORWARD_CASES)
+@pytest.mark.parametrize("variant, depth, precision, train_mode", FORWARD_CASES, indirect=["precision"])
 def test_forward_and_batchnorm_statistics(variant, depth, precision, train_mode, mnist_batches):
     model = torch_model(variant, depth, precision)
     variables = interop.from_torch(variant, depth, state_dict_numpy(model))
@@ -84,13 +90,12 @@ def test_forward_and_batchnorm_statistics(variant, depth, precision, train_mode,
     record(variant, precision, max(errors))
 
 
-@VARIANTS
+@numerical_cases()
 def test_loss_and_gradients(variant, depth, precision, mnist_batches):
     check_loss_and_gradients(variant, depth, precision, mnist_batches, train_mode=True)
 
 
-@pytest.mark.parametrize("variant, depth", variant_depth_cases(
-    [v for v in PARITY_VARIANTS if registry.get_variant(v).batchnorm]))
+@numerical_cases(variant_depth_precision_cases([v for v in PARITY_VARIANTS if registry.get_variant(v).batchnorm]))
 def test_eval_mode_loss_and_gradients(variant, depth, precision, mnist_batches):
     """The notebook trains BatchNorm models in eval mode from epoch 2 on: gradients through the
     running statistics (here: after one train-mode batch moved them off 0 and 1), and through
@@ -121,7 +126,7 @@ def check_loss_and_gradients(variant, depth, precision, mnist_batches, train_mod
 TRAJECTORY_STEPS = 10
 #: The trajectories run where layers are scanned (k = 3 has none; its forward pass and gradients are
 #: checked above, and the optimizer and train_step compose the same way at every depth).
-TRAJECTORY_CASES = pytest.mark.parametrize("variant, depth", [c for c in variant_depth_cases() if c.values[1] != 3])
+TRAJECTORY_CASES = numerical_cases([c for c in NUMERICAL_CASES if c.values[1] != 3])
 #: Training amplifies rounding differences: in the deep BatchNorm nets (tiny per-channel
 #: variances) and in resnet_nobn (activations growing with depth, overflow to NaN at k >= 31)
 #: float64 differences of 1e-13 pass 1e-10 within a few steps, at any lr. So each step's
