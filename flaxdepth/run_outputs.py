@@ -151,9 +151,10 @@ class RunOutputs:
 
         start = time.perf_counter()
         c = self.config
+        # Without BatchNorm both modes compute the same: one program (compile time is most of the cost).
         measured = diagnose.layer_diagnostics(self.spec, self.depth, variables, train.normalize(self.probe_images),
-                                              self.probe_labels.astype(np.int32), bn_train, c.fan, c.engine,
-                                              fast_compile=True)  # two calls per run: compile time counts most
+                                              self.probe_labels.astype(np.int32), bn_train or not self.spec.batchnorm,
+                                              c.fan, c.engine, fast_compile=True)
         self.diagnostics.setdefault(run, {})[moment] = summary(measured, bn_train)
         self.diagnostics_s += time.perf_counter() - start
 
