@@ -15,6 +15,7 @@ blocks) is the model's `EngineOptions`, which changes no parameter and no number
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -25,14 +26,72 @@ from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxdepth import conv, ops, registry
-from flaxdepth.options import EngineOptions
+from flaxdepth.options import AUTO, EngineOptions
 
-# With EngineOptions.rematerialize, the backward pass keeps of each scanned layer only its input and
-# its convolution's output (named "conv_output" below), and recomputes BatchNorm and the activation
-# from them (jax.checkpoint); without it, the layer keeps its input, the activation's slope and,
-# with BatchNorm, the centred activations (flaxdepth/ops.py), or on CPUs with BatchNorm (one C++
-# kernel with the activation) its input and its convolution's output, as rematerializing would.
+# With EngineOptions.rematerialize "layers", the backward pass keeps of each scanned layer only its
+# input and its convolution's output (named "conv_output" below), and recomputes BatchNorm and the
+# activation from them (jax.checkpoint); with "none", the layer keeps its input, the activation's
+# slope and, with BatchNorm, the centred activations (flaxdepth/ops.py), or on CPUs with BatchNorm
+# (one C++ kernel with the activation) its input and its convolution's output, as "layers" would.
+# With "nested" (NestedLayers) only every block's input is kept, and each block's layers keep what
+# "none" keeps while the backward pass recomputes that block.
 SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output")
+#: The scanned layers' variables (and diagnose's collections) carry a leading layer axis.
+LAYER_AXES = {"params": 0, "batch_stats": 0, "intermediates": 0, "perturbations": 0}
+
+
+def nested_blocks(layers: int) -> tuple[int, int, int]:
+    """(block size, number of blocks, layers after the blocks) of `layers` scanned layers under
+    EngineOptions.rematerialize "nested": blocks of ceil(sqrt(layers)) layers, so that the saved
+    block inputs and one recomputed block each hold about sqrt(layers) activations."""
+    size = math.isqrt(layers - 1) + 1 if layers > 1 else 1
+    return size, layers // size, layers % size
+
+
+#: Activation-sized arrays alive in each stage besides the saved ones (the layer in flight's
+#: input, output, gradients and BatchNorm's working values), counted generously.
+WORKING_ARRAYS = 8
+#: Copies of the parameters in a training step: the parameters, their gradients, the momentum
+#: and the updated parameters.
+PARAMETER_COPIES = 4
+#: The share of the available memory a step's estimate may take: the estimate leaves out XLA's
+#: temporary buffers, the dataset and the allocator's slack.
+MEMORY_FRACTION = 0.5
+
+
+def step_memory_bytes(spec: registry.Variant, depth: int, batch_size: int, dtype_bytes: int,
+                      rematerialize: str) -> int:
+    """An estimate of the memory one model's training step needs beyond its data: per stage, the
+    activation-sized arrays the backward pass keeps of the scanned layers under `rematerialize`
+    (the comment above SAVED_BY_LAYERS; "none" counted as it is without the CPU kernels, one array
+    more with BatchNorm) and WORKING_ARRAYS, plus PARAMETER_COPIES of the parameters."""
+    scanned = registry.layers_per_stage(depth) - 1
+    saved = 2 + spec.batchnorm
+    if rematerialize == "nested":
+        size, blocks, _ = nested_blocks(scanned)
+        arrays = blocks + saved * min(size, scanned)  # the block inputs, one block's layers while recomputed
+    else:
+        arrays = scanned * (2 if rematerialize == "layers" else saved)
+    total = 0
+    for stage in range(registry.NUM_STAGES):
+        _, channels = registry.stage_channels(stage, spec.channels)
+        side = 28 // 2**stage
+        total += (arrays + WORKING_ARRAYS) * batch_size * side * side * channels * dtype_bytes
+        total += PARAMETER_COPIES * (scanned + 1) * (9 * channels * channels + 6 * channels) * dtype_bytes
+    return total
+
+
+def choose_rematerialization(spec: registry.Variant, depth: int, batch_size: int, dtype_bytes: int,
+                             available_bytes: int | None, concurrent: int = 1) -> str:
+    """The first of "none", "layers", "nested" (fastest first) whose `step_memory_bytes`, times the
+    `concurrent` steps that share the memory, fits in MEMORY_FRACTION of `available_bytes`; when
+    none fits, the one that needs the least; "none" when the available memory is unknown."""
+    if available_bytes is None:
+        return "none"
+    modes = ("none", "layers", "nested")
+    need = {mode: concurrent * step_memory_bytes(spec, depth, batch_size, dtype_bytes, mode) for mode in modes}
+    return next((mode for mode in modes if need[mode] <= MEMORY_FRACTION * available_bytes),
+                min(modes, key=need.get))
 
 
 def torch_linear_init(fan_in: int):
@@ -200,6 +259,67 @@ class ConvLayer(nn.Module):
         return y, None
 
 
+def _scan(target, length: int):
+    """`target` (a ConvLayer form) scanned `length` times, each layer its own variables;
+    intermediates and perturbations (flaxdepth.diagnose) stacked per layer like the weights."""
+    return nn.scan(target, variable_axes=LAYER_AXES, split_rngs={"params": True}, length=length)
+
+
+class NestedLayers(nn.Module):
+    """`length` same-shape ConvLayers as EngineOptions.rematerialize "nested" computes them: a scan
+    over blocks (`nested_blocks`) whose backward pass keeps only each block's input and recomputes
+    the block's layers (jax.checkpoint of the inner scan), then the remaining layers, plainly
+    scanned. Variables: `blocks` (blocks, block size, ...) and `rest` (remaining layers, ...)."""
+
+    length: int
+    spec: registry.Variant
+    features: int
+    kernel_init: Callable
+    skip: str
+    train: bool
+    options: EngineOptions = EngineOptions()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None):
+        size, blocks, rest = nested_blocks(self.length)
+        fields = dict(spec=self.spec, features=self.features, kernel_init=self.kernel_init, skip=self.skip,
+                      train=self.train, options=self.options)
+        # prevent_cse=False: inside a scan, XLA cannot merge the recomputation into the forward pass
+        block = nn.remat(_scan(ConvLayer, size), prevent_cse=False)
+        x, _ = _scan(block, blocks)(**fields, name="blocks")(x, None)
+        if rest:
+            x, _ = _scan(ConvLayer, rest)(**fields, name="rest")(x, None)
+        return x, None
+
+
+def _block_views(layers: int):
+    """(view, unview) between a flat scan's variables, a leading axis of `layers`, and
+    NestedLayers': every collection's first blocks x size layers as `blocks`, reshaped to
+    (blocks, size, ...), and the others as `rest`; unview is the inverse (for updated BatchNorm
+    statistics and sown intermediates)."""
+    size, blocks, rest = nested_blocks(layers)
+    whole = blocks * size
+
+    def view_one(tree):
+        if not tree:  # a collection this call neither reads nor has written yet
+            return tree
+        out = {"blocks": jax.tree.map(lambda a: a[:whole].reshape(blocks, size, *a.shape[1:]), tree)}
+        if rest:
+            out["rest"] = jax.tree.map(lambda a: a[whole:], tree)
+        return out
+
+    def unview_one(tree):
+        if not tree:
+            return tree
+        flat = jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), tree["blocks"])
+        if rest:
+            flat = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), flat, tree["rest"])
+        return flat
+
+    return (lambda collections: {name: view_one(tree) for name, tree in collections.items()},
+            lambda collections: {name: unview_one(tree) for name, tree in collections.items()})
+
+
 class Stage(nn.Module):
     """One stage: the channel-changing first layer, the scanned same-shape layers, 2x2 avg pool."""
 
@@ -220,16 +340,17 @@ class Stage(nn.Module):
                         skip=skip, train=self.train, options=self.options, **kwargs)
 
         x, _ = ConvLayer(**layer(channels_in, skip="none", name="first"))(x)
-        if self.num_layers > 1:
-            scanned = nn.scan(
-                nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False) if self.options.rematerialize
-                else ConvLayer,
-                # intermediates and perturbations (flaxdepth.diagnose) stacked per layer like the weights
-                variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0, "perturbations": 0},
-                split_rngs={"params": True},
-                length=self.num_layers - 1,
-            )
-            x, _ = scanned(**layer(channels_out, skip=v.residual, name="layers"))(x, None)
+        scanned_layers = self.num_layers - 1
+        if scanned_layers and self.options.rematerialize == "nested" and not self.is_initializing():
+            # Initialized by the flat scan below, so that the parameters are the same with or without
+            # nesting; applied as blocks of that scan's variables (`_block_views`).
+            nested = nn.map_variables(NestedLayers, True, *_block_views(scanned_layers), mutable=True)
+            x, _ = nested(scanned_layers, **layer(channels_out, skip=v.residual, name="layers"))(x, None)
+        elif scanned_layers:
+            target = ConvLayer
+            if self.options.rematerialize == "layers":
+                target = nn.remat(ConvLayer, policy=SAVED_BY_LAYERS, prevent_cse=False)
+            x, _ = _scan(target, scanned_layers)(**layer(channels_out, skip=v.residual, name="layers"))(x, None)
         # torch's AvgPool2d(2, 2) floors 7x7 to 3x3; Flax needs the stride and VALID spelled out.
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
@@ -277,6 +398,9 @@ def build_model(variant: str | registry.Variant, depth: int, fan: str | None = N
     `options` say."""
     spec = registry.resolve(variant)
     registry.check_depth(depth)
+    if options.rematerialize == AUTO:  # a per-step choice, which the model cannot make
+        raise ValueError("rematerialize 'auto' is chosen per depth and batch: resolve it with "
+                         "flaxdepth.train.step_options first")
     if fan is not None and fan not in registry.FANS:
         raise ValueError(f"fan must be one of {registry.FANS}, got {fan!r}")
     return DepthCNN(spec, depth, fan, options)

@@ -14,6 +14,15 @@ import os
 # Arithmetic of convolutions and matmuls: "default" is each framework's own (on recent NVIDIA GPUs
 # TF32 for JAX's convs and matmuls and for torch's cuDNN convs), "highest" full float32 in both.
 PRECISIONS = ("default", "highest")
+#: What a training step's backward pass recomputes of the scanned layers (flaxdepth/models.py):
+#: "none" keeps what each layer's gradient needs (about one activation-sized array per layer);
+#: "layers" keeps each layer's input and convolution output and recomputes BatchNorm and the
+#: activation; "nested" keeps only the input of every block of about sqrt(L) layers and recomputes
+#: the block's layers (memory ~ sqrt(L) activations for one more forward pass of arithmetic).
+REMATERIALIZATIONS = ("none", "layers", "nested")
+#: Not an option of a model: the command lines' request to choose per depth and batch
+#: (flaxdepth.train.step_options), resolved before any program is built.
+AUTO = "auto"
 #: Setting this environment variable to 0 turns the CPU kernels off in the command lines' defaults.
 CPU_KERNELS_ENV = "FLAXDEPTH_CPU_KERNELS"
 
@@ -25,9 +34,10 @@ class EngineOptions:
     #: On CPUs, float32 convolutions and train-mode BatchNorm + activation run flaxdepth's own C++
     #: kernels (flaxdepth.cpu_kernels); False, or where they cannot be built: XLA's operations.
     cpu_kernels: bool = True
-    #: The scanned layers keep only their input and convolution output for the backward pass and
-    #: recompute BatchNorm and the activation (jax.checkpoint): less memory, more arithmetic.
-    rematerialize: bool = False
+    #: What the backward pass recomputes of the scanned layers: one of REMATERIALIZATIONS, or AUTO
+    #: (resolved by flaxdepth.train.step_options for each depth and batch size). True and False,
+    #: the values of stored rows and of callers of the boolean form, mean "layers" and "none".
+    rematerialize: str = "none"
     #: On accelerators, vmapped replicas are folded into block-diagonal convolutions of at most this
     #: many replicas each (flaxdepth/conv.py; the best block size on an H200, BENCHMARKS.md).
     replicas_per_block: int = 8
@@ -39,6 +49,11 @@ class EngineOptions:
     vmap_replicas: bool | None = None
 
     def __post_init__(self):
+        if isinstance(self.rematerialize, bool):
+            object.__setattr__(self, "rematerialize", "layers" if self.rematerialize else "none")
+        if self.rematerialize not in (*REMATERIALIZATIONS, AUTO):
+            raise ValueError(f"rematerialize must be one of {', '.join((*REMATERIALIZATIONS, AUTO))}, "
+                             f"got {self.rematerialize!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.replicas_per_block, bool) or not isinstance(self.replicas_per_block, int) \

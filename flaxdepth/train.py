@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxdepth import models, objective, registry
 from flaxdepth.data import MNIST_MEAN, MNIST_STD, Dataset
-from flaxdepth.options import EngineOptions
+from flaxdepth.options import AUTO, REMATERIALIZATIONS, EngineOptions
 
 MOMENTUM = 0.9
 REPLICA_AXIS = "replicas"
@@ -274,15 +274,61 @@ def over_replicas(fn: Callable, mesh: Mesh, in_axes: tuple, gather: tuple[bool, 
                    **jit_options)
 
 
+def available_memory(device: jax.Device) -> int | None:
+    """Bytes free for a step on `device`: an accelerator's unused memory, or the host's available
+    memory for CPU devices (psutil where installed, else /proc/meminfo); None where unknown."""
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as meminfo:
+                fields = dict(line.split(":", 1) for line in meminfo)
+            return int(fields["MemAvailable"].split()[0]) * 1024  # the file counts kB
+        except (OSError, KeyError, ValueError):
+            return None
+    return psutil.virtual_memory().available
+
+
+def step_options(options: EngineOptions, variant: str | registry.Variant, depth: int, batch_size: int,
+                 replicas: int = 1, mesh: Mesh | None = None) -> EngineOptions:
+    """`options` with rematerialize "auto" resolved (`models.choose_rematerialization`) for training
+    `replicas` models of this depth and batch size on `mesh` (default `local_mesh()`); other
+    options are returned as they are. The steps that share one memory: a device's vmapped replicas,
+    and on CPUs every CPU device of this process (they share the host's memory)."""
+    if options.rematerialize != AUTO:
+        return options
+    mesh = mesh or local_mesh()
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()] or list(mesh.devices.flat)
+    platform = devices[0].platform
+    vmapped = options.vmap_replicas or (options.vmap_replicas is None and platform != "cpu")
+    concurrent = -(-replicas // mesh.size) if vmapped else 1
+    if platform == "cpu":
+        concurrent *= len(devices)
+    choice = models.choose_rematerialization(registry.resolve(variant), depth, batch_size,
+                                             jnp.dtype(jnp.result_type(float)).itemsize,
+                                             available_memory(devices[0]), concurrent)
+    if jax.process_count() > 1:  # every process must compile the same program: process 0's choice
+        from jax.experimental import multihost_utils
+        index = multihost_utils.broadcast_one_to_all(np.int32(REMATERIALIZATIONS.index(choice)))
+        choice = REMATERIALIZATIONS[int(index)]
+    return dataclasses.replace(options, rematerialize=choice)
+
+
 def compiled_functions(variant: str | registry.Variant, depth: int, batch_size: int, fan: str | None = None,
-                       options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
+                       options: EngineOptions = EngineOptions(), mesh: Mesh | None = None, replicas: int = 1):
     """Jitted, replica-sharded (model, init, {bn_train: epoch}, test) for one variant (name or spec)
-    and depth, computed as `options` say (the spec and the options are part of the cache key).
+    and depth, computed as `options` say (the spec and the options, rematerialize "auto" resolved by
+    `step_options` for `replicas` models, are part of the cache key; `model.options` are those).
 
     init(seeds, lrs) -> state; epoch(state, orders, data) -> (state, metrics); test(state, data)
     -> errors. Replica counts must be multiples of the mesh size (train_replicas pads); default mesh:
     `local_mesh()`."""
-    return _compiled_functions(registry.resolve(variant), depth, batch_size, fan, options, mesh or local_mesh())
+    mesh = mesh or local_mesh()
+    options = step_options(options, variant, depth, batch_size, replicas, mesh)
+    return _compiled_functions(registry.resolve(variant), depth, batch_size, fan, options, mesh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -344,8 +390,8 @@ def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData
     pad the mesh), and it is split over the mesh's devices."""
     spec = registry.resolve(variant)
     mesh = mesh or local_mesh()
-    model, init, epoch_fns, test = compiled_functions(spec, depth, batch_size, fan, options, mesh)
     padded = padded_runs(runs, mesh.size)
+    model, init, epoch_fns, test = compiled_functions(spec, depth, batch_size, fan, options, mesh, len(padded))
     split = split_over_replicas(mesh)
     seeds = global_array(np.asarray([seed for seed, _ in padded], np.int32), split)
     state = init(seeds, global_array(np.asarray([lr for _, lr in padded], jnp.result_type(float)), split))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from flaxdepth import cpu_kernels, models, objective, registry, train
+from flaxdepth import cpu_kernels, interop, models, objective, registry, train
 from flaxdepth.options import EngineOptions
 
 DEPTH, BATCH = 12, 8  # 3 scanned layers a stage
@@ -114,3 +114,124 @@ def test_rematerialization_under_the_gpu_engines_vmap(bn_train):
     assert_close(states[True].params, states[False].params)
     assert_close(states[True].opt_state, states[False].opt_state)
     assert_close(states[True].batch_stats, states[False].batch_stats)
+
+
+# ------------------------------------------------------------------ nested rematerialization
+
+NESTED_DEPTH = 24  # 7 scanned layers a stage: blocks of 3, 3 and one layer after them
+
+
+def test_nested_blocks_cover_the_layers_in_blocks_of_about_sqrt_l():
+    for layers in range(1, 200):
+        size, blocks, rest = models.nested_blocks(layers)
+        assert size * blocks + rest == layers and 0 <= rest < size and blocks >= 1
+        assert (size - 1) ** 2 < layers <= size**2
+
+
+def test_nested_rematerialization_keeps_only_the_block_inputs():
+    """Of the first stage's 7 scanned layers (arrays (.., N, 28, 28, 4)), the backward pass keeps
+    the input of each of the two blocks and what the layer after them keeps; nothing stacked over
+    all 7, as the plain engine keeps."""
+    variant = "tanh"
+    model = models.build_model(variant, NESTED_DEPTH, options=EngineOptions(rematerialize="nested"))
+    init = functools.partial(models.init_variables, models.build_model(variant, NESTED_DEPTH))
+    variables = jax.eval_shape(init, jax.random.key(0))
+    images, labels = jnp.zeros((BATCH, 28, 28, 1)), jnp.zeros(BATCH, jnp.int32)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(lambda *args: loss_fn(model)(*args)[0], variables["params"], {}, images, labels)
+    stacked = [line.split()[0] for line in printed.getvalue().splitlines() if f",{BATCH},28,28,4]" in line]
+    assert sorted(stacked) == ["f32[1,8,28,28,4]", "f32[1,8,28,28,4]", "f32[2,8,28,28,4]"], stacked
+
+
+def test_nested_rematerialization_initializes_as_the_plain_engine():
+    """The same initialization program, so the same parameters and BatchNorm statistics."""
+    def init_program(mode):
+        model = models.build_model("elu_bn", NESTED_DEPTH, options=EngineOptions(rematerialize=mode))
+        return str(jax.make_jaxpr(functools.partial(models.init_variables, model))(jax.random.key(0)))
+
+    assert init_program("nested") == init_program("none")
+
+
+def test_nested_rematerialization_is_the_plain_engine_in_float64():
+    """Blocks that do not divide the layers (7 = 3 + 3 + 1): in float64 the same loss, gradients
+    and updated BatchNorm statistics as the plain engine, to 1e-13 (the same operations on the same
+    values; only XLA's fusion may differ). Any variables serve, so random ones of the right shapes."""
+    with jax.enable_x64(True):
+        model = models.build_model("elu_bn", NESTED_DEPTH)
+        shapes = jax.eval_shape(functools.partial(models.init_variables, model, dtype=jnp.float64), jax.random.key(0))
+        rng = np.random.default_rng(0)
+        variables = jax.tree.map(lambda a: jnp.asarray(np.abs(rng.normal(0.5, 0.3, a.shape)) if jnp.issubdtype(
+            a.dtype, jnp.floating) else np.zeros(a.shape, a.dtype)), shapes)
+        images = jnp.asarray(rng.normal(size=(2, 28, 28, 1)))
+        labels = jnp.asarray(rng.integers(0, registry.NUM_CLASSES, 2), jnp.int32)
+        results = {}
+        for mode in ("none", "nested"):
+            model = models.build_model("elu_bn", NESTED_DEPTH, options=EngineOptions(rematerialize=mode))
+            # unoptimized programs: they compile in half the time, and compute the same operations
+            results[mode] = jax.jit(jax.value_and_grad(loss_fn(model), has_aux=True),
+                                    compiler_options=train.INIT_COMPILER_OPTIONS)(
+                variables["params"], variables["batch_stats"], images, labels)
+    results = jax.tree.map(np.asarray, results)
+    (loss, stats), grads = results["nested"]
+    (loss_plain, stats_plain), grads_plain = results["none"]
+    assert jax.tree.structure(grads) == jax.tree.structure(grads_plain)
+    assert float(loss) == pytest.approx(float(loss_plain), rel=1e-13)
+    for actual, expected in ((grads, grads_plain), (stats, stats_plain)):
+        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+            assert e.dtype in (np.float64, np.int32)
+            np.testing.assert_allclose(a, e, rtol=1e-13, atol=1e-13 * np.abs(e).max())
+
+
+def test_nested_variables_keep_the_interop_layout():
+    """A nested model's variables are the plain model's: interop's torch state_dict keys and shapes."""
+    model = models.build_model("elu_bn", NESTED_DEPTH, options=EngineOptions(rematerialize="nested"))
+    variables = jax.eval_shape(functools.partial(models.init_variables, model), jax.random.key(0))
+    arrays = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
+    exported = interop.to_torch("elu_bn", NESTED_DEPTH, arrays)
+    assert {k: v.shape for k, v in exported.items()} == {
+        s.torch_key: s.torch_shape for s in interop.layout("elu_bn", NESTED_DEPTH)}
+
+
+def test_rematerialization_is_a_choice_of_three_with_the_boolean_kept():
+    assert EngineOptions(rematerialize=True) == EngineOptions(rematerialize="layers")
+    assert EngineOptions(rematerialize=False) == EngineOptions()
+    assert EngineOptions().rematerialize == "none"
+    with pytest.raises(ValueError, match="rematerialize"):
+        EngineOptions(rematerialize="blocks")
+    with pytest.raises(ValueError, match="auto"):
+        models.build_model("tanh", 6, options=EngineOptions(rematerialize="auto"))
+
+
+def test_the_automatic_choice_is_the_fastest_that_fits():
+    spec = registry.get_variant("elu_bn")  # BatchNorm: "layers" keeps one array a layer fewer than "none"
+    need = {mode: models.step_memory_bytes(spec, 3000, 256, 4, mode) for mode in ("none", "layers", "nested")}
+    assert need["none"] > need["layers"] > need["nested"]
+    # memory per step: linear in the depth and the batch without nesting, ~sqrt(depth) with it
+    assert models.step_memory_bytes(spec, 30000, 256, 4, "none") > 9 * need["none"]
+    assert models.step_memory_bytes(spec, 30000, 256, 4, "nested") < 4 * need["nested"]
+    assert models.step_memory_bytes(spec, 3000, 512, 4, "none") > 1.9 * need["none"]
+
+    def choice(available, concurrent=1):
+        return models.choose_rematerialization(spec, 3000, 256, 4, available, concurrent)
+
+    room = {mode: need[mode] / models.MEMORY_FRACTION for mode in need}
+    assert [choice(room["none"]), choice(room["none"] - 1), choice(room["layers"] - 1), choice(1)] == \
+        ["none", "layers", "nested", "nested"]
+    # two steps at once share the memory
+    assert choice(2 * room["none"], concurrent=2) == "none" != choice(2 * room["none"] - 1, concurrent=2)
+    assert choice(None) == "none"  # nothing known: the plain engine
+
+
+def test_step_options_resolve_auto_before_any_program(monkeypatch):
+    """train.step_options turns "auto" into a concrete choice from the device's available memory,
+    which compiled_functions' model (and so its cache key) carries; concrete options pass as they are."""
+    auto = EngineOptions(rematerialize="auto", cpu_kernels=False)
+    monkeypatch.setattr(train, "available_memory", lambda device: 10**15)
+    assert train.step_options(auto, "tanh", 6, 8) == EngineOptions(rematerialize="none", cpu_kernels=False)
+    monkeypatch.setattr(train, "available_memory", lambda device: 10**6)
+    assert train.step_options(auto, "tanh", 6, 8).rematerialize == "nested"
+    assert train.step_options(EngineOptions(rematerialize="layers"), "tanh", 6, 8).rematerialize == "layers"
+    model = train.compiled_functions("tanh", 6, 8, options=auto)[0]
+    assert model.options.rematerialize == "nested"
+    assert train.available_memory(jax.devices("cpu")[0]) > 0
