@@ -205,8 +205,11 @@ def layer_diagnostics(variant: str | registry.Variant, depth: int, variables: di
 
     The program holds every layer's sown intermediates for the whole batch (at most five arrays of
     a layer's activations' size) and returns only numbers per layer."""
+    from flaxdepth import train
+
     spec = registry.resolve(variant)
     registry.check_depth(depth)
+    options = train.step_options(options, spec, depth, len(labels))
     program = _program(spec, depth, bn_train, fan, options, fast_compile)
     loss, per_group = program({key: variables[key] for key in ("params", "batch_stats") if key in variables},
                               images, labels)

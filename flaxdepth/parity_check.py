@@ -75,7 +75,7 @@ def quick_parity(variant: str | registry.Variant, dataset: Dataset, depth: int =
     logits, _ = interop.apply(variant, depth, variables, normalize(images_u8[0]))
     logit_error = max(_relative(a, e.numpy()) for a, e in zip(_heads(logits), expected))
 
-    flax_model = models.build_model(variant, depth, options=options)
+    flax_model = models.build_model(variant, depth, options=train.step_options(options, spec, depth, batch))
     state = train.TrainState(variables["params"], variables.get("batch_stats", {}),
                              train.optimizer_init(variables["params"], lr))
     step = jax.jit(lambda s, x, y: train.train_step(flax_model, s, x, y, bn_train=True))

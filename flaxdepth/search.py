@@ -19,7 +19,7 @@ import numpy as np
 
 from flaxdepth import registry, run_outputs, train
 from flaxdepth.data import DATASETS
-from flaxdepth.options import EngineOptions
+from flaxdepth.options import AUTO, EngineOptions
 from flaxdepth.results import ResultsFile, final_error, plot
 
 FRAMEWORKS = ("jax", "torch")
@@ -338,8 +338,18 @@ class Sweep:
             "wall_s": wall_s, "replicas_trained_together": replicas,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **self.env, "cpu_kernels_used": self._cpu_kernels_used(), "dataset_sha256": self.dataset_sha256,
-            "config": c.as_row(), "spec": c.spec.fields(),
+            "config": {**c.as_row(), "engine": self._engine.as_dict()}, "spec": c.spec.fields(),
         }
+
+    def _engine_for(self, depth: int, runs: int) -> EngineOptions:
+        """The engine options `runs` new runs at `depth` train with, as their rows record them:
+        rematerialize "auto" chosen for this depth, or "none" for torch_ref (its autograd keeps
+        every activation)."""
+        c = self.config
+        if c.framework == "jax":
+            return train.step_options(c.engine, c.spec, depth, c.batch_size, -(-runs // self.mesh.size) * self.mesh.size,
+                                      self.mesh)
+        return dataclasses.replace(c.engine, rematerialize="none") if c.engine.rematerialize == AUTO else c.engine
 
     def _cpu_kernels_used(self) -> bool:
         """Whether this sweep's JAX programs ran flaxdepth's CPU kernels (float32 on a CPU, asked
@@ -378,7 +388,7 @@ class Sweep:
                 if self._device_data is None:
                     self._device_data = train.DeviceData.put(self.dataset, self.mesh)
                 return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,
-                                            c.notebook_quirks, c.fan, on_epoch, self.mesh, c.engine,
+                                            c.notebook_quirks, c.fan, on_epoch, self.mesh, self._engine,
                                             on_state=None if outputs is None else outputs.jax_state)
             from flaxdepth import torch_runner
 
@@ -401,6 +411,7 @@ class Sweep:
             self._log_reused_without_outputs(depth, [finished[run] for run in wanted if run in finished])
             if missing:
                 self._outputs = None
+                self._engine = self._engine_for(depth, len(missing))
                 start = time.perf_counter()
                 results = self._train(depth, missing)
                 # the time spent measuring and copying weights is not the runs' training time

@@ -11,7 +11,7 @@ import sys
 
 from flaxdepth import registry
 from flaxdepth.variants import add_variants_file_argument, load_variants_files
-from flaxdepth.options import PRECISIONS, EngineOptions
+from flaxdepth.options import AUTO, PRECISIONS, REMATERIALIZATIONS, EngineOptions
 from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, ConfigError, SweepConfig
 
 PROG = "python -m flaxdepth.sweep"
@@ -95,8 +95,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu-kernels", default=None, action=argparse.BooleanOptionalAction,
                        help="flaxdepth's C++ kernels on CPUs (default: on, unless FLAXDEPTH_CPU_KERNELS=0); "
                             "off: XLA's operations")
-    group.add_argument("--rematerialize", action="store_true",
-                       help="recompute BatchNorm and activations in the backward pass (less memory)")
+    group.add_argument("--rematerialize", nargs="?", const="layers", default=AUTO, choices=(AUTO, *REMATERIALIZATIONS),
+                       help="what the backward pass recomputes of the scanned layers: none, layers (BatchNorm and "
+                            "activations; the flag alone), nested (every block of ~sqrt(L) layers: memory ~sqrt(L)) "
+                            "or auto (per depth: the fastest whose estimated step memory fits)")
     group.add_argument("--replicas-per-block", type=int, default=EngineOptions.replicas_per_block,
                        help="on GPUs, replicas per block-diagonal convolution")
 

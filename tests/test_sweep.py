@@ -318,6 +318,21 @@ def test_precision_highest_goes_into_its_own_file_with_its_engine_options(tmp_pa
     assert make_config(tmp_path).results_path().name == "tanh_jax_corrected_e2_b256_mnist.jsonl"
 
 
+def test_rows_record_the_rematerialization_chosen_for_their_depth(tmp_path, fake, monkeypatch):
+    """--rematerialize auto (the command line's default) is resolved per depth before training, and
+    each row stores the choice: here memory for depth 3's plain step but not for depth 30's."""
+    from flaxdepth import models
+
+    fake(boundary_at(30))
+    steps_at_once = len(train.replica_mesh().local_devices)  # the sweep's CPU devices share the memory
+    need = steps_at_once * models.step_memory_bytes(registry.get_variant("tanh"), 30, 256, 4, "none")
+    monkeypatch.setattr(train, "available_memory", lambda device: need / models.MEMORY_FRACTION - 1)
+    config = make_config(tmp_path, depths=(3, 30), seeds=1, engine=EngineOptions(rematerialize="auto"))
+    sweep_quietly(config)
+    chosen = {row["depth"]: row["config"]["engine"]["rematerialize"] for row in file_rows(config)}
+    assert chosen == {3: "none", 30: "nested"}
+
+
 @pytest.mark.parametrize("precision, traced", [("highest", "HIGHEST"), ("default", None)])
 def test_programs_are_traced_at_the_engines_precision(precision, traced):
     """EngineOptions.precision reaches the compiled programs' matmuls (the head's Dense; on GPUs
@@ -726,10 +741,12 @@ def test_rows_store_paths_without_the_machines_folders(tmp_path, monkeypatch):
 
 def test_engine_options_from_the_command_line(monkeypatch):
     monkeypatch.delenv("FLAXDEPTH_CPU_KERNELS", raising=False)
-    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh"])) == EngineOptions()
+    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh"])) == EngineOptions(rematerialize="auto")
     args = sweep.parse_args(["--variant", "tanh", "--no-cpu-kernels", "--rematerialize", "--replicas-per-block", "4",
                              "--precision", "highest"])
-    assert sweep.engine_options(args) == EngineOptions(False, True, 4, "highest")
+    assert sweep.engine_options(args) == EngineOptions(False, "layers", 4, "highest")
+    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh", "--rematerialize", "nested"])).rematerialize \
+        == "nested"
     monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", "0")  # the environment sets the default once, at the edge
     assert not sweep.engine_options(sweep.parse_args(["--variant", "tanh"])).cpu_kernels
     assert sweep.engine_options(sweep.parse_args(["--variant", "tanh", "--cpu-kernels"])).cpu_kernels
