@@ -235,3 +235,27 @@ def test_step_options_resolve_auto_before_any_program(monkeypatch):
     model = train.compiled_functions("tanh", 6, 8, options=auto)[0]
     assert model.options.rematerialize == "nested"
     assert train.available_memory(jax.devices("cpu")[0]) > 0
+
+
+def test_torch_ref_draws_orthogonal_inits_on_one_thread_without_changing_them(monkeypatch):
+    """torch_ref.build initializes its convs on one intra-op thread (each QR of an orthogonal init
+    would pay the thread pool's start): one seed draws the same weights as on the caller's two
+    threads, and the caller's thread count is restored."""
+    import contextlib
+
+    import torch
+    import torch_ref
+
+    spec = registry.Variant("t_delta", "tanh", init="delta_orthogonal", bias_std=0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        built = torch_ref.build(spec, 12).state_dict()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(torch_ref.models, "_one_thread", contextlib.nullcontext)
+        torch.manual_seed(0)
+        on_two_threads = torch_ref.build(spec, 12).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(built[key], on_two_threads[key]) for key in on_two_threads)
