@@ -7,8 +7,9 @@ before each update, the eval-mode test pass) and torch_ref's notebook loop, driv
 `torch_runner.train_torch_runs` with the same initial weights and the same batch order per
 epoch, must report the same per-epoch train and test errors.
 
-The subset is small but exercises every edge: 600 = 2 * 256 + 88 training images, so each
-epoch ends with a partial batch, and 300 = 256 + 44 test images, a partial test batch too.
+The subset is small but exercises every edge: 150 = 2 * 64 + 22 training images, so each epoch
+ends with a partial batch, and 100 = 64 + 36 test images, a partial test batch too. (Small
+batches keep float64 fast: XLA's float64 CPU convolution is a plain loop nest.)
 
 float64: the same misclassified samples, exactly. Both frameworks then agree to ~1e-12 on every
 logit (see test_parity.py), so a differing argmax would need two logits tied to 1e-12: any
@@ -38,7 +39,7 @@ from conftest import FLOAT32, FLOAT64
 #: Two layers per stage: the first conv and a scanned layer (a ResNet block adding its input);
 #: deeper scans compile the same program and are compared layer by layer in test_parity.py.
 DEPTH = 6
-TRAIN_IMAGES, TEST_IMAGES, BATCH_SIZE, EPOCHS = 600, 300, 256, 2
+TRAIN_IMAGES, TEST_IMAGES, BATCH_SIZE, EPOCHS = 150, 100, 64, 2
 SEED = 0
 #: Allowed argmax flips per error figure in float32 (see the module docstring).
 FLOAT32_FLIPS = 3
@@ -118,7 +119,7 @@ def test_training_loop_errors_match(variant, notebook_quirks, precision, small_m
     assert ours.finite and ref.finite
     # The runs must really train, or equal errors would prove little: the model's predictions
     # change from one epoch to the next. Except at or past the notebook's deepest trainable depth
-    # (tanh: k = 6), where 600 images and two epochs leave it predicting one class throughout.
+    # (tanh: k = 6), where 150 images and two epochs leave it predicting one class throughout.
     if DEPTH < spec.notebook_pair[0]:
         assert ours.train_errors[0] != ours.train_errors[1] or ours.test_errors[0] != ours.test_errors[1]
 
