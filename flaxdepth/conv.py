@@ -24,6 +24,16 @@ the input gradient is the same convolution with the kernel flipped and its in/ou
 the kernel gradient the convolution XLA's own autodiff writes. (So forward-mode autodiff,
 `jax.jvp`, of the models is not available; nothing here uses it.) Under `shard_map`, a gradient
 for an input or kernel shared by the devices is summed over them, as JAX's autodiff would.
+
+Precision "tf32" (`EngineOptions.precision`) rounds both float32 operands of each of the three
+convolutions (forward; input gradient: output gradient and kernel; kernel gradient: input and
+output gradient) to TF32 (`round_to_tf32`) and convolves the rounded values in float32, as cuDNN
+does with torch's default `torch.backends.cudnn.allow_tf32`: TF32 tensor cores take 10-bit
+mantissas and accumulate in float32. (How a GPU kernel cuts a float32 mantissa to 10 bits, to
+nearest or by truncation, is the kernel's choice; here: to nearest, ties to even.) The rounding is applied to the operands of whichever
+convolution runs, flaxdepth's CPU kernels included: they are float32 convolutions like XLA's, so
+the kernels keep their speed and compute the same function of the rounded operands (up to float32
+summation order, which a GPU's TF32 kernels have their own of).
 """
 
 from __future__ import annotations
@@ -40,18 +50,39 @@ from flaxdepth import cpu_kernels
 from flaxdepth.options import EngineOptions
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+#: float32 keeps 23 mantissa bits, TF32 10: the low 13 are rounded off.
+_TF32_DROPPED_BITS = 13
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, options: EngineOptions = EngineOptions()) -> jax.Array:
     """3x3 convolution, stride 1, zero padding 1, no bias: NHWC input, HWIO kernel; computed as
-    `options` say (CPU kernels, replica blocks, precision of XLA's convolutions)."""
+    `options` say (CPU kernels, replica blocks, precision of XLA's convolutions, TF32 operands)."""
     use_kernels = options.cpu_kernels and x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.available()
-    return _conv3x3_function(_Plan(use_kernels, options.replicas_per_block, precision(options)))(x, kernel)
+    plan = _Plan(use_kernels, options.replicas_per_block, precision(options), options.precision == "tf32")
+    return _conv3x3_function(plan)(x, kernel)
 
 
 def precision(options: EngineOptions) -> lax.Precision | None:
-    """The lax precision of `options.precision`: None (JAX's default, TF32 on recent GPUs) or HIGHEST."""
+    """The lax precision of `options.precision`: None (JAX's default, TF32 on recent GPUs), else
+    HIGHEST (with "tf32" the convolutions' operands are rounded before, and the Dense head stays
+    float32, as torch's CUDA matmuls by default)."""
     return None if options.precision == "default" else lax.Precision.HIGHEST
+
+
+def round_to_tf32(x: jax.Array) -> jax.Array:
+    """float32 `x` rounded to TF32 (float32's sign and 8-bit exponent, a 10-bit mantissa): to the
+    nearest, ties to even, on the float32 bit pattern. Infinities and NaNs stay as they are; a value
+    past TF32's largest rounds to infinity. Arrays of other dtypes are returned unchanged, since
+    TF32 replaces float32 arithmetic only (GPUs compute float64 without it)."""
+    if x.dtype != jnp.float32:
+        return x
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    # adding just under half a TF32 ulp, plus one where the kept last bit is odd, carries exactly
+    # the values past the halfway point and the odd ties into the kept bits
+    half = jnp.uint32((1 << (_TF32_DROPPED_BITS - 1)) - 1) + ((bits >> _TF32_DROPPED_BITS) & 1)
+    kept = jnp.uint32((0xFFFFFFFF >> _TF32_DROPPED_BITS) << _TF32_DROPPED_BITS)
+    rounded = lax.bitcast_convert_type((bits + half) & kept, jnp.float32)
+    return jnp.where(jnp.isnan(x), x, rounded)  # a NaN's payload could round to infinity
 
 
 class _Plan(NamedTuple):
@@ -60,6 +91,7 @@ class _Plan(NamedTuple):
     use_kernels: bool  # flaxdepth's CPU kernels for ungrouped convolutions (on CPUs)
     replicas_per_block: int
     precision: lax.Precision | None  # of XLA's convolutions
+    tf32: bool = False  # every convolution's operands rounded to TF32 first
 
 
 @functools.cache
@@ -90,7 +122,9 @@ def _conv3x3_function(plan: _Plan):
 
 def _conv(x: jax.Array, kernel: jax.Array, plan: _Plan, groups: int = 1) -> jax.Array:
     """One convolution: flaxdepth's CPU kernel where the plan says (a program lowered for another
-    platform gets XLA's), else XLA's."""
+    platform gets XLA's), else XLA's; with TF32 operands where the plan says."""
+    if plan.tf32:
+        x, kernel = round_to_tf32(x), round_to_tf32(kernel)
     xla = functools.partial(_xla_conv, groups=groups, precision=plan.precision)
     if plan.use_kernels and groups == 1:
         return lax.platform_dependent(x, kernel, cpu=cpu_kernels.conv3x3, default=xla)
@@ -107,6 +141,8 @@ def _kernel_grad(x: jax.Array, grad_out: jax.Array, plan: _Plan, groups: int = 1
 
     Not `jax.vjp` with respect to a placeholder kernel: under `shard_map` that placeholder would be
     the same on every device, and its cotangent would be summed over the devices."""
+    if plan.tf32:
+        x, grad_out = round_to_tf32(x), round_to_tf32(grad_out)
     xla = functools.partial(_xla_kernel_grad, groups=groups, precision=plan.precision)
     if plan.use_kernels and groups == 1:
         return lax.platform_dependent(x, grad_out, cpu=cpu_kernels.conv3x3_kernel_grad, default=xla)

@@ -469,7 +469,7 @@ def train_torch(config: DiagnoseConfig, dataset, probe: Probe, steps: list[int],
                                         np.arange(len(dataset.test_labels)), b))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=train.MOMENTUM)
     criterion = torch.nn.CrossEntropyLoss()
-    with torch_runner.tf32_allowed(config.engine.precision == "default"):
+    with torch_runner.torch_precision(config.engine.precision):
         measure(0)
         if epochs_run == 0:
             return []

@@ -12,8 +12,11 @@ import dataclasses
 import os
 
 # Arithmetic of convolutions and matmuls: "default" is each framework's own (on recent NVIDIA GPUs
-# TF32 for JAX's convs and matmuls and for torch's cuDNN convs), "highest" full float32 in both.
-PRECISIONS = ("default", "highest")
+# TF32 for JAX's convs and matmuls and for torch's cuDNN convs), "highest" full float32 in both;
+# "tf32" rounds the float32 operands of every convolution, forward and backward, to TF32 in both,
+# on any device, and keeps the Linear head in float32: torch's GPU defaults (cuDNN convolutions
+# TF32, CUDA matmuls not), reproducible on a CPU.
+PRECISIONS = ("default", "highest", "tf32")
 #: What a training step's backward pass recomputes of the scanned layers (flaxdepth/models.py):
 #: "none" keeps what each layer's gradient needs (about one activation-sized array per layer);
 #: "layers" keeps each layer's input and convolution output and recomputes BatchNorm and the
@@ -41,8 +44,9 @@ class EngineOptions:
     #: On accelerators, vmapped replicas are folded into block-diagonal convolutions of at most this
     #: many replicas each (flaxdepth/conv.py; the best block size on an H200, BENCHMARKS.md).
     replicas_per_block: int = 8
-    #: "default" or "highest" (PRECISIONS): the precision of the models' convolutions and matmuls
-    #: (lax.Precision.HIGHEST: no TF32), and torch's TF32 switches for `--framework torch`.
+    #: "default", "highest" or "tf32" (PRECISIONS): the precision of the models' convolutions and
+    #: matmuls (lax.Precision.HIGHEST: no TF32; tf32: operands rounded, flaxdepth/conv.py), and
+    #: torch's for `--framework torch` (flaxdepth/torch_runner.py).
     precision: str = "default"
     #: How a device trains its replicas: None chooses by platform (vmapped on accelerators; on CPUs
     #: one after the other, since XLA's CPU grouped convolution is slower per model), True vmaps.
