@@ -10,6 +10,7 @@ measured).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -46,13 +47,15 @@ def test_the_kernels_build_on_this_machine():
 
 
 # Every channel pair of the models (forward, and the input gradients' reverse), a pair no layout
-# covers (plain loops), at the models' widths and at widths with partial pixel blocks (5, 9, 17),
-# with a batch that is not a whole number of the kernels' chunks of 8 images.
+# covers (plain loops), each at three of the sizes: the models' widths and widths with partial
+# pixel blocks (5, 9, 17), with batches that are not a whole number of the kernels' chunks of 8
+# images; every size meets five pairs.
 PAIRS = [(1, 4), (4, 1), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 16), (16, 16), (3, 5)]
+SIZES = [(28, 3), (14, 2), (7, 4), (5, 13), (9, 2), (17, 1)]
+CONV_CASES = [(*pair, *SIZES[(i + j) % len(SIZES)]) for i, pair in enumerate(PAIRS) for j in (0, 2, 4)]
 
 
-@pytest.mark.parametrize("channels_in, channels_out", PAIRS)
-@pytest.mark.parametrize("size, batch", [(28, 3), (14, 2), (7, 4), (5, 13), (9, 2), (17, 1)])
+@pytest.mark.parametrize("channels_in, channels_out, size, batch", CONV_CASES)
 def test_kernels_are_the_convolution(channels_in, channels_out, size, batch):
     rng = np.random.default_rng([channels_in, channels_out, size, batch])
     x = rng.normal(size=(batch, size, size, channels_in))
@@ -96,11 +99,23 @@ def reference_batch_norm_activation(x, scale, bias, activation, epsilon=1e-5):
     return ops.ACTIVATIONS[activation](out), mean, var
 
 
-# Channel counts with vector loops (1-32) and without (3, 5), image sizes whose floats are not a
-# whole number of vectors (5 x 5 x 4 = 100: a tail), a batch that is not whole chunks of 8 images.
+# Channel counts with vector loops (1-32) and without (3, 5), each at two image sizes, one of them
+# with floats that are not a whole number of vectors (5 x 5 x 4 = 100: a tail), and batches that
+# are not whole chunks of 8 images; every size meets four channel counts.
+SHAPES = [(28, 3), (14, 9), (7, 2), (5, 17)]
+BATCH_NORM_CASES = [(channels, *SHAPES[(i + j) % len(SHAPES)])
+                    for i, channels in enumerate([1, 2, 3, 4, 5, 8, 16, 32]) for j in (0, 2)]
+
+
+@functools.partial(jax.jit, static_argnames="activation")
+def reference_with_grads(x, scale, bias, cotangents, activation):
+    """reference_batch_norm_activation and its gradient for `cotangents`, one program per shape."""
+    want, vjp = jax.vjp(lambda *a: reference_batch_norm_activation(*a, activation), x, scale, bias)
+    return want, vjp(cotangents)
+
+
 @pytest.mark.parametrize("activation", list(cpu_kernels.ACTIVATIONS))
-@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5, 8, 16, 32])
-@pytest.mark.parametrize("size, batch", [(28, 3), (14, 9), (7, 2), (5, 17)])
+@pytest.mark.parametrize("channels, size, batch", BATCH_NORM_CASES)
 def test_batch_norm_activation_is_batchnorm_then_the_activation(activation, channels, size, batch):
     """Outputs, statistics and the gradient for cotangents on all three outputs (the statistics'
     too, as the custom VJP receives them) against float64 XLA."""
@@ -114,8 +129,8 @@ def test_batch_norm_activation_is_batchnorm_then_the_activation(activation, chan
     grads = cpu_kernels.batch_norm_activation_grad(f32(cotangents[0]), f32(x), mean, var, f32(scale), f32(bias),
                                                    f32(cotangents[1]), f32(cotangents[2]), 1e-5, activation)
     with jax.enable_x64(True):
-        want, vjp = jax.vjp(lambda *a: reference_batch_norm_activation(*a, activation), x, scale, bias)
-        want, want_grads = [np.asarray(a) for a in want], [np.asarray(a) for a in vjp(cotangents)]
+        want, want_grads = reference_with_grads(x, scale, bias, cotangents, activation)
+        want, want_grads = [np.asarray(a) for a in want], [np.asarray(a) for a in want_grads]
     for got, w in zip((y, grads[0]), (want[0], want_grads[0])):
         assert got.dtype == np.float32 and got.shape == w.shape
         np.testing.assert_allclose(got, w, rtol=0, atol=2e-6 * float(np.abs(w).max()))
