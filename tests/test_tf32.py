@@ -153,3 +153,12 @@ def test_torch_tf32_mode_leaves_float64_and_the_outside_alone():
     with tf32_convolutions():
         rounded = layer32(x32)
     assert not torch.equal(rounded, layer32(x32))  # outside the context: float32 as torch computes it
+
+
+def test_sweep_command_line_takes_tf32(tmp_path):
+    """--precision tf32 reaches the sweep's engine options (stored in every row) and its own file."""
+    from flaxdepth import sweep
+
+    [config] = sweep.configs(sweep.parse_args(["--variant", "elu_bn", "--precision", "tf32", "--out", str(tmp_path)]))
+    assert config.engine.precision == "tf32" and config.as_row()["engine"]["precision"] == "tf32"
+    assert config.results_path().name == "elu_bn_jax_corrected_e3_b256_mnist_prectf32.jsonl"
