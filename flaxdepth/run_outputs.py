@@ -103,13 +103,15 @@ def load_weights(results_path: Path, row: dict) -> tuple[dict, dict]:
 
 class RunOutputs:
     """Collects one depth's outputs while its runs train, for a sweep configuration
-    (search.SweepConfig: save_weights, diagnostics) and a probe batch (uint8 images, labels: the
-    first test images). Everything measured is numbers on the host; `elapsed` is the time spent here,
-    which the rows' wall_s leaves out."""
+    (search.SweepConfig: save_weights, diagnostics), a probe batch (uint8 images, labels: the
+    first test images) and the engine options the runs train with (rematerialize resolved: no
+    process decides anything alone). Everything measured is numbers on the host; `elapsed` is the
+    time spent here, which the rows' wall_s leaves out."""
 
     def __init__(self, config, depth: int, runs: list[tuple[int, float]], probe_images: np.ndarray,
-                 probe_labels: np.ndarray, measure: bool = True):
+                 probe_labels: np.ndarray, engine=None, measure: bool = True):
         self.config, self.depth, self.runs = config, depth, list(runs)
+        self.engine = config.engine if engine is None else engine
         self.spec = registry.get_variant(config.variant)
         self.probe_images, self.probe_labels = probe_images, probe_labels
         self.measure = measure  # False on processes that write nothing
@@ -154,7 +156,7 @@ class RunOutputs:
         # Without BatchNorm both modes compute the same: one program (compile time is most of the cost).
         measured = diagnose.layer_diagnostics(self.spec, self.depth, variables, train.normalize(self.probe_images),
                                               self.probe_labels.astype(np.int32), bn_train or not self.spec.batchnorm,
-                                              c.fan, c.engine, fast_compile=True)
+                                              c.fan, self.engine, fast_compile=True)
         self.diagnostics.setdefault(run, {})[moment] = summary(measured, bn_train)
         self.diagnostics_s += time.perf_counter() - start
 

@@ -382,7 +382,7 @@ class Sweep:
         outputs = None
         if c.save_weights or c.diagnostics:
             probe = self.dataset.test_images[:c.probe_size], self.dataset.test_labels[:c.probe_size]
-            outputs = self._outputs = run_outputs.RunOutputs(c, depth, runs, *probe, measure=self.writer)
+            outputs = self._outputs = run_outputs.RunOutputs(c, depth, runs, *probe, self._engine, measure=self.writer)
         try:
             if c.framework == "jax":
                 if self._device_data is None:
