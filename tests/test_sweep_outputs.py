@@ -51,7 +51,8 @@ def tiny_runs(tmp_path_factory):
         for framework in ("jax", "torch"):
             out = tmp_path_factory.mktemp(framework)
             status = sweep.main([*TINY_SWEEP, "--framework", framework, "--out", str(out)])
-            runs[framework] = status, out / f"{VARIANT}_{framework}_corrected_e1_b256_mnist_train{TRAIN}_test{TEST}.jsonl"
+            name = f"{VARIANT}_{framework}_corrected_e1_b256_mnist_train{TRAIN}_test{TEST}.jsonl"
+            runs[framework] = status, out / name
         return runs
     finally:
         torch.set_num_threads(threads)
