@@ -104,9 +104,9 @@ def load_weights(results_path: Path, row: dict) -> tuple[dict, dict]:
 class RunOutputs:
     """Collects one depth's outputs while its runs train, for a sweep configuration
     (search.SweepConfig: save_weights, diagnostics), a probe batch (uint8 images, labels: the
-    first test images) and the engine options the runs train with (rematerialize resolved: no
-    process decides anything alone). Everything measured is numbers on the host; `elapsed` is the
-    time spent here, which the rows' wall_s leaves out."""
+    first test images) and the engine options the runs train with (rematerialize resolved, so that
+    process 0 measures alone without any collective step). Everything measured is numbers on the
+    host; `elapsed` is the time spent here, which the rows' wall_s leaves out."""
 
     def __init__(self, config, depth: int, runs: list[tuple[int, float]], probe_images: np.ndarray,
                  probe_labels: np.ndarray, engine=None, measure: bool = True):
@@ -121,7 +121,7 @@ class RunOutputs:
         self.diagnostics_s = 0.0
 
     def _moment(self, epochs_trained: int) -> str | None:
-        """"init", "end" or None (an epoch between)."""
+        """The moment a row records: "init", "end", or None (an epoch between)."""
         return {0: "init", self.config.epochs: "end"}.get(epochs_trained)
 
     def _bn_train(self, epochs_trained: int) -> bool:
