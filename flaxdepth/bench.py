@@ -7,6 +7,12 @@ over `--cpu-devices`, with the one-device and vmapped forms beside it), and comp
 epoch program against depth.
 `--full-run`: wall time of a whole training run, the notebook's loop (its DataLoader included)
 against flaxdepth's scanned epochs with R replicas (on several CPU devices, also on one of them).
+`--depth-scaling`: one model against depth under each rematerialization side by side: a training
+step's peak memory, ms per step and per layer at two depths, and the epoch program's compile time.
+A step's memory is measured twice: as the peak resident memory of a fresh process that builds the
+model and runs the step (what the machine must have: the target is about it; it includes Python,
+JAX and the model's initialization, reported beside it) and as XLA's memory_analysis of the
+compiled step (its temporary buffers: the step's own need, independent of the process).
 """
 
 from __future__ import annotations
@@ -15,19 +21,21 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
-import torch_ref
-from torch_ref import training as torch_training
+# torch is imported where it is used: `step_memory` runs in a child process that imports this
+# module, and torch's ~180 MB would count in that process's peak memory.
 from flaxdepth import cpu_kernels, registry, train
-from flaxdepth.options import EngineOptions
+from flaxdepth.options import AUTO, REMATERIALIZATIONS, EngineOptions
 from flaxdepth.search import ConfigError
 from flaxdepth.sweep import add_engine_arguments, engine_options
 from flaxdepth.variants import add_variants_file_argument, load_variants_files
@@ -57,6 +65,10 @@ def bench_mesh():
 
 def torch_stepper(variant: str, depth: int, images_u8, labels, device: str):
     """A closure running n notebook training steps of torch_ref on one fixed batch."""
+    import torch
+    import torch_ref
+    from torch_ref import training as torch_training
+
     model = torch_ref.build(variant, depth).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=registry.get_variant(variant).lr, momentum=0.9)
     x = torch_training.normalize(images_u8).to(device)
@@ -98,11 +110,15 @@ def jax_stepper(variant: str, depth: int, images_u8, labels, replicas: int, opti
             holder[0], metrics = step(holder[0], x, y)
         jax.block_until_ready(metrics)
     run.compiled_text = lambda: step.lower(holder[0], x, y).compile().as_text()  # for profiles
+    run.memory_analysis = lambda: step.lower(holder[0], x, y).compile().memory_analysis()
+    run.options = model.options  # rematerialize "auto" resolved
     return run
 
 
 def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, steps: int, rounds: int,
                    device: str, options: EngineOptions = EngineOptions()) -> dict:
+    import torch
+
     mesh = bench_mesh()
     if replicas % mesh.size:  # a count set by XLA_FLAGS or $JAX_NUM_CPU_DEVICES
         print(f"{PROG}: error: --replicas {replicas} must be a multiple of the {mesh.size} CPU devices",
@@ -160,12 +176,81 @@ def compile_benchmark(variant: str, depths: list[int], batch_size: int,
     return seconds
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (getrusage counts kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def step_memory(variant: str, depth: int, batch_size: int, options: EngineOptions = EngineOptions()) -> dict:
+    """Memory of one model's training step, measured in this process: its peak resident memory
+    before the step (imports, the model's initialization) and after compiling and running two
+    steps, and XLA's account of the compiled step's buffers (memory_analysis: temporaries, which
+    hold what the backward pass keeps, and arguments). The peak is the process's high-water mark,
+    so each configuration needs a fresh process (`step_memory_in_subprocess`)."""
+    images, labels = synthetic_batch(batch_size)
+    run = jax_stepper(variant, depth, images, labels, 1, options)
+    before = peak_rss_bytes()
+    run(2)
+    peak = peak_rss_bytes()
+    analysis = run.memory_analysis()
+    return {"depth": depth, "rematerialize": run.options.rematerialize, "peak_rss_bytes": peak,
+            "peak_rss_before_step_bytes": before, "xla_temp_bytes": analysis.temp_size_in_bytes,
+            "xla_argument_bytes": analysis.argument_size_in_bytes}
+
+
+def step_memory_in_subprocess(variant: str, depth: int, batch_size: int, options: EngineOptions,
+                              variants_files: list[str]) -> dict:
+    """`step_memory` in a fresh Python process with one CPU device (or this machine's first
+    accelerator), so that its peak is this configuration's alone."""
+    code = ("import json, sys; from flaxdepth import bench, options, variants; a = json.loads(sys.argv[1]); "
+            "variants.load_variants_files(a['files']); print(json.dumps(bench.step_memory("
+            "a['variant'], a['depth'], a['batch'], options.EngineOptions(**a['options']))))")
+    arguments = json.dumps({"variant": variant, "depth": depth, "batch": batch_size, "options": options.as_dict(),
+                            "files": variants_files})
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}  # one device, as a step runs
+    proc = subprocess.run([sys.executable, "-c", code, arguments], capture_output=True, text=True, env=environment)
+    if proc.returncode:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return {"depth": depth, "rematerialize": options.rematerialize, "error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def depth_time_benchmark(variant: str, depths: list[int], rematerializations: list[str], batch_size: int,
+                         steps: int, rounds: int, options: EngineOptions = EngineOptions()) -> dict:
+    """ms per training step and per layer of one model at each depth under each rematerialization,
+    all compiled first and timed in interleaved rounds (median), and per rematerialization the
+    deepest step's time over the shallowest's, divided by the depth ratio (1: flat per layer)."""
+    images, labels = synthetic_batch(batch_size)
+    runners = {(depth, mode): jax_stepper(variant, depth, images, labels, 1,
+                                          dataclasses.replace(options, rematerialize=mode))
+               for mode in rematerializations for depth in depths}
+    for run in runners.values():  # warm-up: compilation, allocator
+        run(1)
+    times = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, run in runners.items():
+            times[key].append(_time(run, steps))
+    ms = {key: statistics.median(t) for key, t in times.items()}
+    rows = [{"depth": depth, "rematerialize": runners[depth, mode].options.rematerialize,
+             "ms_per_step": ms[depth, mode], "ms_per_layer": ms[depth, mode] / depth}
+            for mode in rematerializations for depth in depths]
+    first, last = depths[0], depths[-1]
+    ratios = {runners[last, mode].options.rematerialize: ms[last, mode] / ms[first, mode] / (last / first)
+              for mode in rematerializations}
+    return {"steps_per_round": steps, "rounds": rounds, "time": rows, "time_ratio_to_linear": ratios}
+
+
 def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, device: str,
                        data_dir: str | None, limit_train: int | None, limit_test: int | None = None,
                        rounds: int = 1, options: EngineOptions = EngineOptions()) -> dict:
     """A whole run: the notebook's loop with a shuffling DataLoader over per-sample transforms,
     against flaxdepth's engine training `replicas` models at once (compile included and not; the
     median of `rounds` timed runs, interleaved with the one-device runs where there are those)."""
+    import torch
+    import torch_ref
+    from torch_ref import training as torch_training
     from flaxdepth import data as data_module
 
     dataset = data_module.subset(data_module.load_dataset("mnist", data_dir), limit_train, limit_test)
@@ -232,6 +317,34 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
     return result
 
 
+def depth_scaling(args) -> dict:
+    """--depth-scaling: memory, time per layer and compile time against depth, under each of
+    --rematerializations, progress on stderr. "auto" is measured for memory only (its row names the
+    choice): for time and compile it is one of the others, whose programs JAX would reuse."""
+    result = {"variant": args.variant, "batch_size": args.batch_size, "memory": []}
+    concrete = [mode for mode in args.rematerializations if mode != AUTO]
+    for depth in args.memory_depths:
+        for mode in args.rematerializations:
+            row = step_memory_in_subprocess(args.variant, depth, args.batch_size,
+                                            dataclasses.replace(args.engine, rematerialize=mode), args.variants_file)
+            print(f"memory k={depth} {mode}: {row}", file=sys.stderr, flush=True)
+            result["memory"].append(row)
+    if args.time_depths and concrete:
+        result.update(depth_time_benchmark(args.variant, args.time_depths, concrete, args.batch_size,
+                                           args.steps, args.rounds, args.engine))
+        print(f"time: {result['time']}", file=sys.stderr, flush=True)
+    if args.compile_depths and concrete:
+        result["compile_s"], result["compile_ratio"] = {}, {}
+        first, last = args.compile_depths[0], args.compile_depths[-1]
+        for mode in concrete:
+            seconds = compile_benchmark(args.variant, args.compile_depths, args.batch_size,
+                                        dataclasses.replace(args.engine, rematerialize=mode))
+            result["compile_s"][mode] = {str(k): v for k, v in seconds.items()}
+            result["compile_ratio"][mode] = seconds[last] / seconds[first]
+            print(f"compile {mode}: {result['compile_s'][mode]}", file=sys.stderr, flush=True)
+    return result
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -244,12 +357,24 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="on CPUs, split the replicas over N devices (N divides R); default: as the sweep "
                         "(flaxdepth.train.cpu_device_count), reduced to a divisor of R")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed round (default: 5, or 1 with "
+                                                               "--depth-scaling)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds; the median is reported (default: 5, or 1 with --full-run)")
-    p.add_argument("--compile-depths", default="30,300",
-                   help="depths to time the epoch program's compilation at ('' to skip)")
+                   help="interleaved rounds; the median is reported (default: 5, 1 with --full-run, 3 with "
+                        "--depth-scaling)")
+    p.add_argument("--compile-depths", default=None,
+                   help="depths to time the epoch program's compilation at ('' to skip; default: 30,300, or "
+                        "30,10002 with --depth-scaling)")
     p.add_argument("--full-run", action="store_true", help="time whole training runs instead of steps")
+    scaling = p.add_argument_group(
+        "--depth-scaling: the engine against depth, one model, each under every --rematerializations")
+    scaling.add_argument("--depth-scaling", action="store_true",
+                         help="a training step's peak memory (a fresh process per configuration) at --memory-depths, "
+                              "ms per step and per layer at --time-depths, compile time at --compile-depths")
+    scaling.add_argument("--rematerializations", default="none,nested",
+                         help="the rematerializations compared side by side (none, layers, nested, auto)")
+    scaling.add_argument("--memory-depths", default="3000", help="depths of the memory measurement ('' to skip)")
+    scaling.add_argument("--time-depths", default="300,3000", help="depths of the step timing ('' to skip)")
     p.add_argument("--epochs", type=int, default=3, help="with --full-run")
     p.add_argument("--data-dir", default=None, help="with --full-run: MNIST folder")
     p.add_argument("--limit-train", type=int, default=None, help="with --full-run: first N training images")
@@ -262,17 +387,26 @@ def parse_args(argv=None):
         registry.get_variant(args.variant)
     except registry.SpecError as error:
         p.error(str(error))
+    if args.compile_depths is None:
+        args.compile_depths = "30,10002" if args.depth_scaling else "30,300"
     try:
         registry.check_depth(args.depth)
-        args.compile_depths = [registry.check_depth(int(d)) for d in args.compile_depths.split(",") if d.strip()]
+        for name in ("compile_depths", "memory_depths", "time_depths"):
+            setattr(args, name, [registry.check_depth(int(d)) for d in getattr(args, name).split(",") if d.strip()])
     except ValueError as error:
         p.error(str(error))
+    args.rematerializations = [mode.strip() for mode in args.rematerializations.split(",") if mode.strip()]
+    bad = [mode for mode in args.rematerializations if mode not in (AUTO, *REMATERIALIZATIONS)]
+    if bad or not args.rematerializations:
+        p.error(f"--rematerializations takes {', '.join((*REMATERIALIZATIONS, AUTO))}, got {bad or 'none'}")
     try:
         args.engine = engine_options(args)
     except ConfigError as error:
         p.error(str(error))
     if args.rounds is None:
-        args.rounds = 1 if args.full_run else 5
+        args.rounds = 1 if args.full_run else 3 if args.depth_scaling else 5
+    if args.steps is None:
+        args.steps = 1 if args.depth_scaling else 5
     for name in ("batch_size", "replicas", "steps", "rounds", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -284,6 +418,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    import torch
+
     args = parse_args(argv)
     train.request_cpu_devices(args.cpu_devices)  # before JAX starts
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,6 +438,8 @@ def main(argv=None) -> int:
         except DataError as error:  # no MNIST where it was looked for: what to pass instead
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
+    elif args.depth_scaling:
+        result.update(depth_scaling(args))
     else:
         result.update(step_benchmark(args.variant, args.depth, args.batch_size, args.replicas, args.steps,
                                      args.rounds, device, args.engine))

@@ -336,6 +336,27 @@ def bench_main(argv):
     return bench.main(argv)
 
 
+def test_bench_measures_a_steps_memory_in_a_fresh_process_with_auto_resolved():
+    """--depth-scaling's memory row: a child process's peak (above its peak before the step) and
+    XLA's buffers of the step, with rematerialize "auto" named as what it chose there."""
+    from flaxdepth import bench
+
+    row = bench.step_memory_in_subprocess("tanh", 6, 8, EngineOptions(rematerialize="auto"), [])
+    assert row["rematerialize"] in ("none", "layers", "nested"), row
+    assert row["peak_rss_bytes"] >= row["peak_rss_before_step_bytes"] > 0 and row["xla_temp_bytes"] > 0
+
+
+def test_bench_depth_scaling_options():
+    from flaxdepth import bench
+
+    args = bench.parse_args(["--depth-scaling", "--rematerializations", "none,nested,auto"])
+    assert (args.compile_depths, args.memory_depths, args.time_depths) == ([30, 10002], [3000], [300, 3000])
+    assert (args.steps, args.rounds, args.rematerializations) == (1, 3, ["none", "nested", "auto"])
+    assert bench.parse_args([]).compile_depths == [30, 300]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--depth-scaling", "--rematerializations", "blocks"])
+
+
 def test_bench_full_run_times_both_loops_and_the_one_device_engine(env_without_device_count):
     """--full-run on a subset, in a fresh process with 2 CPU devices: the notebook loop, the
     engine over the devices and the engine on one device (2 interleaved rounds) on the subset
