@@ -58,7 +58,7 @@ class Variant:
     init: str = "normal"  # conv weights, see `conv_init_std` and the orthogonal ones
     init_std: float = OLD_INIT_SIGMA  # "normal"'s std
     init_fan: str = "out"  # fan of glorot / he / lecun
-    init_gain: float = 1.0  # gain of orthogonal / delta_orthogonal
+    init_gain: float = 1.0  # scales orthogonal, delta_orthogonal, glorot, he and lecun weights (not normal's)
     bias_std: float = 0.0  # conv bias N(0, bias_std); 0: zeros, the notebook's
     channels: int = 4  # the first stage's width; each later stage doubles it
     heads: str = "last"  # "every_stage": a Linear head after every stage, losses averaged
@@ -284,9 +284,10 @@ def head_features(spec: Variant, stage: int) -> int:
     return stage_channels(stage, spec.channels)[1] * (28 // 2 ** (stage + 1)) ** 2
 
 
-#: Gaussian conv inits: std = sqrt(scale / (9 * fan)), fan = C_out or C_in per `init_fan`. The
-#: notebook's Glorot-style sigma sqrt(1 / (9 * C_out)) is "glorot" (the same formula as lecun's,
-#: named as the notebook names it).
+#: Gaussian conv inits: std = init_gain * sqrt(scale / (9 * fan)), fan = C_out or C_in per
+#: `init_fan`. The notebook's Glorot-style sigma sqrt(1 / (9 * C_out)) is "glorot" (the same formula
+#: as lecun's, named as the notebook names it). The gain puts a Gaussian init at any sigma_w^2 =
+#: init_gain^2 * scale (fan in), such as a critical point of flaxdepth.theory.
 _GAUSSIAN_SCALES = {"glorot": 1.0, "he": 2.0, "lecun": 1.0}
 
 
@@ -294,7 +295,8 @@ def conv_init_std(variant: Variant, channels_in: int, channels_out: int, fan: st
     """Std of the N(0, std) that a Gaussian-initialized conv weight is drawn from.
 
     `fan` (None: the spec's `init_fan`) overrides the fan of glorot / he / lecun; the notebook's
-    text allows sqrt(1 / (3 * 3 * C_in)) beside its sqrt(1 / (3 * 3 * C_out)). "normal" ignores it.
+    text allows sqrt(1 / (3 * 3 * C_in)) beside its sqrt(1 / (3 * 3 * C_out)). "normal" ignores it
+    and `init_gain` (its std is `init_std`).
     """
     fan = variant.init_fan if fan is None else fan
     if fan not in FANS:
@@ -303,4 +305,6 @@ def conv_init_std(variant: Variant, channels_in: int, channels_out: int, fan: st
         return variant.init_std
     if variant.init not in _GAUSSIAN_SCALES:
         raise ValueError(f"init {variant.init!r} is not Gaussian")
-    return (_GAUSSIAN_SCALES[variant.init] / (3 * 3 * (channels_out if fan == "out" else channels_in))) ** 0.5
+    # Times 1.0 (every built-in's gain) is exact in floating point: their draws do not change.
+    fan_size = 3 * 3 * (channels_out if fan == "out" else channels_in)
+    return variant.init_gain * (_GAUSSIAN_SCALES[variant.init] / fan_size) ** 0.5

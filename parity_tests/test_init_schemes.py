@@ -1,8 +1,8 @@
 """Every conv initialization a spec can declare follows its formula in both frameworks.
 
-Gaussian schemes (normal, glorot, he, lecun, fan in and out) and N(0, bias_std) biases: the pooled
-draws of SEEDS models against N(0, sigma) (test_init_distributions' moment and Kolmogorov-Smirnov
-checks). orthogonal: each draw, its kernel flattened to C_out x 9 C_in as torch flattens it, has
+Gaussian schemes (normal, glorot, he, lecun, fan in and out, a gain) and N(0, bias_std) biases:
+the pooled draws of SEEDS models against N(0, sigma) (test_init_distributions' moment and
+Kolmogorov-Smirnov checks). orthogonal: each draw, its kernel flattened to C_out x 9 C_in as torch flattens it, has
 orthonormal rows (or columns, when C_out > 9 C_in) times the gain. delta_orthogonal: the centre
 tap is gain times an orthonormal C_in x C_out matrix (M M^T = gain^2 I), the other eight taps are
 exactly zero. Gates and GroupNorm affine parameters start at their constants.
@@ -30,7 +30,7 @@ SCHEMES = [
     registry.Variant("s_normal", "tanh", init="normal", init_std=0.3, bias_std=0.2),
     registry.Variant("s_glorot_in", "elu", init="glorot", init_fan="in"),
     registry.Variant("s_he_in", "relu", init="he", init_fan="in", channels=6),
-    registry.Variant("s_he_out", "relu", init="he", init_fan="out", bias_std=0.05),
+    registry.Variant("s_he_out", "relu", init="he", init_fan="out", init_gain=0.8, bias_std=0.05),
     registry.Variant("s_lecun_in", "selu", init="lecun", init_fan="in", norm="group", norm_groups=2),
     registry.Variant("s_orthogonal", "tanh", init="orthogonal", init_gain=1.5, channels=8),
     registry.Variant("s_delta_orthogonal", "tanh", init="delta_orthogonal", init_gain=1.2, bias_std=0.1,

@@ -45,6 +45,19 @@ def test_a_toml_file_registers_its_variants(toml_file):
     assert registry.conv_init_std(spec, 8, 16) == pytest.approx((2 / (9 * 8)) ** 0.5)  # fan in
 
 
+@pytest.mark.parametrize("init, scale", [("glorot", 1.0), ("he", 2.0), ("lecun", 1.0)])
+@pytest.mark.parametrize("fan", ["in", "out"])
+def test_init_gain_scales_the_gaussian_std(init, scale, fan):
+    """std = gain * sqrt(scale / (9 * fan)): sigma_w^2 = 9 C_in std^2 = gain^2 * scale with fan in."""
+    plain = registry.Variant("g", "tanh", init=init, init_fan=fan)
+    gained = dataclasses.replace(plain, init_gain=1.3)
+    fan_size = 9 * (8 if fan == "in" else 16)
+    assert registry.conv_init_std(plain, 8, 16) == (scale / fan_size) ** 0.5
+    assert registry.conv_init_std(gained, 8, 16) == pytest.approx(1.3 * (scale / fan_size) ** 0.5, rel=1e-15)
+    normal = registry.Variant("n", "tanh", init="normal", init_std=0.3, init_gain=1.3)
+    assert registry.conv_init_std(normal, 8, 16) == 0.3  # normal's std is init_std alone
+
+
 def test_a_spec_object_registers_and_resolves():
     spec = registry.Variant("my_elu_bn", "elu", norm="batch", init="glorot")
     try:
