@@ -1,0 +1,61 @@
+"""experiments/eval_mode_collapse.py: at the notebook's knobs a run is the sweep's --framework torch
+run with --notebook-quirks; the population statistics are the batches' averaged; bad knobs are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from flaxdepth.data import Dataset
+
+
+@pytest.fixture(scope="module")
+def collapse(load_experiment):
+    return load_experiment("eval_mode_collapse")
+
+
+@pytest.fixture(scope="module")
+def small_dataset() -> Dataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=300).astype(np.uint8)
+    return Dataset("random", images[:200], labels[:200], images[200:], labels[200:])
+
+
+def test_default_knobs_are_the_sweeps_torch_run(collapse, small_dataset):
+    """Same initial weights, batch order, BatchNorm modes and SGD: the same errors, bit for bit."""
+    from flaxdepth import torch_runner
+
+    knobs = collapse.Knobs(depth=3, seed=1, epochs=2, batch_size=64)  # 3 full batches and a partial one
+    row = collapse.train_run(knobs, small_dataset)
+    [expected] = torch_runner.train_torch_runs("elu_bn", 3, small_dataset, [(1, 0.05)], epochs=2, batch_size=64,
+                                               notebook_quirks=True)
+    assert row["train_errors"] == expected.train_errors and row["test_errors"] == expected.test_errors
+    assert len(row["first_eval_epoch_losses"]) == 4
+
+
+def test_population_statistics_average_the_batches(collapse, small_dataset):
+    from torch_ref import build, training
+
+    model = build("elu_bn", 3)
+    images = training.normalize(small_dataset.train_images)
+    collapse.population_statistics(model, images, 64)
+    first_conv, first_norm = model.conv_stages[0][0], model.conv_stages[0][1]
+    with torch.no_grad():
+        outputs = [first_conv(images[start:start + 64]) for start in range(0, len(images), 64)]
+    expected_mean = torch.stack([o.mean((0, 2, 3)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outputs]).mean(0)
+    torch.testing.assert_close(first_norm.running_mean, expected_mean)
+    torch.testing.assert_close(first_norm.running_var, expected_var)
+    assert first_norm.momentum == 0.1  # restored for training
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variant": "elu"}, "no BatchNorm"), ({"epochs": 1}, "at least 2"), ({"last_batch": "half"}, "--last-batch"),
+    ({"precision": "tf16"}, "--precision"), ({"momentum": 1.0}, "momentum")])
+def test_bad_knobs_are_one_line_errors(collapse, change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(collapse.Knobs(), **change).validate()
