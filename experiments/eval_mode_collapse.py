@@ -1,16 +1,19 @@
 """The notebook's protocol (BatchNorm in eval mode from epoch 2) with one knob turned at a time:
 what makes a BatchNorm net survive, or not, its first eval-mode epoch.
 
-    python experiments/eval_mode_collapse.py --depth 3 --seeds 0,1,2 [--lr 0.05] [--momentum 0.9]
-        [--bn-eps 1e-5] [--last-batch keep|drop] [--running-stats ema|population]
-        [--precision default|highest|tf32] [--dtype float32|float64] [--epochs 2]
-        [--limit-train N] [--limit-test N] [--out FILE.jsonl] [--threads N]
+    python experiments/eval_mode_collapse.py --depth 3 --seeds 0,1,2 [--lr 0.05] [--eval-lr LR]
+        [--momentum 0.9] [--reset-momentum] [--bn-eps 1e-5] [--last-batch keep|drop]
+        [--running-stats ema|population] [--precision default|highest|tf32] [--dtype float32|float64]
+        [--epochs 2] [--sharpness-iterations N] [--limit-train N] [--limit-test N] [--out FILE.jsonl]
+        [--threads N]
 
 One run per seed with torch_ref's model and the notebook's loop, from flaxdepth's initial weights
 and batch order for the seed (flaxdepth.torch_runner), so that at the default knobs a run is
 `python -m flaxdepth.sweep --framework torch --notebook-quirks`'s (tests/test_eval_mode_collapse.py).
 The knobs, each the notebook's by default:
-- --lr, --momentum: SGD's (the notebook's 0.05 for elu_bn and 0.9);
+- --lr, --momentum: SGD's (the notebook's 0.05 for elu_bn and 0.9); --eval-lr: the lr from the
+  first eval-mode epoch on (epoch 1 trains at --lr); --reset-momentum: SGD's momentum buffers
+  zeroed at the switch to eval mode, so that the first eval-mode step is the eval-mode gradient's;
 - --bn-eps: every BatchNorm's eps (1e-5);
 - --last-batch drop: epoch 1 (train mode, the epoch whose running statistics eval mode then uses)
   skips its partial last batch (60000 = 234 x 256 + 96), so the running statistics end on a full
@@ -23,11 +26,19 @@ The knobs, each the notebook's by default:
   convolutions' operands) and float64.
 Each run appends one JSON row: the knobs, per-epoch train and test errors, whether the weights
 stayed finite, and the loss of every step of the first eval-mode epoch (null where not finite).
+
+With --sharpness-iterations N the row also holds the sharpness at the switch: the largest
+eigenvalue of the loss's Hessian with respect to the parameters, on the first batch of epoch 2,
+with BatchNorm in train mode (batch statistics) and in eval mode (running statistics), by N steps of
+power iteration on Hessian-vector products (torch's double backward, in the run's dtype, float32
+convolutions whatever --precision), beside the stability limit of SGD with heavy-ball momentum on
+a quadratic, 2 (1 + momentum) / lr: a direction curved more than that grows at every step.
 """
 
 # no `from __future__ import annotations`: dataclasses resolves string annotations through
 # sys.modules, which a script loaded from its file (tests/conftest.py's load_experiment) is not in
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -53,7 +64,9 @@ class Knobs:
     depth: int = 3
     seed: int = 0
     lr: float | None = None  # None: the variant's
+    eval_lr: float | None = None  # from the first eval-mode epoch on; None: lr
     momentum: float = 0.9
+    reset_momentum: bool = False
     bn_eps: float = 1e-5
     last_batch: str = "keep"
     running_stats: str = "ema"
@@ -76,9 +89,10 @@ class Knobs:
                                  f"got {getattr(self, name)!r}")
         if self.epochs < 2:
             raise ValueError(f"--epochs must be at least 2 (eval mode starts in epoch 2), got {self.epochs}")
-        if not (self.lr is None or self.lr > 0) or not self.bn_eps > 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need lr > 0, bn eps > 0 and 0 <= momentum < 1, got {self.lr}, {self.bn_eps}, "
-                             f"{self.momentum}")
+        if any(lr is not None and not lr > 0 for lr in (self.lr, self.eval_lr)) or not self.bn_eps > 0 \
+                or not 0 <= self.momentum < 1:
+            raise ValueError(f"need lrs > 0, bn eps > 0 and 0 <= momentum < 1, got lr {self.lr}, eval lr "
+                             f"{self.eval_lr}, eps {self.bn_eps}, momentum {self.momentum}")
         return self
 
     @property
@@ -86,6 +100,10 @@ class Knobs:
         from flaxdepth import registry
 
         return self.lr if self.lr is not None else registry.get_variant(self.variant).lr
+
+    @property
+    def eval_learning_rate(self) -> float:
+        return self.eval_lr if self.eval_lr is not None else self.learning_rate
 
 
 def population_statistics(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> None:
@@ -104,8 +122,29 @@ def population_statistics(model: torch.nn.Module, images: torch.Tensor, batch_si
         m.momentum = momentum
 
 
-def train_run(knobs: Knobs, dataset) -> dict:
-    """One run of the notebook's loop with these knobs; its results row (without the environment)."""
+def sharpness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, train_mode: bool,
+              iterations: int, seed: int = 0) -> float:
+    """The largest eigenvalue of the Hessian of the cross-entropy on (images, labels) with respect to
+    the parameters (the Rayleigh quotient after `iterations` power-iteration steps), BatchNorm in
+    train or eval mode; on a copy, so that the model's running statistics stay as they are."""
+    model = copy.deepcopy(model).train(train_mode)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(images), labels), params, create_graph=True)
+    generator = torch.Generator().manual_seed(seed)
+    vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    eigenvalue = float("nan")
+    for _ in range(iterations):
+        norm = torch.sqrt(sum(v.square().sum() for v in vector))
+        vector = [v / norm for v in vector]
+        product = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
+        eigenvalue = float(sum((h * v).sum() for h, v in zip(product, vector)))
+        vector = [h.detach() for h in product]
+    return eigenvalue
+
+
+def train_run(knobs: Knobs, dataset, sharpness_iterations: int = 0) -> dict:
+    """One run of the notebook's loop with these knobs; its results row (without the environment).
+    With `sharpness_iterations`, the sharpness at the switch (see the module docstring)."""
     from flaxdepth import torch_runner, train
     from torch_ref import build, training
 
@@ -122,15 +161,27 @@ def train_run(knobs: Knobs, dataset) -> dict:
             m.eps = knobs.bn_eps
     optimizer = torch.optim.SGD(model.parameters(), lr=knobs.learning_rate, momentum=knobs.momentum)
     n = len(dataset.train_labels)
-    train_errors, test_errors, eval_losses = [], [], []
+    train_errors, test_errors, eval_losses, at_switch = [], [], [], None
     start = time.perf_counter()
-    with torch_runner.torch_precision(knobs.precision):
-        model.train()  # epoch 1 only: the notebook's test() leaves the model in eval mode after it
-        for epoch in range(knobs.epochs):
-            order = np.array(train.epoch_orders([knobs.seed], epoch, n)[0])
-            if epoch == 0 and knobs.last_batch == "drop":
-                order = order[: n // knobs.batch_size * knobs.batch_size]
-            correct, seen, losses = 0, 0, []
+    model.train()  # epoch 1 only: the notebook's test() leaves the model in eval mode after it
+    for epoch in range(knobs.epochs):
+        order = np.array(train.epoch_orders([knobs.seed], epoch, n)[0])
+        if epoch == 0 and knobs.last_batch == "drop":
+            order = order[: n // knobs.batch_size * knobs.batch_size]
+        if epoch == 1:  # the switch: the notebook's test() has put the model in eval mode
+            for group in optimizer.param_groups:
+                group["lr"] = knobs.eval_learning_rate
+            if knobs.reset_momentum:
+                optimizer.state.clear()  # SGD starts its buffers again from the next gradient
+            if sharpness_iterations:  # in float32 or float64: TF32's rounding has no second derivative
+                first = order[: knobs.batch_size]
+                batch = images[first], torch.as_tensor(dataset.train_labels[first]).long()
+                with torch_runner.torch_precision("highest"):
+                    at_switch = {mode: sharpness(model, *batch, mode == "train", sharpness_iterations)
+                                 for mode in ("train", "eval")}
+                at_switch["stability_limit"] = 2 * (1 + knobs.momentum) / knobs.eval_learning_rate
+        correct, seen, losses = 0, 0, []
+        with torch_runner.torch_precision(knobs.precision):
             for x, y in training.batches(images, dataset.train_labels, order, knobs.batch_size):
                 output = model(x)
                 loss = torch.nn.functional.cross_entropy(output, y)
@@ -144,12 +195,13 @@ def train_run(knobs: Knobs, dataset) -> dict:
                 population_statistics(model, images, knobs.batch_size)
             train_errors.append(1 - correct / seen)
             test_errors.append(training.test(model, test_loader))  # model.eval(), as the notebook's
-            if epoch == 1:
-                eval_losses = [loss if math.isfinite(loss) else None for loss in losses]
+        if epoch == 1:
+            eval_losses = [loss if math.isfinite(loss) else None for loss in losses]
     finite = all(torch.isfinite(p).all().item() for p in model.parameters())
     return {"knobs": dataclasses.asdict(knobs), "learning_rate": knobs.learning_rate,
             "train_errors": train_errors, "test_errors": test_errors, "finite": finite,
-            "first_eval_epoch_losses": eval_losses, "wall_s": time.perf_counter() - start}
+            "first_eval_epoch_losses": eval_losses, "sharpness_at_switch": at_switch,
+            "wall_s": time.perf_counter() - start}
 
 
 def environment() -> dict:
@@ -166,13 +218,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=defaults.depth)
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
     p.add_argument("--lr", type=float, default=None, help="default: the variant's")
+    p.add_argument("--eval-lr", type=float, default=None, help="lr of the eval-mode epochs (default: --lr)")
     p.add_argument("--momentum", type=float, default=defaults.momentum)
+    p.add_argument("--reset-momentum", action="store_true", help="zero SGD's momentum buffers at the switch")
     p.add_argument("--bn-eps", type=float, default=defaults.bn_eps)
     p.add_argument("--last-batch", default=defaults.last_batch, choices=LAST_BATCH)
     p.add_argument("--running-stats", default=defaults.running_stats, choices=RUNNING_STATS)
     p.add_argument("--precision", default=defaults.precision)
     p.add_argument("--dtype", default=defaults.dtype, choices=tuple(DTYPES))
     p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--sharpness-iterations", type=int, default=0,
+                   help="measure the sharpness at the switch with this many power-iteration steps (0: not)")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files (else $FLAXDEPTH_DATA)")
@@ -188,8 +244,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        knobs = [Knobs(variant=args.variant, depth=args.depth, seed=int(seed), lr=args.lr, momentum=args.momentum,
-                       bn_eps=args.bn_eps, last_batch=args.last_batch, running_stats=args.running_stats,
+        knobs = [Knobs(variant=args.variant, depth=args.depth, seed=int(seed), lr=args.lr, eval_lr=args.eval_lr,
+                       momentum=args.momentum, reset_momentum=args.reset_momentum, bn_eps=args.bn_eps, last_batch=args.last_batch, running_stats=args.running_stats,
                        precision=args.precision, dtype=args.dtype, epochs=args.epochs).validate()
                  for seed in args.seeds.split(",")]
         dataset = data.subset(data.load_dataset("mnist", args.data_dir), args.limit_train, args.limit_test)
@@ -198,11 +254,14 @@ def main(argv=None) -> int:
         return 2
     env = environment()
     for k in knobs:
-        row = {**train_run(k, dataset), "limit_train": args.limit_train, "limit_test": args.limit_test,
+        row = {**train_run(k, dataset, args.sharpness_iterations), "limit_train": args.limit_train, "limit_test": args.limit_test,
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **env}
         errors = " ".join(f"{100 * a:.2f}/{100 * b:.2f}" for a, b in zip(row["train_errors"], row["test_errors"]))
-        print(f"seed {k.seed}: train/test error per epoch {errors}, finite {row['finite']}, {row['wall_s']:.0f} s",
-              flush=True)
+        sharp = row["sharpness_at_switch"]
+        sharp = "" if sharp is None else (f", sharpness at the switch: train mode {sharp['train']:.3g}, eval mode "
+                                          f"{sharp['eval']:.3g} (limit {sharp['stability_limit']:.3g})")
+        print(f"seed {k.seed}: train/test error per epoch {errors}, finite {row['finite']}{sharp}, "
+              f"{row['wall_s']:.0f} s", flush=True)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:

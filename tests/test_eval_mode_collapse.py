@@ -55,7 +55,26 @@ def test_population_statistics_average_the_batches(collapse, small_dataset):
 
 @pytest.mark.parametrize("change, message", [
     ({"variant": "elu"}, "no BatchNorm"), ({"epochs": 1}, "at least 2"), ({"last_batch": "half"}, "--last-batch"),
-    ({"precision": "tf16"}, "--precision"), ({"momentum": 1.0}, "momentum")])
+    ({"precision": "tf16"}, "--precision"), ({"momentum": 1.0}, "momentum"), ({"eval_lr": 0.0}, "eval lr")])
 def test_bad_knobs_are_one_line_errors(collapse, change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(collapse.Knobs(), **change).validate()
+
+
+def test_sharpness_is_the_hessians_largest_eigenvalue(collapse):
+    """Power iteration on Hessian-vector products against the explicit Hessian of a small model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3)).double()
+    images, labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def loss(flat):
+        views = [chunk.view(shape) for chunk, shape in zip(flat.split(sizes), shapes)]
+        hidden = torch.tanh(images @ views[0].T + views[1])
+        return torch.nn.functional.cross_entropy(hidden @ views[2].T + views[3], labels)
+
+    hessian = torch.autograd.functional.hessian(loss, torch.cat([p.detach().flatten() for p in params]))
+    largest = torch.linalg.eigvalsh(hessian).abs().max().item()
+    assert collapse.sharpness(model, images, labels, train_mode=True, iterations=300) == pytest.approx(largest, rel=1e-6)
