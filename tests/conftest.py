@@ -26,4 +26,7 @@ def load_experiment():
 def env_without_device_count() -> dict[str, str]:
     """This process's environment less a CPU device count the user may have set (XLA_FLAGS,
     $JAX_NUM_CPU_DEVICES), for a subprocess whose CPU devices flaxdepth must choose itself."""
-    return {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    environment = {key: value for key, value in os.environ.items() if key != "JAX_NUM_CPU_DEVICES"}
+    flags = [flag for flag in environment.pop("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count")]
+    return {**environment, "XLA_FLAGS": " ".join(flags)} if flags else environment
