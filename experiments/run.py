@@ -40,21 +40,31 @@ DECLARED = registry.load_variants(HERE / "variants.toml")
 def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None = None,
            limit_test: int | None = None) -> list[SweepConfig]:
     """One SweepConfig per variant of a sweeps.toml entry; an entry's own limit_train / limit_test
-    (a CPU-sized subset) win over the command line's."""
+    (a CPU-sized subset) win over the command line's. An entry's lrs (for every variant alike, so
+    that inits compare at one lr; default: each variant's lr) and batch_size (default 256) apply;
+    its lr_at_depth table ({"k" = lr} for each of its depths) makes one SweepConfig per variant and
+    depth, at that depth's lr."""
     variants = registry.VARIANT_NAMES if entry["variants"] == "all" else tuple(entry["variants"])
+    lrs = tuple(entry["lrs"]) if "lrs" in entry else None
     configs = []
     for name in variants:
         depths = entry["depths"]
         if depths == "notebook_pair":
             depths = registry.get_variant(name).notebook_pair
-        configs.append(SweepConfig(
-            variant=name, depths=None if depths == "search" else tuple(depths), seeds=entry.get("seeds", 3),
-            epochs=entry.get("epochs", 3), notebook_quirks=entry.get("notebook_quirks", False),
-            framework=entry.get("framework", "jax"), engine=EngineOptions(precision=entry.get("precision", "default")),
-            out=str(out), data_dir=data_dir,
-            limit_train=entry.get("limit_train", limit_train), limit_test=entry.get("limit_test", limit_test),
-            skip_parity=True,  # the parity suite and one check per process (below) cover it
-        ).validate())
+        depths = None if depths == "search" else tuple(depths)
+        by_depth = entry.get("lr_at_depth")
+        for sweep_depths, sweep_lrs in ([((k,), (by_depth[str(k)],)) for k in depths] if by_depth
+                                        else [(depths, lrs)]):
+            configs.append(SweepConfig(
+                variant=name, depths=sweep_depths, seeds=entry.get("seeds", 3), lrs=sweep_lrs,
+                batch_size=entry.get("batch_size", 256),
+                epochs=entry.get("epochs", 3), notebook_quirks=entry.get("notebook_quirks", False),
+                framework=entry.get("framework", "jax"),
+                engine=EngineOptions(precision=entry.get("precision", "default")),
+                out=str(out), data_dir=data_dir,
+                limit_train=entry.get("limit_train", limit_train), limit_test=entry.get("limit_test", limit_test),
+                skip_parity=True,  # the parity suite and one check per process (below) cover it
+            ).validate())
     return configs
 
 

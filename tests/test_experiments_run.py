@@ -37,7 +37,8 @@ def test_plan_without_filters_is_every_entry_in_registry_order(run_module, tmp_p
     sweeps = run_module.plan(ENTRIES, None, None, tmp_path, None)
     expected = [(e["name"], v) for e in ENTRIES
                 for v in (registry.VARIANT_NAMES if e["variants"] == "all" else
-                          [n for n in registry.variant_names() if n in e["variants"]])]
+                          [n for n in registry.variant_names() if n in e["variants"]])
+                for _ in (e["depths"] if "lr_at_depth" in e else [None])]  # lr_at_depth: a sweep per depth
     assert [(name, c.variant) for name, c in sweeps] == expected
 
 
@@ -45,8 +46,19 @@ def test_declared_variants_sweep_on_their_entrys_subset(run_module, tmp_path):
     """experiments/variants.toml's variants are registered by run.py itself (and so in its
     workers), and an entry's limit_train / limit_test win over the command line's."""
     sweeps = run_module.plan(ENTRIES, ["declared-cpu"], None, tmp_path, None, limit_train=512)
-    assert [c.variant for _, c in sweeps] == list(run_module.DECLARED)
+    declared_cpu = next(e for e in ENTRIES if e["name"] == "declared-cpu")["variants"]
+    assert [c.variant for _, c in sweeps] == [n for n in run_module.DECLARED if n in declared_cpu]
+    assert set(declared_cpu) <= set(run_module.DECLARED)
     assert {(c.limit_train, c.limit_test, c.depths) for _, c in sweeps} == {(6000, 2000, (6, 24, 96))}
+
+
+def test_lr_at_depth_makes_one_sweep_per_depth_at_its_lr(run_module, tmp_path):
+    entry = {"name": "e", "variants": ["tanh", "tanh_newinit"], "depths": [30, 300], "seeds": 1,
+             "lr_at_depth": {"30": 0.05, "300": 0.005}, "batch_size": 64}
+    sweeps = run_module.plan([entry], None, ["tanh_newinit", "tanh"], tmp_path, None)
+    assert [(c.variant, c.depths, c.lrs, c.batch_size) for _, c in sweeps] == [
+        ("tanh_newinit", (30,), (0.05,), 64), ("tanh_newinit", (300,), (0.005,), 64),
+        ("tanh", (30,), (0.05,), 64), ("tanh", (300,), (0.005,), 64)]
 
 
 def test_startable_never_runs_two_sweeps_of_one_results_file_at_once(run_module, tmp_path):
