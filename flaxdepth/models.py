@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
@@ -40,12 +41,15 @@ SAVED_BY_LAYERS = jax.checkpoint_policies.save_only_these_names("conv_output")
 LAYER_AXES = {"params": 0, "batch_stats": 0, "intermediates": 0, "perturbations": 0}
 
 
-def nested_blocks(layers: int) -> tuple[int, int, int]:
-    """(block size, number of blocks, layers after the blocks) of `layers` scanned layers under
-    EngineOptions.rematerialize "nested": blocks of ceil(sqrt(layers)) layers, so that the saved
-    block inputs and one recomputed block each hold about sqrt(layers) activations."""
-    size = math.isqrt(layers - 1) + 1 if layers > 1 else 1
-    return size, layers // size, layers % size
+def nested_blocks(layers: int) -> tuple[int, int]:
+    """(block size, number of blocks) of `layers` scanned layers under EngineOptions.rematerialize
+    "nested": about sqrt(layers) blocks of about sqrt(layers) layers, so that the saved block
+    inputs and one recomputed block each hold about sqrt(layers) activations. The blocks may hold
+    up to blocks - 1 layers more than there are: padding layers that pass their input through."""
+    if layers < 1:
+        return 1, 0
+    blocks = -(-layers // (math.isqrt(layers - 1) + 1))
+    return -(-layers // blocks), blocks
 
 
 #: Activation-sized arrays alive in each stage besides the saved ones (the layer in flight's
@@ -68,8 +72,8 @@ def step_memory_bytes(spec: registry.Variant, depth: int, batch_size: int, dtype
     scanned = registry.layers_per_stage(depth) - 1
     saved = 2 + spec.batchnorm
     if rematerialize == "nested":
-        size, blocks, _ = nested_blocks(scanned)
-        arrays = blocks + saved * min(size, scanned)  # the block inputs, one block's layers while recomputed
+        size, blocks = nested_blocks(scanned)
+        arrays = blocks + saved * size  # the block inputs, and one block's layers while it is recomputed
     else:
         arrays = scanned * (2 if rematerialize == "layers" else saved)
     total = 0
@@ -203,7 +207,8 @@ class TorchGroupNorm(nn.Module):
 
 
 class ConvLayer(nn.Module):
-    """conv 3x3 (pad 1) -> [norm] -> activation [-> skip]; (carry, None) form for nn.scan.
+    """conv 3x3 (pad 1) -> [norm] -> activation [-> skip]; (carry, active) form for nn.scan,
+    where `active` False (a padding layer of NestedLayers) returns the input unchanged.
 
     `skip` is the spec's residual form where the layer keeps its shape ("none" for a stage's first).
 
@@ -222,7 +227,7 @@ class ConvLayer(nn.Module):
     options: EngineOptions = EngineOptions()
 
     @nn.compact
-    def __call__(self, x: jax.Array, _=None):
+    def __call__(self, x: jax.Array, active: jax.Array | None = None):
         s = self.spec
         # The fused BatchNorm + activation never forms the activation's input; to record it, the
         # two run as separate operations (the same values up to float32 rounding).
@@ -256,6 +261,8 @@ class ConvLayer(nn.Module):
         self.sow("intermediates", "output", y)
         if self.has_variable("perturbations", "output"):
             y = y + self.get_variable("perturbations", "output")
+        if active is not None:
+            y = jnp.where(active, y, x)
         return y, None
 
 
@@ -268,8 +275,9 @@ def _scan(target, length: int):
 class NestedLayers(nn.Module):
     """`length` same-shape ConvLayers as EngineOptions.rematerialize "nested" computes them: a scan
     over blocks (`nested_blocks`) whose backward pass keeps only each block's input and recomputes
-    the block's layers (jax.checkpoint of the inner scan), then the remaining layers, plainly
-    scanned. Variables: `blocks` (blocks, block size, ...) and `rest` (remaining layers, ...)."""
+    the block's layers (jax.checkpoint of the inner scan). Variables (blocks, block size, ...); the
+    last block's layers past `length` are inactive padding. One program at every depth: a scan of
+    the remaining layers beside the blocks would add a layer's compile time to some depths only."""
 
     length: int
     spec: registry.Variant
@@ -281,40 +289,37 @@ class NestedLayers(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None):
-        size, blocks, rest = nested_blocks(self.length)
+        size, blocks = nested_blocks(self.length)
         fields = dict(spec=self.spec, features=self.features, kernel_init=self.kernel_init, skip=self.skip,
                       train=self.train, options=self.options)
-        # prevent_cse=False: inside a scan, XLA cannot merge the recomputation into the forward pass
+        active = jnp.asarray(np.arange(blocks * size).reshape(blocks, size) < self.length)
+        # prevent_cse=False: the outer scan already keeps XLA from merging the recomputation with the
+        # forward pass (jax.checkpoint's documentation), and the guards would cost time
         block = nn.remat(_scan(ConvLayer, size), prevent_cse=False)
-        x, _ = _scan(block, blocks)(**fields, name="blocks")(x, None)
-        if rest:
-            x, _ = _scan(ConvLayer, rest)(**fields, name="rest")(x, None)
+        x, _ = _scan(block, blocks)(**fields, name="blocks")(x, active)
         return x, None
 
 
 def _block_views(layers: int):
     """(view, unview) between a flat scan's variables, a leading axis of `layers`, and
-    NestedLayers': every collection's first blocks x size layers as `blocks`, reshaped to
-    (blocks, size, ...), and the others as `rest`; unview is the inverse (for updated BatchNorm
+    NestedLayers': every collection padded with zeros to blocks x size layers (a zero kernel, bias,
+    norm and gate: finite values whose gradient is exactly zero) and reshaped to (blocks, size,
+    ...) under `blocks`; unview is the inverse, dropping the padding (for updated BatchNorm
     statistics and sown intermediates)."""
-    size, blocks, rest = nested_blocks(layers)
-    whole = blocks * size
+    size, blocks = nested_blocks(layers)
 
     def view_one(tree):
         if not tree:  # a collection this call neither reads nor has written yet
             return tree
-        out = {"blocks": jax.tree.map(lambda a: a[:whole].reshape(blocks, size, *a.shape[1:]), tree)}
-        if rest:
-            out["rest"] = jax.tree.map(lambda a: a[whole:], tree)
-        return out
+        def blocked(a):
+            padded = jnp.concatenate([a, jnp.zeros((blocks * size - layers, *a.shape[1:]), a.dtype)])
+            return padded.reshape(blocks, size, *a.shape[1:])
+        return {"blocks": jax.tree.map(blocked, tree)}
 
     def unview_one(tree):
         if not tree:
             return tree
-        flat = jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), tree["blocks"])
-        if rest:
-            flat = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), flat, tree["rest"])
-        return flat
+        return jax.tree.map(lambda a: a.reshape(blocks * size, *a.shape[2:])[:layers], tree["blocks"])
 
     return (lambda collections: {name: view_one(tree) for name, tree in collections.items()},
             lambda collections: {name: unview_one(tree) for name, tree in collections.items()})
