@@ -6,6 +6,7 @@ what makes a BatchNorm net survive, or not, its first eval-mode epoch.
         [--running-stats ema|population] [--precision default|highest|tf32] [--dtype float32|float64]
         [--epochs 2] [--sharpness-iterations N] [--limit-train N] [--limit-test N] [--out FILE.jsonl]
         [--threads N]
+    python experiments/eval_mode_collapse.py --plot FIGURE.png --out FILE.jsonl [--out FILE2.jsonl]
 
 One run per seed with torch_ref's model and the notebook's loop, from flaxdepth's initial weights
 and batch order for the seed (flaxdepth.torch_runner), so that at the default knobs a run is
@@ -33,6 +34,10 @@ with BatchNorm in train mode (batch statistics) and in eval mode (running statis
 power iteration on Hessian-vector products (torch's double backward, in the run's dtype, float32
 convolutions whatever --precision), beside the stability limit of SGD with heavy-ball momentum on
 a quadratic, 2 (1 + momentum) / lr: a direction curved more than that grows at every step.
+
+--plot draws the rows of the --out files instead of training: each setting's first eval-mode epoch
+loss per step (one line per seed), and the test error after epoch 2 against the eval-mode sharpness
+at the switch over the stability limit.
 """
 
 # no `from __future__ import annotations`: dataclasses resolves string annotations through
@@ -204,6 +209,53 @@ def train_run(knobs: Knobs, dataset, sharpness_iterations: int = 0) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
+def setting(knobs: dict) -> str:
+    """A row's knobs that differ from the notebook's, as a label ("notebook" when none do)."""
+    defaults = dataclasses.asdict(Knobs())
+    changed = [f"{name}={value}" for name, value in knobs.items()
+               if name not in ("seed", "depth", "variant") and value != defaults[name]]
+    return ", ".join(changed) or "notebook"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """The figure of --plot (see the module docstring)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    labels = list(dict.fromkeys(setting(r["knobs"]) for r in rows))
+    colors = {label: colormaps["tab20"](i % 20) for i, label in enumerate(labels)}
+    fig = Figure(figsize=(13, 5.2))
+    losses, errors = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.35, 1]})
+    for r in rows:
+        label, values = setting(r["knobs"]), r["first_eval_epoch_losses"]
+        finite = [v for v in values if v is not None]
+        first = r["knobs"]["seed"] == min(x["knobs"]["seed"] for x in rows if setting(x["knobs"]) == label)
+        losses.plot(range(1, len(finite) + 1), finite, color=colors[label], lw=1, label=label if first else None)
+        if len(finite) < len(values):  # the step after which the loss is not finite
+            losses.plot(len(finite), finite[-1] if finite else 1, "x", color=colors[label], ms=6)
+        sharp = r.get("sharpness_at_switch")
+        if sharp:
+            errors.plot(sharp["eval"] / sharp["stability_limit"], 100 * r["test_errors"][1],
+                        "o" if r["finite"] else "x", color=colors[label], ms=6)
+    losses.set_yscale("log")
+    losses.set_xscale("log")
+    losses.set_xlabel("step of the first eval-mode epoch (x: the last finite loss)")
+    losses.set_ylabel("training loss of the step's batch")
+    losses.legend(fontsize=7, ncol=2)
+    errors.axvline(1, color="k", ls=":", lw=1)
+    errors.set_xscale("log")
+    errors.set_xlabel("eval-mode sharpness at the switch / 2 (1 + momentum) / lr")
+    errors.set_ylabel("test error after epoch 2 (%; x: weights not finite)")
+    for ax in (losses, errors):
+        ax.grid(alpha=0.3, which="both")
+    depths = sorted({r["knobs"]["depth"] for r in rows})
+    fig.suptitle(f"{rows[0]['knobs']['variant']} k={', '.join(map(str, depths))}, the notebook's protocol with one "
+                 f"knob changed (seeds {', '.join(str(s) for s in sorted({r['knobs']['seed'] for r in rows}))})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def environment() -> dict:
     import importlib.metadata
 
@@ -233,7 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="folder of the MNIST IDX files (else $FLAXDEPTH_DATA)")
     p.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSONL file the rows are appended to (default: print only)")
+    p.add_argument("--out", default=None, action="append",
+                   help="JSONL file the rows are appended to (default: print only); with --plot, files to read")
+    p.add_argument("--plot", default=None, help="draw the --out files' rows into this PNG instead of training")
     return p.parse_args(argv)
 
 
@@ -241,6 +295,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from flaxdepth import data
 
+    if args.plot:
+        if not args.out:
+            print("eval_mode_collapse.py: error: --plot draws the rows of --out files; give one", file=sys.stderr)
+            return 2
+        plot([json.loads(line) for name in args.out for line in Path(name).read_text().splitlines() if line.strip()],
+             Path(args.plot))
+        return 0
+    if args.out and len(args.out) > 1:
+        print("eval_mode_collapse.py: error: training appends to one --out file", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -263,8 +327,8 @@ def main(argv=None) -> int:
         print(f"seed {k.seed}: train/test error per epoch {errors}, finite {row['finite']}{sharp}, "
               f"{row['wall_s']:.0f} s", flush=True)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
+            Path(args.out[0]).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out[0], "a") as f:
                 f.write(json.dumps(row) + "\n")
     return 0
 

@@ -25,8 +25,9 @@ def small_dataset() -> Dataset:
     return Dataset("random", images[:200], labels[:200], images[200:], labels[200:])
 
 
-def test_default_knobs_are_the_sweeps_torch_run(collapse, small_dataset):
-    """Same initial weights, batch order, BatchNorm modes and SGD: the same errors, bit for bit."""
+def test_default_knobs_are_the_sweeps_torch_run(collapse, small_dataset, tmp_path):
+    """Same initial weights, batch order, BatchNorm modes and SGD: the same errors, bit for bit;
+    --plot draws such rows."""
     from flaxdepth import torch_runner
 
     knobs = collapse.Knobs(depth=3, seed=1, epochs=2, batch_size=64)  # 3 full batches and a partial one
@@ -35,6 +36,10 @@ def test_default_knobs_are_the_sweeps_torch_run(collapse, small_dataset):
                                                notebook_quirks=True)
     assert row["train_errors"] == expected.train_errors and row["test_errors"] == expected.test_errors
     assert len(row["first_eval_epoch_losses"]) == 4
+    collapse.plot([row, {**row, "knobs": {**row["knobs"], "lr": 0.01}}], tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 0
+    notebook = dataclasses.asdict(collapse.Knobs(seed=2, depth=63))
+    assert collapse.setting(notebook) == "notebook" and collapse.setting({**notebook, "lr": 0.01}) == "lr=0.01"
 
 
 def test_population_statistics_average_the_batches(collapse, small_dataset):
