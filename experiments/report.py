@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
 from flaxdepth import registry, theory  # noqa: E402
@@ -283,7 +284,9 @@ def what_was_run(files, results_link: str) -> str:
     for e in tomllib.loads((HERE / "sweeps.toml").read_text())["sweep"]:
         names = registry.VARIANT_NAMES if e["variants"] == "all" else e["variants"]
         protocol, pair = "faithful" if e.get("notebook_quirks") else "corrected", e["depths"] == "notebook_pair"
-        if all(n in DECLARED for n in names):  # declared variants: no notebook pair, their own subset
+        if "limit_train" in e:  # an entry of its own subset: the rows on that subset
+            done = [n for n in names if subset_entry_rows(files, e, n)]
+        elif all(n in DECLARED for n in names):  # declared variants: no notebook pair, their own subset
             done = [n for n in names if declared_rows(files, n)]
         else:
             entry_rows = standard_rows(files, e.get("precision", "default"))
@@ -304,7 +307,7 @@ def declared_section(files, path: Path) -> str:
     """A table (and a figure) of experiments/variants.toml's variants: per depth, the seeds that
     train and their final errors, on the subset each was trained on."""
     table_rows, plotted = [], {}
-    for name in DECLARED:
+    for name in (n for n in DECLARED if n not in FRONTIER_VARIANTS):  # those have a section of their own
         rows = declared_rows(files, name)
         plotted[name] = rows
         if not rows:
@@ -535,6 +538,238 @@ def fig_theory_vs_measured(covered, measured: dict[str, Measured], path: Path) -
     fig.savefig(path, dpi=110)
 
 
+#: The depth frontier: experiments/sweeps.toml's CPU entry, the sub-folder of the results into which
+#: experiments/gpu_frontier.sh's files are copied, the per-layer diagnostics at init of the deepest
+#: networks (python -m flaxdepth.diagnose --steps 0, diagnostics.json as VARIANT_kK.json), and its
+#: inits: the critical ones (experiments/variants.toml), then the notebook's controls.
+FRONTIER_ENTRY = "frontier-cpu"
+FRONTIER_GPU = "gpu_frontier"
+FRONTIER_INIT = "frontier_init"
+FRONTIER_VARIANTS = ("tanh_critical_delta", "tanh_critical_delta_wide", "tanh_critical_gaussian", "tanh_newinit",
+                     "tanh")
+FRONTIER_COLOR = dict(zip(FRONTIER_VARIANTS, ("tab:green", "tab:olive", "tab:purple", "tab:blue", "tab:red")))
+
+
+def current_spec(row) -> bool:
+    """A built-in's row, or a declared variant's trained with its current spec."""
+    return row["variant"] not in DECLARED or row.get("spec") == registry.get_variant(row["variant"]).fields()
+
+
+def subset_entry_rows(files, entry: dict, variant: str) -> list[dict]:
+    """The main folder's jax rows of a sweeps.toml entry that trains on a subset (limit_train): the
+    variant's, on the entry's subset, epochs and batch size, at the entry's depths and lrs."""
+    lrs = entry.get("lr_at_depth")
+    return [r for name, rs in files.items() if "/" not in name for r in rs
+            if r["variant"] == variant and r["framework"] == "jax" and current_spec(r)
+            and all(r["config"].get(key) == entry.get(key, default) for key, default in
+                    (("limit_train", None), ("limit_test", None), ("epochs", 3), ("batch_size", 256)))
+            and (not isinstance(entry["depths"], list) or r["depth"] in entry["depths"])
+            and (lrs is None or r["lr"] == lrs.get(str(r["depth"])))
+            and ("lrs" not in entry or r["lr"] in entry["lrs"])]
+
+
+def setup_text(row) -> str:
+    """What a frontier row was trained on, in words."""
+    c = row["config"]
+    images = (f"the first {c['limit_train']:,} training / {c['limit_test']:,} test images" if c["limit_train"]
+              else "full MNIST")
+    return f"{row['device']}, {images}, {c['epochs']} epochs in batches of {c['batch_size']}"
+
+
+def frontier_rows(files) -> dict[str, list[dict]]:
+    """The frontier's rows by setup (setup_text): the CPU entry's, then experiments/gpu_frontier.sh's."""
+    entry = next(e for e in tomllib.loads((HERE / "sweeps.toml").read_text())["sweep"] if e["name"] == FRONTIER_ENTRY)
+    rows = [r for v in entry["variants"] for r in subset_entry_rows(files, entry, v)]
+    rows += [r for name, rs in files.items() if name.startswith(f"{FRONTIER_GPU}/") for r in rs
+             if r["variant"] in FRONTIER_VARIANTS and r["framework"] == "jax" and current_spec(r)]
+    by_setup = defaultdict(list)
+    for r in rows:
+        by_setup[setup_text(r)].append(r)
+    return dict(by_setup)
+
+
+def _ratio(a: float, b: float) -> str:
+    """a / b, where float32 underflow can make either zero."""
+    if b == 0:
+        return "0 / 0 (both underflow)" if a == 0 else "inf"
+    return f"{a / b:.2g}"
+
+
+def init_diagnostics(results_dir: Path) -> list[tuple[Path, dict]]:
+    """The frontier's committed diagnostics files (python -m flaxdepth.diagnose's diagnostics.json)."""
+    return [(path, json.loads(path.read_text())) for path in sorted((results_dir / FRONTIER_INIT).glob("*.json"))]
+
+
+def init_signal(diagnostics: list[tuple[Path, dict]], results_link: str) -> list[str]:
+    """One line per diagnostics file: how the loss's gradient with respect to each conv's output, at
+    init, changes from the last conv to the first, over the network and per stage."""
+    lines = []
+    for path, d in diagnostics:
+        layers = d["steps"][0]["layers"]
+        grads = [layer["output_grad_norm"] for layer in layers]
+        per_stage = []
+        for stage in sorted({layer["stage"] for layer in layers}):
+            g = [x for x, layer in zip(grads, layers) if layer["stage"] == stage]
+            per_stage.append(_ratio(g[0], g[-1]))
+        variances = [layer["pre_activation_variance"] for layer in layers]
+        lines.append(f"- {d['config']['variant']} at k={d['config']['depth']} ([{path.name}]({results_link}/"
+                     f"{FRONTIER_INIT}/{path.name}), on {d['probe']}): gradient at the first conv / at the last "
+                     f"{_ratio(grads[0], grads[-1])} (per stage, the stage's first conv / its last: "
+                     f"{', '.join(per_stage)}); "
+                     f"{sum(g == 0 for g in grads)} of {len(grads)} convs' gradients underflow to 0; "
+                     f"pre-activation variance {min(variances):.2g} to {max(variances):.2g}.")
+    return lines
+
+
+def fig_frontier_init(diagnostics: list[tuple[Path, dict]], path: Path) -> None:
+    """Per conv layer at init, one line per diagnostics file: the loss's gradient with respect to
+    the conv's output and the pre-activation variance (log scales; zeros, float32 underflow, left out)."""
+    fig = Figure(figsize=(12, 4.4))
+    grad_ax, var_ax = fig.subplots(1, 2)
+    for _, d in diagnostics:
+        layers = d["steps"][0]["layers"]
+        label = f"{d['config']['variant']} k={d['config']['depth']}"
+        color = FRONTIER_COLOR.get(d["config"]["variant"])
+        for ax, key in ((grad_ax, "output_grad_norm"), (var_ax, "pre_activation_variance")):
+            points = [(i, layer[key]) for i, layer in enumerate(layers) if layer[key]]
+            ax.plot([i for i, _ in points], [x for _, x in points], color=color, lw=1, label=label)
+    grad_ax.set(yscale="log", xlabel="conv layer (network order)", ylabel="|d loss / d conv output|",
+                title="Gradient at initialization")
+    var_ax.set(yscale="log", xlabel="conv layer (network order)", ylabel="pre-activation variance",
+               title="Forward signal at initialization")
+    for ax in (grad_ax, var_ax):
+        ax.grid(alpha=0.3)
+        if diagnostics:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, NOT_RUN, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def frontier_intro() -> str:
+    """What the frontier trains, its critical point read from the spec."""
+    spec = registry.get_variant(FRONTIER_VARIANTS[0])
+    point = theory.mean_field(spec.activation, spec.init_gain ** 2, spec.bias_std ** 2)
+    return ("The notebook's tanh network (no normalization, no skip) from k = 30 to thousands of layers under "
+            "four initializations: delta-orthogonal and Gaussian weights at one critical point of the mean-field "
+            f"theory (`experiments/variants.toml`: sigma_b^2 = {point.sigma_b2:.2g}, sigma_w^2 = {point.sigma_w2:.5g}, "
+            f"chi_1 = {point.chi_1:.6g}, q* = {point.q_star:.2g}; why this point: there), and the notebook's naive "
+            "and Glorot-style inits as controls; a 16-32-64-channel version of the delta-orthogonal one where a GPU "
+            "trains it. Each depth's lr is the same for every init (the lr columns; why: `sweeps.toml`'s "
+            "`frontier-cpu`). On the 2-core CPU on a subset (`python experiments/run.py --only frontier-cpu`); on "
+            "a GPU on full MNIST (`experiments/gpu_frontier.sh`, its files in `results/gpu_frontier/`). Cells: "
+            "seeds that train (final error, the smaller of the last train and test errors, per seed). What was "
+            "measured and tried along the way: [notes/depth_frontier.md](notes/depth_frontier.md).")
+
+
+def frontier_section(files, results_dir: Path, results_link: str, path: Path, pct: float) -> str:
+    """Final error against depth per init and setup (a table per setup and the figure `path`), the
+    deepest network trained, the signal at init of the deepest (frontier_init_gradients.png beside
+    `path`), and a reading."""
+    by_setup = frontier_rows(files)
+    parts, trained = [], []
+    for setup, rows in by_setup.items():
+        depths = sorted({r["depth"] for r in rows})
+        lrs = {d: ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in rows if r["depth"] == d})) for d in depths}
+        lines = [f"**{setup}**", "", "| init | " + " | ".join(f"k={d} (lr {lrs[d]})" for d in depths) + " |",
+                 "|" + " --- |" * (len(depths) + 1)]
+        for v in (v for v in FRONTIER_VARIANTS if any(r["variant"] == v for r in rows)):
+            cells = []
+            for d in depths:
+                at = sorted((r for r in rows if r["variant"] == v and r["depth"] == d), key=lambda r: r["seed"])
+                errors = ", ".join(f"{100 * final_error(r):.1f}%" for r in at)
+                cells.append(f"{rate(at)[2]} ({errors})" if at else NOT_RUN)
+                if at and 2 * rate(at)[0] > len(at):
+                    trained.append((d, v, setup))
+            lines.append(f"| {v}: {registry.get_variant(v).description} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    fig_depth_frontier(by_setup, path, pct)
+    naive = registry.VARIANTS["tanh"]
+    reading = ["Reading:", ""]
+    if trained:
+        k, v, setup = max(trained)
+        reading.append(f"- The deepest network trained (most seeds under {pct:g}%): {v} at k={k} ({setup}); the "
+                       f"notebook's naive tanh network trains at k={naive.notebook_pair[0]} and fails at "
+                       f"k={naive.notebook_pair[1]}.")
+    else:
+        reading.append(f"- No frontier run trained (most seeds under {pct:g}%).")
+    for setup, rows in by_setup.items():
+        runs = defaultdict(list)
+        for r in rows:
+            runs[r["variant"], r["depth"]].append(r)
+        mean = {key: sum(final_error(r) for r in at) / len(at) for key, at in runs.items()}
+        best = {d: min((v for v, dd in mean if dd == d), key=lambda v: mean[v, d]) for _, d in mean}
+        depths = sorted(best)
+        if len(set(best.values())) == 1 and len(depths) > 1:
+            v = best[depths[0]]
+            others = ", ".join(f"{w} {100 * mean[w, depths[-1]]:.1f}%" for w in FRONTIER_VARIANTS
+                               if w != v and (w, depths[-1]) in mean)
+            reading.append(f"- {setup}: the lowest error at every depth is {v}'s, {100 * mean[v, depths[0]]:.1f}% at "
+                           f"k={depths[0]} to {100 * mean[v, depths[-1]]:.1f}% at k={depths[-1]} (at k={depths[-1]}: "
+                           f"{others}).")
+        if rows[0]["config"]["limit_train"] and not any(s == setup for _, _, s in trained):
+            reading.append(f"- {setup}: no run gets under {pct:g}% at any depth, the shallowest included: this "
+                           "subset's few SGD steps are far less training than the notebook's 3 epochs of full MNIST, "
+                           "so these rows say how fast each init starts to learn at each depth, not the deepest "
+                           "that trains ([notes/depth_frontier.md](notes/depth_frontier.md)).")
+        for v in (v for v in FRONTIER_VARIANTS if any(r["variant"] == v for r in rows)
+                  and any(s == setup for _, _, s in trained)):
+            trains = sorted(d for d, w, s in trained if w == v and s == setup)
+            fails = sorted({r["depth"] for r in rows if r["variant"] == v} - set(trains))
+            reading.append(f"- {v} ({setup}): trains at " + (", ".join(f"k={d}" for d in trains) or "no depth")
+                           + "; fails at " + (", ".join(f"k={d}" for d in fails) or "no depth") + ".")
+    diagnostics = init_diagnostics(results_dir)
+    fig_frontier_init(diagnostics, path.with_name("frontier_init_gradients.png"))
+    signal = init_signal(diagnostics, results_link)
+    if signal:
+        reading += ["", "The signal at initialization of the deepest CPU networks (`python -m flaxdepth.diagnose "
+                    "--steps 0`; figures below): the loss's gradient with respect to "
+                    "each conv's output, and the pre-activation variance:", ""] + signal
+    return "\n\n".join(parts) + "\n\n" + "\n".join(reading)
+
+
+def fig_depth_frontier(by_setup: dict[str, list[dict]], path: Path, pct: float) -> None:
+    """Final error against depth (log axis), one colour per init, one line style per setup (a marker
+    per seed, the line through the means); the notebook's failure of naive tanh, the threshold and
+    the deepest network trained are marked."""
+    fig = Figure(figsize=(9, 6.4))
+    ax = fig.subplots()
+    styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+    best, handles, inits = None, [], []
+    for (setup, rows), ls, marker in zip(by_setup.items(), styles, markers):
+        handles.append(Line2D([], [], color="0.3", ls=ls, marker=marker, label=setup))
+        for v in (v for v in FRONTIER_VARIANTS if any(r["variant"] == v for r in rows)):
+            runs = [r for r in rows if r["variant"] == v]
+            depths = sorted({r["depth"] for r in runs})
+            ax.scatter([r["depth"] for r in runs], [100 * final_error(r) for r in runs], color=FRONTIER_COLOR[v],
+                       marker=marker, s=22, alpha=0.7)
+            means = [100 * sum(final_error(r) for r in runs if r["depth"] == d) / sum(r["depth"] == d for r in runs)
+                     for d in depths]
+            ax.plot(depths, means, ls=ls, color=FRONTIER_COLOR[v])
+            inits += [v] if v not in inits else []
+            for r in runs:
+                if final_error(r) < r["config"]["threshold"] and (best is None or r["depth"] > best["depth"]):
+                    best = r
+    handles += [Line2D([], [], color=FRONTIER_COLOR[v], lw=3, label=v) for v in FRONTIER_VARIANTS if v in inits]
+    naive = registry.VARIANTS["tanh"]
+    handles.append(ax.axvline(naive.notebook_pair[1], color="tab:red", ls=":", lw=1.2,
+                              label=f"notebook (full MNIST, 3 epochs): naive tanh fails at k={naive.notebook_pair[1]}"))
+    handles.append(ax.axhline(pct, color="k", ls="--", lw=0.8, label=f"threshold {pct:g}%"))
+    if best is not None:
+        handles.append(ax.scatter([best["depth"]], [100 * final_error(best)], marker="*", s=260, color="gold",
+                                  edgecolors="k", zorder=5,
+                                  label=f"deepest trained: {best['variant']} k={best['depth']} ({setup_text(best)})"))
+    ax.set(xscale="log", xlabel="depth k (log scale)", ylabel="final error, min(train, test) [%]", ylim=(-3, 103),
+           title="Depth frontier of the tanh CNN: final error against depth per init")
+    ax.grid(alpha=0.3)
+    if not by_setup:
+        ax.text(0.5, 0.5, NOT_RUN, transform=ax.transAxes, ha="center", va="center", color="0.5", fontsize=12)
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 2), 1, 1))
+    fig.savefig(path, dpi=110)
+
+
 def hardware(files) -> str:
     """Per sweep (one results file): device, versions, wall time as the sum of wall_s over its runs."""
     lines = ["| sweep (results file) | runs | device | devices | runs trained together | wall time | finished | "
@@ -703,9 +938,15 @@ def main(argv=None) -> int:
         "6 xi_c. *measured*: flaxdepth's boundary search (table above) for the notebook's variants, the depths "
         "run for the declared ones.",
         theory_section(rows, files, args.out / "figures/theory_vs_measured.png"),
+        "## Depth frontier",
+        frontier_intro(),
+        frontier_section(files, args.results, link, args.out / "figures/depth_frontier.png", pct),
+        "![depth frontier](figures/depth_frontier.png)",
+        "![gradient and signal at init](figures/frontier_init_gradients.png)",
+        *[f"![{p.stem}](figures/{p.name})" for p in sorted((args.out / "figures").glob("frontier_init_*_k*.png"))],
         "## What was run", what_was_run(files, link),
         "## Hardware, versions and wall time per sweep", hardware(files)]) + "\n")
-    print(f"wrote {args.out / 'REPORT.md'} and 5 figures in {args.out / 'figures'}")
+    print(f"wrote {args.out / 'REPORT.md'} and 7 figures in {args.out / 'figures'}")
     return 0
 
 

@@ -239,3 +239,39 @@ def test_declared_variants_get_their_own_table_on_their_subset(report, tmp_path)
     assert table_row(theory, "selu_lecun")[8] == "not run"
     assert "resnet_skipinit (gated residual connections)" in theory
     assert (tmp_path / "figures" / "declared_variants.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_depth_frontier_from_cpu_and_gpu_rows(report, tmp_path):
+    """The frontier's CPU rows are its sweeps.toml entry's (its subset, epochs, batch size and the
+    depth's lr: a row at another lr stays out), experiments/gpu_frontier.sh's are those of
+    results/gpu_frontier/; a table per setup, the deepest network trained, the figure."""
+    from flaxdepth import registry
+
+    spec = registry.get_variant("tanh_critical_delta").fields()
+    cpu = dict(protocol="corrected", limit_train=1536, limit_test=512, epochs=2, batch_size=64, device="cpu:cpu")
+    delta = [row("tanh_critical_delta", 30, 0, GOOD, GOOD, lr=0.05, **cpu),
+             row("tanh_critical_delta", 1002, 0, BAD, BAD, lr=0.0015, **cpu),
+             row("tanh_critical_delta", 1002, 1, GOOD, GOOD, lr=0.05, **cpu)]  # not the entry's lr at k=1002
+    gpu = [row("tanh_critical_delta", 3000, s, GOOD, GOOD, lr=0.0005, protocol="corrected") for s in range(2)]
+    for r in delta + gpu:
+        r["spec"] = spec
+    folder = tmp_path / "results"
+    write(folder, "tanh_critical_delta_jax_corrected_e2_b64_mnist_train1536_test512.jsonl", delta)
+    write(folder, "tanh_jax_corrected_e2_b64_mnist_train1536_test512.jsonl",
+          [row("tanh", 30, 0, BAD, BAD, lr=0.05, **cpu)])
+    write(folder / "gpu_frontier", "tanh_critical_delta_jax_corrected_e3_b256_mnist.jsonl", gpu)
+    assert report.main(["--results", str(folder), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    frontier = text[text.index("## Depth frontier"):text.index("## What was run")]
+    cpu_table = frontier[frontier.index("**cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches "
+                                        "of 64**"):]
+    assert table_row(cpu_table, "tanh_critical_delta: tanh CNN, delta-orthogonal at the critical point sigma_b^2 "
+                                "= 1e-5")[1:] == ["1/1 seeds (5.0%)", "0/1 seeds (90.0%)"]
+    assert "| init | k=30 (lr 0.05) | k=1002 (lr 0.0015) |" in cpu_table
+    assert "| init | k=3000 (lr 0.0005) |" in frontier
+    assert ("The deepest network trained (most seeds under 20%): tanh_critical_delta at k=3000 (gpu:Fake GPU, "
+            "full MNIST, 3 epochs in batches of 256)") in frontier
+    assert "- tanh (cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches of 64): trains at no " \
+           "depth; fails at k=30." in frontier
+    assert "- `frontier-cpu`: 2/4 (tanh_critical_delta, tanh)" in text
+    assert (tmp_path / "figures" / "depth_frontier.png").read_bytes()[:8] == PNG_MAGIC
