@@ -443,8 +443,7 @@ def train_torch(config: DiagnoseConfig, dataset, probe: Probe, steps: list[int],
     complete_epochs = steps[-1] // steps_per_epoch  # the last one run may stop early
     device = "cuda" if torch.cuda.is_available() else "cpu"  # as torch_runner's
     model = torch_ref.build(spec, config.depth, fan=config.fan)
-    model.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in torch_runner.initial_state_dict(
-        spec, config.depth, config.seed, config.fan, b).items()})
+    torch_ref.load_weights(model, torch_runner.initial_state_dict(spec, config.depth, config.seed, config.fan, b))
     model.to(device)
     images = training.normalize(probe.images).to(device)
     labels = torch.from_numpy(probe.labels.astype(np.int64)).to(device)

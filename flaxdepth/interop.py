@@ -225,7 +225,8 @@ def _export(variant: registry.Variant, depth: int, tree: Mapping, collections: t
 def to_torch(variant: str | registry.Variant, depth: int, variables: Mapping) -> dict[str, np.ndarray]:
     """Flax variables as a torch state_dict of numpy arrays: the notebook's keys, order and layouts.
 
-    Load it with `model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`.
+    Load it with `torch_ref.load_weights(model, sd)` (`model.load_state_dict` works too, in time
+    quadratic in depth: minutes at k = 10,002).
     """
     return _export(registry.resolve(variant), depth, variables, ("params", "batch_stats"))
 

@@ -100,8 +100,7 @@ def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, noteboo
     for seed, lr in runs:
         # Cast before loading, so that float64 initial weights are not rounded through float32.
         model = torch_ref.build(variant, depth, fan=fan).to(device=device, dtype=dtype)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
-                               initial_state_dict(variant, depth, seed, fan, batch_size).items()})
+        torch_ref.load_weights(model, initial_state_dict(variant, depth, seed, fan, batch_size))
         orders = [np.array(train.epoch_orders([seed], epoch, n)[0]) for epoch in range(epochs)]  # writable, for torch
         loader = EpochOrderLoader(train_images, dataset.train_labels, orders, batch_size)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=train.MOMENTUM)

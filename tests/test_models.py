@@ -260,3 +260,21 @@ def test_torch_ref_draws_orthogonal_inits_on_one_thread_without_changing_them(mo
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(built[key], on_two_threads[key]) for key in on_two_threads)
+
+
+def test_torch_ref_load_weights_is_load_state_dict():
+    """torch_ref.load_weights (linear in the entries; torch's own load_state_dict is quadratic in
+    depth) leaves a model as load_state_dict does, cast to its dtype; a missing entry is an error."""
+    import torch
+    import torch_ref
+
+    state_dict = {key: np.asarray(value.numpy() + 1)
+                  for key, value in torch_ref.build("elu_bn", 9).state_dict().items()}
+    expected = torch_ref.build("elu_bn", 9).double()
+    expected.load_state_dict({key: torch.from_numpy(value) for key, value in state_dict.items()})
+    loaded = torch_ref.load_weights(torch_ref.build("elu_bn", 9).double(), state_dict).state_dict()
+    assert all(torch.equal(loaded[key], value) and loaded[key].dtype == value.dtype
+               for key, value in expected.state_dict().items())
+    del state_dict["fc.bias"]
+    with pytest.raises(RuntimeError, match="missing fc.bias"):
+        torch_ref.load_weights(torch_ref.build("elu_bn", 9), state_dict)

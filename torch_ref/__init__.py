@@ -18,6 +18,7 @@ from torch_ref.models import (
     ResidualBlock_noBN,
     ResNet,
     ResNet_noBN,
+    load_weights,
 )
 
 #: Variant name -> the notebook's class for it.
@@ -38,6 +39,7 @@ def build(variant: str | registry.Variant, k: int, fan: str | None = None) -> nn
 __all__ = [
     "MODEL_CLASSES",
     "build",
+    "load_weights",
     "DepthCNN",
     "CNNtanh",
     "CNNtanh_newinit",

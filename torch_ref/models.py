@@ -9,8 +9,9 @@ torch seed both draw bit-identical weights.
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,6 +161,28 @@ def init_conv_(conv: nn.Conv2d, variant: registry.Variant, fan: str | None = Non
             conv.bias.normal_(0, variant.bias_std)
         else:
             conv.bias.zero_()
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
+    """`model.load_state_dict(state_dict)` (strict; tensors or numpy arrays, cast to the model's
+    dtypes) in time linear in the entries: torch's own filters the remaining entries once per
+    child module, quadratic in depth (an elu_bn k = 10,002 model: 111 s, here about a second).
+    Copies into the model's parameters and buffers, as torch's does for modules without load
+    hooks, which torch_ref's have none of. Returns the model."""
+    own = model.state_dict(keep_vars=True)
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    wrong = [f"{key} {tuple(state_dict[key].shape)} (expected {tuple(own[key].shape)})" for key in own
+             if key in state_dict and tuple(state_dict[key].shape) != tuple(own[key].shape)]
+    problems = [f"{what} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong)) if keys]
+    if problems:
+        raise RuntimeError(f"state_dict does not fit {type(model).__name__}: {'; '.join(problems)}")
+    with torch.no_grad():
+        for key, target in own.items():
+            value = state_dict[key]
+            target.copy_(value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value)))
+    return model
 
 
 class DepthCNN(nn.Module):
