@@ -347,8 +347,8 @@ class Sweep:
         every activation)."""
         c = self.config
         if c.framework == "jax":
-            return train.step_options(c.engine, c.spec, depth, c.batch_size, -(-runs // self.mesh.size) * self.mesh.size,
-                                      self.mesh)
+            replicas = -(-runs // self.mesh.size) * self.mesh.size  # padded as train_replicas pads them
+            return train.step_options(c.engine, c.spec, depth, c.batch_size, replicas, self.mesh)
         return dataclasses.replace(c.engine, rematerialize="none") if c.engine.rematerialize == AUTO else c.engine
 
     def _cpu_kernels_used(self) -> bool:
