@@ -33,7 +33,8 @@ eigenvalue of the loss's Hessian with respect to the parameters, on the first ba
 with BatchNorm in train mode (batch statistics) and in eval mode (running statistics), by N steps of
 power iteration on Hessian-vector products (torch's double backward, in the run's dtype, float32
 convolutions whatever --precision), beside the stability limit of SGD with heavy-ball momentum on
-a quadratic, 2 (1 + momentum) / lr: a direction curved more than that grows at every step.
+a quadratic, 2 (1 + momentum) / lr: a direction curved more than that grows at every step; and
+the eval-mode direction's share in each parameter (`eval_direction`, by state_dict name).
 
 --plot draws the rows of the --out files instead of training: each setting's first eval-mode epoch
 loss per step (one line per seed), and the test error after epoch 2 against the eval-mode sharpness
@@ -132,19 +133,27 @@ def sharpness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     """The largest eigenvalue of the Hessian of the cross-entropy on (images, labels) with respect to
     the parameters (the Rayleigh quotient after `iterations` power-iteration steps), BatchNorm in
     train or eval mode; on a copy, so that the model's running statistics stay as they are."""
+    return sharpest_direction(model, images, labels, train_mode, iterations, seed)[0]
+
+
+def sharpest_direction(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, train_mode: bool,
+                       iterations: int, seed: int = 0) -> tuple[float, dict[str, float]]:
+    """`sharpness`, and its eigenvector's share in each parameter (squared entries summed per
+    parameter name, summing to 1): which parameters the sharpest direction moves."""
     model = copy.deepcopy(model).train(train_mode)
     params = list(model.parameters())
     grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(images), labels), params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
-    eigenvalue = float("nan")
+    eigenvalue, shares = float("nan"), {}
     for _ in range(iterations):
         norm = torch.sqrt(sum(v.square().sum() for v in vector))
         vector = [v / norm for v in vector]
+        shares = {name: float(v.square().sum()) for (name, _), v in zip(model.named_parameters(), vector)}
         product = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
         eigenvalue = float(sum((h * v).sum() for h, v in zip(product, vector)))
         vector = [h.detach() for h in product]
-    return eigenvalue
+    return eigenvalue, shares
 
 
 def train_run(knobs: Knobs, dataset, sharpness_iterations: int = 0) -> dict:
@@ -182,8 +191,9 @@ def train_run(knobs: Knobs, dataset, sharpness_iterations: int = 0) -> dict:
                 first = order[: knobs.batch_size]
                 batch = images[first], torch.as_tensor(dataset.train_labels[first]).long()
                 with torch_runner.torch_precision("highest"):
-                    at_switch = {mode: sharpness(model, *batch, mode == "train", sharpness_iterations)
-                                 for mode in ("train", "eval")}
+                    at_switch = {"train": sharpness(model, *batch, True, sharpness_iterations)}
+                    at_switch["eval"], at_switch["eval_direction"] = sharpest_direction(
+                        model, *batch, False, sharpness_iterations)
                 at_switch["stability_limit"] = 2 * (1 + knobs.momentum) / knobs.eval_learning_rate
         correct, seen, losses = 0, 0, []
         with torch_runner.torch_precision(knobs.precision):

@@ -82,4 +82,9 @@ def test_sharpness_is_the_hessians_largest_eigenvalue(collapse):
 
     hessian = torch.autograd.functional.hessian(loss, torch.cat([p.detach().flatten() for p in params]))
     largest = torch.linalg.eigvalsh(hessian).abs().max().item()
-    assert collapse.sharpness(model, images, labels, train_mode=True, iterations=300) == pytest.approx(largest, rel=1e-6)
+    value, shares = collapse.sharpest_direction(model, images, labels, train_mode=True, iterations=300)
+    assert value == pytest.approx(largest, rel=1e-6)
+    eigenvector = torch.linalg.eigh(hessian).eigenvectors[:, torch.linalg.eigvalsh(hessian).abs().argmax()]
+    expected = [chunk.square().sum().item() for chunk in eigenvector.split(sizes)]
+    assert list(shares) == [name for name, _ in model.named_parameters()]
+    assert list(shares.values()) == pytest.approx(expected, abs=1e-6)
