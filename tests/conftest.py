@@ -30,3 +30,15 @@ def env_without_device_count() -> dict[str, str]:
     flags = [flag for flag in environment.pop("XLA_FLAGS", "").split()
              if not flag.startswith("--xla_force_host_platform_device_count")]
     return {**environment, "XLA_FLAGS": " ".join(flags)} if flags else environment
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread while a module's tiny runs train: two torch threads beside XLA's own
+    pool on a 2-core machine made them several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -41,21 +41,13 @@ def test_a_step_past_the_run_is_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
+def tiny_runs(tmp_path_factory, one_torch_thread):
     """The tiny run in both frameworks: {framework: (exit status, output folder)}."""
-    import torch
-
-    # two torch threads beside XLA's pool on this 2-core machine made the torch run 6x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = {}
-        for framework in ("jax", "torch"):
-            out = tmp_path_factory.mktemp(framework)
-            runs[framework] = diagnose.main([*TINY_RUN, "--framework", framework, "--out", str(out)]), out
-        return runs
-    finally:
-        torch.set_num_threads(threads)
+    runs = {}
+    for framework in ("jax", "torch"):
+        out = tmp_path_factory.mktemp(framework)
+        runs[framework] = diagnose.main([*TINY_RUN, "--framework", framework, "--out", str(out)]), out
+    return runs
 
 
 @pytest.mark.slow

@@ -39,23 +39,15 @@ FLIP_MARGIN = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
+def tiny_runs(tmp_path_factory, one_torch_thread):
     """The tiny sweep in each framework: {framework: (exit status, results file)}."""
-    import torch
-
-    # two torch threads beside XLA's pool on this 2-core machine slow the torch run several times
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = {}
-        for framework in ("jax", "torch"):
-            out = tmp_path_factory.mktemp(framework)
-            status = sweep.main([*TINY_SWEEP, "--framework", framework, "--out", str(out)])
-            name = f"{VARIANT}_{framework}_corrected_e1_b256_mnist_train{TRAIN}_test{TEST}.jsonl"
-            runs[framework] = status, out / name
-        return runs
-    finally:
-        torch.set_num_threads(threads)
+    runs = {}
+    for framework in ("jax", "torch"):
+        out = tmp_path_factory.mktemp(framework)
+        status = sweep.main([*TINY_SWEEP, "--framework", framework, "--out", str(out)])
+        name = f"{VARIANT}_{framework}_corrected_e1_b256_mnist_train{TRAIN}_test{TEST}.jsonl"
+        runs[framework] = status, out / name
+    return runs
 
 
 def the_row(tiny_runs, framework: str) -> tuple[Path, dict]:
