@@ -33,6 +33,8 @@ PARITY_VARIANTS = registry.variant_names()
 #: test_spec_parity.py runs random specs.
 PARITY_DEPTHS = (3, 31)
 DECLARED_DEPTHS = (6,)
+
+
 def parity_depths(variant: str) -> tuple[int, ...]:
     return PARITY_DEPTHS if variant in registry.VARIANTS else DECLARED_DEPTHS
 
