@@ -155,22 +155,27 @@ def torch_agreement(rows, variant) -> str:
     return "; ".join(parts)
 
 
+#: How the report names the rows of each --precision other than the default.
+PRECISION_NAMES = {"highest": "in float32 (`--precision highest`)",
+                   "tf32": "with TF32-rounded convolution operands (`--precision tf32`)"}
+
+
 def precision_findings(files, default: list[dict]) -> list[str]:
-    """One line per variant, protocol and device run with --precision highest: seeds that train per
-    depth and framework, beside the default-precision rows (`default`, standard_rows(files)) of the
-    same runs."""
-    highest = standard_rows(files, "highest")
+    """One line per precision other than the default, variant, protocol and device: seeds that
+    train per depth and framework, beside the default-precision rows (`default`,
+    standard_rows(files)) of the same runs."""
     lines = []
-    for variant, protocol, device in sorted({(r["variant"], r["protocol"], r["device"]) for r in highest}):
-        cells = []
-        for depth in sorted({r["depth"] for r in highest if (r["variant"], r["device"]) == (variant, device)}):
-            for framework in ("jax", "torch"):
-                runs = [r for r in pick(highest, variant, protocol, framework, depth) if r["device"] == device]
-                before = [r for r in pick(default, variant, protocol, framework, depth) if r["device"] == device]
-                if runs:
-                    cells.append(f"k={depth} {framework} {rate(runs)[2]} (default precision: {rate(before)[2]})")
-        lines.append(f"- {variant} ({protocol}) in float32 (`--precision highest`) on {device.split(':')[0]}: "
-                     + "; ".join(cells) + ".")
+    for precision, name in PRECISION_NAMES.items():
+        others = standard_rows(files, precision)
+        for variant, protocol, device in sorted({(r["variant"], r["protocol"], r["device"]) for r in others}):
+            cells = []
+            for depth in sorted({r["depth"] for r in others if (r["variant"], r["device"]) == (variant, device)}):
+                for framework in ("jax", "torch"):
+                    runs = [r for r in pick(others, variant, protocol, framework, depth) if r["device"] == device]
+                    before = [r for r in pick(default, variant, protocol, framework, depth) if r["device"] == device]
+                    if runs:
+                        cells.append(f"k={depth} {framework} {rate(runs)[2]} (default precision: {rate(before)[2]})")
+            lines.append(f"- {variant} ({protocol}) {name} on {device.split(':')[0]}: " + "; ".join(cells) + ".")
     return lines
 
 

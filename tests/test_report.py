@@ -209,6 +209,23 @@ def test_float32_rows_get_their_own_line_and_stay_out_of_the_table(report, tmp_p
     assert "- `precision-highest`: 1/1 (elu_bn)" in text and "- `precision-highest-torch`: 1/1 (elu_bn)" in text
 
 
+def test_tf32_rows_get_their_own_line_and_every_precision_a_name(report, tmp_path):
+    from flaxdepth.options import PRECISIONS
+
+    assert set(report.PRECISION_NAMES) == set(PRECISIONS) - {"default"}
+    folder = tmp_path / "results"
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist.jsonl",
+          [row("elu_bn", 63, s, [0.2, 0.9, 0.9], COLLAPSE_TEST) for s in range(3)])
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist_prectf32.jsonl",
+          [row("elu_bn", 63, 0, GOOD, GOOD, precision="tf32")] + [row("elu_bn", 63, s, BAD, BAD, precision="tf32")
+                                                                  for s in (1, 2)])
+    assert report.main(["--results", str(folder), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert table_row(text, "elu_bn")[3] == "0/3 seeds"
+    assert ("- elu_bn (faithful) with TF32-rounded convolution operands (`--precision tf32`) on gpu: k=63 jax "
+            "1/3 seeds (default precision: 0/3 seeds).") in text
+
+
 def test_declared_variants_get_their_own_table_on_their_subset(report, tmp_path):
     """Rows of experiments/variants.toml's variants, trained with the current spec on a subset,
     fill their own table (rows of an edited spec stay out of it); a variant without rows is
