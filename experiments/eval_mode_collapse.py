@@ -60,6 +60,8 @@ HERE = Path(__file__).resolve().parent
 LAST_BATCH = ("keep", "drop")
 RUNNING_STATS = ("ema", "population")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: The figure's loss axis ends here.
+LOSS_SHOWN = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +251,9 @@ def plot(rows: list[dict], path: Path) -> None:
                         "o" if r["finite"] else "x", color=colors[label], ms=6)
     losses.set_yscale("log")
     losses.set_xscale("log")
+    losses.set_ylim(1e-3, LOSS_SHOWN)  # past this a run has diverged; float64 runs reach 1e260 first
     losses.set_xlabel("step of the first eval-mode epoch (x: the last finite loss)")
-    losses.set_ylabel("training loss of the step's batch")
+    losses.set_ylabel(f"training loss of the step's batch (shown up to {LOSS_SHOWN:g})")
     losses.legend(fontsize=7, ncol=2)
     errors.axvline(1, color="k", ls=":", lw=1)
     errors.set_xscale("log")
