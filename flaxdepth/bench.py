@@ -35,6 +35,7 @@ import numpy as np
 # torch is imported where it is used: `step_memory` runs in a child process that imports this
 # module, and torch's ~180 MB would count in that process's peak memory.
 from flaxdepth import cpu_kernels, registry, train
+from flaxdepth.cli import quiet_on_closed_pipe
 from flaxdepth.options import AUTO, REMATERIALIZATIONS, EngineOptions
 from flaxdepth.search import ConfigError
 from flaxdepth.sweep import add_engine_arguments, engine_options
@@ -417,6 +418,7 @@ def parse_args(argv=None):
     return args
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     import torch
 

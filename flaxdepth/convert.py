@@ -35,6 +35,7 @@ import torch
 from flax import serialization
 
 from flaxdepth import interop, registry
+from flaxdepth.cli import quiet_on_closed_pipe
 from flaxdepth.interop import InteropError
 from flaxdepth.variants import add_variants_file_argument, load_variants_files
 
@@ -158,6 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)

@@ -10,6 +10,7 @@ import os
 import sys
 
 from flaxdepth import registry
+from flaxdepth.cli import quiet_on_closed_pipe
 from flaxdepth.variants import add_variants_file_argument, load_variants_files
 from flaxdepth.options import AUTO, PRECISIONS, REMATERIALIZATIONS, EngineOptions
 from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, ConfigError, SweepConfig
@@ -163,6 +164,7 @@ def cpu_devices(args, sweep_configs: list[SweepConfig]) -> int | None:
     return train.cpu_device_count(max(config.runs_per_depth for config in sweep_configs))
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flaxdepth.data import DataError

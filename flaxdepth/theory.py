@@ -44,6 +44,7 @@ from numpy.polynomial.legendre import leggauss
 from scipy import optimize, special
 
 from flaxdepth import registry
+from flaxdepth.cli import quiet_on_closed_pipe
 
 PROG = "python -m flaxdepth.theory"
 #: Schoenholz et al. 2017: networks trained roughly up to this many times xi_c layers.
@@ -699,6 +700,7 @@ def _run(args) -> int:
     return 0
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     from flaxdepth.variants import load_variants_files
 

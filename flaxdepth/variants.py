@@ -11,6 +11,7 @@ import json
 import sys
 
 from flaxdepth import registry
+from flaxdepth.cli import quiet_on_closed_pipe
 
 PROG = "python -m flaxdepth.variants"
 
@@ -36,6 +37,7 @@ def describe(spec: registry.Variant) -> str:
     return f"{spec.name:<24} {spec.activation:<10} {' '.join(changed):<56} {spec.description}"
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     add_variants_file_argument(p)
