@@ -58,7 +58,7 @@ class Variant:
     init: str = "normal"  # conv weights, see `conv_init_std` and the orthogonal ones
     init_std: float = OLD_INIT_SIGMA  # "normal"'s std
     init_fan: str = "out"  # fan of glorot / he / lecun
-    init_gain: float = 1.0  # scales orthogonal, delta_orthogonal, glorot, he and lecun weights (not normal's)
+    init_gain: float = 1.0  # scales orthogonal, delta_orthogonal, glorot, he and lecun weights ("normal": init_std)
     bias_std: float = 0.0  # conv bias N(0, bias_std); 0: zeros, the notebook's
     channels: int = 4  # the first stage's width; each later stage doubles it
     heads: str = "last"  # "every_stage": a Linear head after every stage, losses averaged
@@ -192,6 +192,9 @@ def validate(spec: Variant) -> Variant:
     for field in ("init_gain", "lr"):
         if not getattr(spec, field) > 0:
             raise _field_error(n, field, f"must be positive, got {getattr(spec, field)}")
+    if spec.init == "normal" and spec.init_gain != 1.0:
+        raise _field_error(n, "init_gain", 'scales the orthogonal and variance-scaling inits, not "normal" '
+                                           "(its std is `init_std`); set init_std instead of init_gain")
     for field in ("channels", "norm_groups"):
         value = getattr(spec, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

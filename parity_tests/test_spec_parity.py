@@ -25,6 +25,7 @@ EXAMPLES = os.environ.get("FLAXDEPTH_SPEC_EXAMPLES")
 @st.composite
 def specs(draw) -> registry.Variant:
     channels = draw(st.integers(1, 6))
+    init = draw(st.sampled_from(registry.INITS))
     return registry.validate(registry.Variant(
         name="drawn",
         activation=draw(st.sampled_from(registry.ACTIVATIONS)),
@@ -33,10 +34,10 @@ def specs(draw) -> registry.Variant:
         norm_groups=draw(st.sampled_from([g for g in range(1, channels + 1) if channels % g == 0])),
         residual=draw(st.sampled_from(registry.RESIDUALS)),
         residual_gate_init=draw(st.floats(-1.0, 1.0)),
-        init=draw(st.sampled_from(registry.INITS)),
+        init=init,
         init_std=draw(st.floats(0.01, 0.3)),
         init_fan=draw(st.sampled_from(registry.FANS)),
-        init_gain=draw(st.floats(0.5, 2.0)),
+        init_gain=1.0 if init == "normal" else draw(st.floats(0.5, 2.0)),  # normal's scale is init_std
         bias_std=draw(st.one_of(st.just(0.0), st.floats(0.01, 0.5))),
         channels=channels,
         heads=draw(st.sampled_from(registry.HEADS)),

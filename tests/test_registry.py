@@ -54,8 +54,10 @@ def test_init_gain_scales_the_gaussian_std(init, scale, fan):
     fan_size = 9 * (8 if fan == "in" else 16)
     assert registry.conv_init_std(plain, 8, 16) == (scale / fan_size) ** 0.5
     assert registry.conv_init_std(gained, 8, 16) == pytest.approx(1.3 * (scale / fan_size) ** 0.5, rel=1e-15)
-    normal = registry.Variant("n", "tanh", init="normal", init_std=0.3, init_gain=1.3)
+    normal = registry.Variant("n", "tanh", init="normal", init_std=0.3)
     assert registry.conv_init_std(normal, 8, 16) == 0.3  # normal's std is init_std alone
+    with pytest.raises(registry.SpecError, match="set init_std instead of init_gain"):
+        registry.validate(dataclasses.replace(normal, init_gain=1.3))
 
 
 def test_a_spec_object_registers_and_resolves():
@@ -102,6 +104,7 @@ BAD_SPECS = [
     ('activation = "tanh"\ninit_fan = "both"', "field 'init_fan': 'both' is not one of: out, in"),
     ('activation = "tanh"\nheads = "all"', "field 'heads': 'all' is not one of: last, every_stage"),
     ('activation = "tanh"\nlr = 0', "field 'lr': must be positive"),
+    ('activation = "tanh"\ninit_gain = 2.0', "field 'init_gain': scales the orthogonal and variance-scaling"),
     ('activation = "tanh"\nnotebook_pair = [6, 9]', "field 'notebook_pair': unknown field"),
 ]
 
