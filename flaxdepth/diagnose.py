@@ -52,6 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flaxdepth import registry
+from flaxdepth.cli import quiet_on_closed_pipe
 from flaxdepth.options import EngineOptions
 from flaxdepth.search import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, ConfigError, SweepConfig, portable_path
 
@@ -489,6 +490,10 @@ def run(config: DiagnoseConfig, dataset, log: Callable[[str], None] = print, pro
     from flaxdepth import data, search
 
     config = config.validate()
+    if config.framework == "jax":  # record the rematerialization the run trains with, not "auto"
+        from flaxdepth.train import step_options
+        config = dataclasses.replace(config, engine=step_options(config.engine, config.spec, config.depth,
+                                                                 config.batch_size))
     if config.probe_size > len(dataset.test_labels):
         raise ConfigError(f"--probe-size {config.probe_size} is more than the {len(dataset.test_labels)} test images")
     probe = Probe(dataset.test_images[:config.probe_size], dataset.test_labels[:config.probe_size])
@@ -662,6 +667,7 @@ def config_from_args(args) -> DiagnoseConfig:
         engine=engine_options(args)).validate()
 
 
+@quiet_on_closed_pipe
 def main(argv=None) -> int:
     from flaxdepth.data import DataError
 

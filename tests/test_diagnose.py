@@ -59,6 +59,8 @@ def test_a_run_writes_its_diagnostics_and_figures(framework, tiny_runs):
     result = json.loads((out / "diagnostics.json").read_text())
     assert result["config"]["variant"] == "tanh" and result["config"]["depth"] == 6
     assert result["config"]["framework"] == framework and result["config"]["engine"]["precision"] == "default"
+    # jax records the rematerialization it trained with ("auto" resolved: a 6-layer net fits whole)
+    assert result["config"]["engine"]["rematerialize"] == {"jax": "none", "torch": "auto"}[framework]
     assert result["spec"]["activation"] == "tanh" and result["protocol"] == "corrected"
     assert result["probe"] == "the first 16 test images" and result["steps_per_epoch"] == 2
     assert [epoch["epoch"] for epoch in result["epochs"]] == [1, 2]
