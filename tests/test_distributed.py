@@ -16,19 +16,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
-from flaxdepth import train
+from flaxdepth import run_outputs, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 TIMEOUT_S = 900  # per command; each run is ~1 min on 2 idle cores, mostly XLA compilation
 SWEEP = ["--variant", "elu_bn", "--depths", "3", "--seeds", "3", "--epochs", "2", "--limit-train", "600",
-         "--limit-test", "300", "--data-dir", str(SHARED_MNIST), "--skip-parity", "--quiet"]
+         "--limit-test", "300", "--data-dir", str(SHARED_MNIST), "--skip-parity", "--quiet",
+         "--save-weights", "--diagnostics"]  # process 0 alone measures and writes, from all-gathered replicas
 RESULTS_NAME = "elu_bn_jax_corrected_e2_b256_mnist_train600_test300.jsonl"
 # What must agree between runs; the rest (wall time, device count, host, time stamp) may not.
 SAME = ("variant", "depth", "lr", "seed", "train_errors", "test_errors", "finite", "trainable",
-        "replicas_trained_together", "config")
+        "replicas_trained_together", "config", "diagnostics", "weights")
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,9 +51,14 @@ def sweep_command(out: Path, *extra: str) -> list[str]:
 
 
 def comparable(out: Path) -> list[dict]:
+    """The rows' SAME fields, and in place of the weight files' names the weights they hold."""
     rows = [json.loads(line) for line in (out / RESULTS_NAME).read_text().splitlines()]
     for row in rows:
         row["config"].pop("out")
+        row["diagnostics"].pop("wall_s")
+        variables, state_dict = run_outputs.load_weights(out / RESULTS_NAME, row)
+        row["weights"] = (jax.tree.map(lambda a: a.tobytes(), variables),
+                          {key: tensor.numpy().tobytes() for key, tensor in state_dict.items()})
     return [{key: row[key] for key in SAME} for row in sorted(rows, key=lambda r: r["seed"])]
 
 
@@ -125,7 +132,9 @@ def test_two_processes_write_one_results_file_equal_to_one_process(one_device, t
     # appears on every process's stdout).
     assert "elu_bn (corrected, jax, lr 0.05)" in first[0].stdout and "elu_bn" not in first[1].stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        RESULTS_NAME, RESULTS_NAME.replace(".jsonl", ".png")]  # (the hidden files are filelock's)
+        RESULTS_NAME, RESULTS_NAME.replace(".jsonl", ".png"),
+        RESULTS_NAME.replace(".jsonl", ".weights")]  # (the hidden files are filelock's)
+    assert len(list((out / RESULTS_NAME.replace(".jsonl", ".weights")).iterdir())) == 2 * 3  # written once
 
     # Resume works as in one process: every run is reused, the file is left as it was.
     before = (out / RESULTS_NAME).read_bytes()
