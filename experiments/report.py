@@ -268,9 +268,17 @@ def interpretation(rows, pct: float, all_rows, files) -> str:
               "- The faithful protocol's eval-mode quirk, for BatchNorm variants: from epoch 2 on BatchNorm normalizes "
               "with running statistics and stops updating them, which can undo what epoch 1 learned."]
     causes += [f"  - {q}" for q in quirks if q] or ["  - No run here shows that collapse yet."]
-    causes.append("  - Whether a run survives that phase is a numerical accident rather than a matter of depth: "
-                  "compare torch_ref with flaxdepth at the same weights and batch order in the torch vs jax rows "
-                  "above, and see [notes/elu_bn_eval_mode_gpu_vs_cpu.md](notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
+    causes.append("  - Why (measured for elu_bn), and why not always: with its running statistics BatchNorm no "
+                  "longer cancels what the conv biases and the weights' scale do to a layer's output, and the loss "
+                  "becomes several times "
+                  "sharper at the switch; at the notebook's lr that puts it at or past SGD-momentum's stability "
+                  "limit 2 (1 + momentum) / lr, and the first eval-mode steps diverge in some runs and not in "
+                  "others. Whether a run survives depends on its seed (and at depth on rounding), not on its "
+                  "depth; float64 and TF32-rounded convolutions collapse alike, a smaller lr for the eval-mode "
+                  "epochs alone trains them. Evidence: "
+                  "[notes/elu_bn_eval_mode_collapse.md](notes/elu_bn_eval_mode_collapse.md); the frameworks at "
+                  "the same weights and batch order: the torch vs jax rows above and "
+                  "[notes/elu_bn_eval_mode_gpu_vs_cpu.md](notes/elu_bn_eval_mode_gpu_vs_cpu.md).")
     causes.append(f"- The multihead cells' `l = 0.05` typo: the notebook trained elu_multihead with lr {multi.lr:g}, "
                   f"and so does flaxdepth (so far: {rate(pick(rows, 'elu_multihead'))[2]}).")
     return "\n".join(line for line in lines + torch + causes if line is not None)
@@ -869,6 +877,19 @@ def fig_boundaries(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def collapse_figure(path: Path) -> list[str]:
+    """The eval-mode collapse's knobs figure (drawn by experiments/eval_mode_collapse.py --plot),
+    with its caption, where it exists."""
+    if not path.is_file():
+        return []
+    return ["elu_bn at k=3 under the notebook's protocol, one knob at a time (torch_ref from flaxdepth's weights "
+            "and batch order, `experiments/eval_mode_collapse.py`): left, the loss of every step of the first "
+            "eval-mode epoch; right, the test error after it against the sharpness at the switch over "
+            "SGD-momentum's stability limit (crosses: weights no longer finite). Details in "
+            "[notes/elu_bn_eval_mode_collapse.md](notes/elu_bn_eval_mode_collapse.md).",
+            f"![eval-mode collapse, one knob at a time](figures/{path.name})"]
+
+
 def fig_epoch_curves(rows, path: Path, pct: float) -> None:
     """Per-epoch test error at the notebook's pair for BatchNorm variants, both protocols."""
     bn = [v for v in registry.VARIANTS.values() if v.batchnorm]
@@ -927,6 +948,7 @@ def main(argv=None) -> int:
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
         "## Interpretation", interpretation(rows, pct, all_rows, files),
         "![per-epoch test error](figures/epoch_curves.png)",
+        *collapse_figure(args.out / "figures/eval_mode_collapse_k3_knobs.png"),
         "## Networks of your own: experiments/variants.toml",
         "Networks the notebook did not train, declared in `experiments/variants.toml` (each with the reason it "
         "is there) and trained by the same engine after the same parity check. They were swept on a 2-core CPU, "
