@@ -190,6 +190,54 @@ def _program(spec: registry.Variant, depth: int, bn_train: bool, fan: str | None
     return jax.jit(run, compiler_options=FAST_COMPILE_OPTIONS if fast_compile else None)
 
 
+def _program_variables(variables: dict) -> dict:
+    """What the program takes: params and batch_stats (empty without BatchNorm) on the host. One
+    tree structure and placement whatever the caller holds (a training state's sharded arrays,
+    host replicas, shapes), so that the program compiled for one of them serves the others."""
+    import jax
+
+    return jax.device_get({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+
+
+#: The share of the available memory the diagnostics program may take (XLA's own accounting of its
+#: buffers); the rest is for the training step, the dataset and the allocator.
+PROBE_MEMORY_FRACTION = 0.7
+
+
+def diagnostics_memory_bytes(spec: registry.Variant, depth: int, images, labels, bn_train: bool = True,
+                             fan: str | None = None, options: EngineOptions = EngineOptions()) -> int:
+    """Bytes that `layer_diagnostics` needs for this probe batch: the compiled program's arguments,
+    outputs and temporary buffers as XLA counts them (most of it every layer's sown intermediates).
+    Compiling here costs nothing extra: a later call on arrays of the same shapes reuses the program."""
+    import jax
+
+    from flaxdepth import models
+
+    model = models.build_model(spec, depth, fan, options)
+    variables = _program_variables(jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False)))
+    memory = _program(spec, depth, bn_train, fan, options, False).lower(variables, images, labels).compile()
+    memory = memory.memory_analysis()
+    return memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+
+
+def check_probe_fits(config: DiagnoseConfig, images, labels, available_bytes: int | None) -> None:
+    """A ConfigError suggesting a --probe-size that fits where the diagnostics of `config`'s depth
+    on this probe batch would need more than PROBE_MEMORY_FRACTION of `available_bytes` (None:
+    unknown, no check)."""
+    if available_bytes is None:
+        return
+    need = diagnostics_memory_bytes(config.spec, config.depth, images, labels, True, config.fan, config.engine)
+    budget = PROBE_MEMORY_FRACTION * available_bytes
+    if need <= budget:
+        return
+    size = len(labels)
+    fits = int(size * budget / need)  # the sown intermediates grow in proportion to the batch
+    advice = f"use --probe-size {fits} or fewer" if fits >= 1 else "not even one image fits; diagnose a smaller depth"
+    raise ConfigError(f"--probe-size {size}: the per-layer diagnostics of {config.variant} k={config.depth} on "
+                      f"{size} images need {need / 2**30:.1f} GiB, {available_bytes / 2**30:.1f} GiB of memory is "
+                      f"available; {advice}")
+
+
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity: a diverged run's values are stored as null."""
     return value if math.isfinite(value) else None
@@ -212,8 +260,7 @@ def layer_diagnostics(variant: str | registry.Variant, depth: int, variables: di
     registry.check_depth(depth)
     options = train.step_options(options, spec, depth, len(labels))
     program = _program(spec, depth, bn_train, fan, options, fast_compile)
-    loss, per_group = program({key: variables[key] for key in ("params", "batch_stats") if key in variables},
-                              images, labels)
+    loss, per_group = program(_program_variables(variables), images, labels)
     loss, per_group = float(loss), [tuple(
         {name: np.asarray(values, np.float64) for name, values in part.items()} for part in group)
         for group in per_group]
@@ -490,13 +537,19 @@ def run(config: DiagnoseConfig, dataset, log: Callable[[str], None] = print, pro
     from flaxdepth import data, search
 
     config = config.validate()
-    if config.framework == "jax":  # record the rematerialization the run trains with, not "auto"
-        from flaxdepth.train import step_options
-        config = dataclasses.replace(config, engine=step_options(config.engine, config.spec, config.depth,
-                                                                 config.batch_size))
     if config.probe_size > len(dataset.test_labels):
         raise ConfigError(f"--probe-size {config.probe_size} is more than the {len(dataset.test_labels)} test images")
     probe = Probe(dataset.test_images[:config.probe_size], dataset.test_labels[:config.probe_size])
+    if config.framework == "jax":
+        import jax
+
+        from flaxdepth import train
+
+        # record the rematerialization the run trains with, not "auto"
+        config = dataclasses.replace(config, engine=train.step_options(config.engine, config.spec, config.depth,
+                                                                       config.batch_size))
+        check_probe_fits(config, train.normalize(probe.images), probe.labels.astype(np.int32),
+                         train.available_memory(jax.devices()[0]))
     trained = data.subset(dataset, config.limit_train, config.limit_test)
     steps_per_epoch = -(-len(trained.train_labels) // config.batch_size)
     steps = resolve_steps(config.steps, config.epochs, steps_per_epoch)

@@ -40,6 +40,25 @@ def test_a_step_past_the_run_is_refused():
         diagnose.resolve_steps(("16",), epochs=3, steps_per_epoch=5)
 
 
+def test_a_probe_batch_that_does_not_fit_in_memory_is_refused_with_a_size_that_fits():
+    """XLA's accounting of the compiled program against the memory available; the suggestion is
+    the batch scaled to the budget (the sown intermediates grow in proportion to it)."""
+    import numpy as np
+
+    config = diagnose.DiagnoseConfig(variant="tanh", depth=6, probe_size=16)
+    images, labels = np.zeros((16, 28, 28, 1), np.float32), np.zeros(16, np.int32)
+    need = diagnose.diagnostics_memory_bytes(config.spec, config.depth, images, labels)
+    assert need > 16 * 6 * 28 * 28 * 4  # at least one activation-sized array a layer
+    diagnose.check_probe_fits(config, images, labels, 2 * need)  # fits: no error
+    diagnose.check_probe_fits(config, images, labels, None)  # unknown memory: no check
+    with pytest.raises(ConfigError) as error:
+        diagnose.check_probe_fits(config, images, labels, need)
+    assert str(error.value).startswith("--probe-size 16: the per-layer diagnostics of tanh k=6 on 16 images need ")
+    assert str(error.value).endswith(f"available; use --probe-size {int(16 * diagnose.PROBE_MEMORY_FRACTION)} or fewer")
+    with pytest.raises(ConfigError, match="not even one image fits; diagnose a smaller depth"):
+        diagnose.check_probe_fits(config, images, labels, need // 100)
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, one_torch_thread):
     """The tiny run in both frameworks: {framework: (exit status, output folder)}."""
