@@ -205,19 +205,22 @@ PROBE_MEMORY_FRACTION = 0.7
 
 
 def diagnostics_memory_bytes(spec: registry.Variant, depth: int, images, labels, bn_train: bool = True,
-                             fan: str | None = None, options: EngineOptions = EngineOptions()) -> int:
+                             fan: str | None = None, options: EngineOptions = EngineOptions()) -> int | None:
     """Bytes that `layer_diagnostics` needs for this probe batch: the compiled program's arguments,
-    outputs and temporary buffers as XLA counts them (most of it every layer's sown intermediates).
-    Compiling here costs nothing extra: a later call on arrays of the same shapes reuses the program."""
+    outputs and temporary buffers as XLA counts them (most of it every layer's sown intermediates);
+    None where the backend does not say. Compiling here costs nothing extra: a later call on arrays
+    of the same shapes reuses the program."""
     import jax
 
     from flaxdepth import models
 
     model = models.build_model(spec, depth, fan, options)
     variables = _program_variables(jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False)))
-    memory = _program(spec, depth, bn_train, fan, options, False).lower(variables, images, labels).compile()
-    memory = memory.memory_analysis()
-    return memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    compiled = _program(spec, depth, bn_train, fan, options, False).lower(variables, images, labels).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
 
 
 def check_probe_fits(config: DiagnoseConfig, images, labels, available_bytes: int | None) -> None:
@@ -228,7 +231,7 @@ def check_probe_fits(config: DiagnoseConfig, images, labels, available_bytes: in
         return
     need = diagnostics_memory_bytes(config.spec, config.depth, images, labels, True, config.fan, config.engine)
     budget = PROBE_MEMORY_FRACTION * available_bytes
-    if need <= budget:
+    if need is None or need <= budget:
         return
     size = len(labels)
     fits = int(size * budget / need)  # the sown intermediates grow in proportion to the batch
