@@ -205,7 +205,8 @@ PROBE_MEMORY_FRACTION = 0.7
 
 
 def diagnostics_memory_bytes(spec: registry.Variant, depth: int, images, labels, bn_train: bool = True,
-                             fan: str | None = None, options: EngineOptions = EngineOptions()) -> int | None:
+                             fan: str | None = None, options: EngineOptions = EngineOptions(),
+                             fast_compile: bool = False) -> int | None:
     """Bytes that `layer_diagnostics` needs for this probe batch: the compiled program's arguments,
     outputs and temporary buffers as XLA counts them (most of it every layer's sown intermediates);
     None where the backend does not say. Compiling here costs nothing extra: a later call on arrays
@@ -216,29 +217,34 @@ def diagnostics_memory_bytes(spec: registry.Variant, depth: int, images, labels,
 
     model = models.build_model(spec, depth, fan, options)
     variables = _program_variables(jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False)))
-    compiled = _program(spec, depth, bn_train, fan, options, False).lower(variables, images, labels).compile()
+    compiled = _program(spec, depth, bn_train, fan, options, fast_compile).lower(variables, images, labels).compile()
     stats = compiled.memory_analysis()
     if stats is None:
         return None
     return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
 
 
-def check_probe_fits(config: DiagnoseConfig, images, labels, available_bytes: int | None) -> None:
-    """A ConfigError suggesting a --probe-size that fits where the diagnostics of `config`'s depth
-    on this probe batch would need more than PROBE_MEMORY_FRACTION of `available_bytes` (None:
-    unknown, no check)."""
+def check_probe_fits(spec: registry.Variant, depth: int, images, labels, available_bytes: int | None,
+                     fan: str | None = None, options: EngineOptions = EngineOptions(),
+                     fast_compile: bool = False) -> None:
+    """A ConfigError suggesting a --probe-size that fits where the diagnostics of this depth on this
+    probe batch would need more than PROBE_MEMORY_FRACTION of `available_bytes` (None: unknown, no
+    check). BatchNorm in train mode, the mode measured at initialization."""
     if available_bytes is None:
         return
-    need = diagnostics_memory_bytes(config.spec, config.depth, images, labels, True, config.fan, config.engine)
+    need = diagnostics_memory_bytes(spec, depth, images, labels, True, fan, options, fast_compile)
     budget = PROBE_MEMORY_FRACTION * available_bytes
     if need is None or need <= budget:
         return
     size = len(labels)
     fits = int(size * budget / need)  # the sown intermediates grow in proportion to the batch
-    advice = f"use --probe-size {fits} or fewer" if fits >= 1 else "not even one image fits; diagnose a smaller depth"
-    raise ConfigError(f"--probe-size {size}: the per-layer diagnostics of {config.variant} k={config.depth} on "
-                      f"{size} images need {need / 2**30:.1f} GiB, {available_bytes / 2**30:.1f} GiB of memory is "
-                      f"available; {advice}")
+    advice = f"use --probe-size {fits} or fewer" if fits >= 1 else "not even one image fits; measure a smaller depth"
+    raise ConfigError(f"--probe-size {size}: the per-layer diagnostics of {spec.name} k={depth} on {size} images "
+                      f"need {_size(need)}, {_size(available_bytes)} of memory is available; {advice}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -551,8 +557,8 @@ def run(config: DiagnoseConfig, dataset, log: Callable[[str], None] = print, pro
         # record the rematerialization the run trains with, not "auto"
         config = dataclasses.replace(config, engine=train.step_options(config.engine, config.spec, config.depth,
                                                                        config.batch_size))
-        check_probe_fits(config, train.normalize(probe.images), probe.labels.astype(np.int32),
-                         train.available_memory(jax.devices()[0]))
+        check_probe_fits(config.spec, config.depth, train.normalize(probe.images), probe.labels.astype(np.int32),
+                         train.available_memory(jax.devices()[0]), config.fan, config.engine)
     trained = data.subset(dataset, config.limit_train, config.limit_test)
     steps_per_epoch = -(-len(trained.train_labels) // config.batch_size)
     steps = resolve_steps(config.steps, config.epochs, steps_per_epoch)

@@ -120,6 +120,23 @@ class RunOutputs:
         self.elapsed = 0.0
         self.diagnostics_s = 0.0
 
+    def check_memory(self) -> None:
+        """A ConfigError before training where the per-layer diagnostics would not fit in the memory
+        available (flaxdepth.diagnose.check_probe_fits). With one process only: the processes of a
+        distributed sweep could see different memory and part ways."""
+        import jax
+
+        if not (self.config.diagnostics and self.measure and jax.process_count() == 1):
+            return
+        from flaxdepth import diagnose, train
+
+        start = time.perf_counter()  # mostly the measuring program's compile, which the measuring then reuses
+        diagnose.check_probe_fits(self.spec, self.depth, train.normalize(self.probe_images),
+                                  self.probe_labels.astype(np.int32), train.available_memory(jax.devices()[0]),
+                                  self.config.fan, self.engine, fast_compile=True)
+        self.diagnostics_s += time.perf_counter() - start
+        self.elapsed += time.perf_counter() - start
+
     def _moment(self, epochs_trained: int) -> str | None:
         """The moment a row records: "init", "end", or None (an epoch between)."""
         return {0: "init", self.config.epochs: "end"}.get(epochs_trained)

@@ -385,6 +385,8 @@ class Sweep:
             outputs = self._outputs = run_outputs.RunOutputs(c, depth, runs, *probe, self._engine, measure=self.writer)
         try:
             if c.framework == "jax":
+                if outputs is not None:
+                    outputs.check_memory()
                 if self._device_data is None:
                     self._device_data = train.DeviceData.put(self.dataset, self.mesh)
                 return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,

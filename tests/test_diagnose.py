@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxdepth import diagnose
+from flaxdepth import diagnose, registry
 from flaxdepth.search import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,18 +45,18 @@ def test_a_probe_batch_that_does_not_fit_in_memory_is_refused_with_a_size_that_f
     the batch scaled to the budget (the sown intermediates grow in proportion to it)."""
     import numpy as np
 
-    config = diagnose.DiagnoseConfig(variant="tanh", depth=6, probe_size=16)
+    spec = registry.get_variant("tanh")
     images, labels = np.zeros((16, 28, 28, 1), np.float32), np.zeros(16, np.int32)
-    need = diagnose.diagnostics_memory_bytes(config.spec, config.depth, images, labels)
+    need = diagnose.diagnostics_memory_bytes(spec, 6, images, labels)
     assert need > 16 * 6 * 28 * 28 * 4  # at least one activation-sized array a layer
-    diagnose.check_probe_fits(config, images, labels, 2 * need)  # fits: no error
-    diagnose.check_probe_fits(config, images, labels, None)  # unknown memory: no check
+    diagnose.check_probe_fits(spec, 6, images, labels, 2 * need)  # fits: no error
+    diagnose.check_probe_fits(spec, 6, images, labels, None)  # unknown memory: no check
     with pytest.raises(ConfigError) as error:
-        diagnose.check_probe_fits(config, images, labels, need)
+        diagnose.check_probe_fits(spec, 6, images, labels, need)
     assert str(error.value).startswith("--probe-size 16: the per-layer diagnostics of tanh k=6 on 16 images need ")
     assert str(error.value).endswith(f"available; use --probe-size {int(16 * diagnose.PROBE_MEMORY_FRACTION)} or fewer")
-    with pytest.raises(ConfigError, match="not even one image fits; diagnose a smaller depth"):
-        diagnose.check_probe_fits(config, images, labels, need // 100)
+    with pytest.raises(ConfigError, match="not even one image fits; measure a smaller depth"):
+        diagnose.check_probe_fits(spec, 6, images, labels, need // 100)
 
 
 @pytest.fixture(scope="module")

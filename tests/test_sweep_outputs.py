@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,23 @@ def test_a_bad_probe_size_exits_2_with_one_line_before_training(argv, message, t
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == f"{PROG_ERROR}{message}\n"
     assert not out.exists()
+
+
+@needs_mnist
+def test_diagnostics_that_would_not_fit_in_memory_stop_the_sweep_before_training(tmp_path, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(train, "train_replicas", forbidden)
+    out = tmp_path / "out"
+    assert sweep.main(["--variant", "tanh", "--depths", "3", "--seeds", "1", "--limit-train", "256", "--limit-test",
+                       "64", "--data-dir", str(SHARED_MNIST), "--skip-parity", "--quiet", "--diagnostics",
+                       "--out", str(out)]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith(PROG_ERROR)]
+    assert re.fullmatch(f"{re.escape(PROG_ERROR)}--probe-size 64: the per-layer diagnostics of tanh k=3 on 64 images "
+                        r"need [\d.]+ MiB, 1\.0 MiB of memory is available; use --probe-size \d+ or fewer", line)
+    assert not any(path.read_text() for path in out.glob("*.jsonl"))  # no row
 
 
 def test_reused_runs_keep_what_they_were_trained_with(tmp_path, monkeypatch):
