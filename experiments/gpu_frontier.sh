@@ -2,8 +2,10 @@
 # The depth frontier on a lent GPU, as one call (REPORT.md "Depth frontier"): the tanh network at
 # the critical point of experiments/variants.toml (delta-orthogonal, Gaussian, delta-orthogonal at
 # 16-64 channels) at k = 1,002, 3,000 and 10,002 on full MNIST, and the notebook's naive and
-# Glorot-style inits (tanh, tanh_newinit) as controls at k = 1,002, every one at lr = 1.5 / k (to
-# two significant digits) as the CPU frontier (experiments/sweeps.toml's frontier-cpu).
+# Glorot-style inits (tanh, tanh_newinit) as controls at k = 1,002, every one at lr = 0.5 / k and
+# 1.5 / k side by side (to two significant digits): the CPU frontier's 1.5 / k (experiments/sweeps.toml's
+# frontier-cpu) and a third of it, since at k = 1,002 longer CPU runs at 1.5 / k and 1 / k fell
+# back to chance in their second epoch (experiments/notes/depth_frontier.md, section 5).
 # Usage there: bash experiments/gpu_frontier.sh DATA_DIR [ENGINE OPTIONS ...]
 #   ENGINE OPTIONS go to every sweep unchanged, e.g. --rematerialize nested, --precision highest
 #   (python -m flaxdepth.sweep --help); a row stores the options it trained with.
@@ -17,8 +19,8 @@
 # experiments/results/gpu_frontier/ and run python experiments/report.py.
 # No sweep starts with less than MIN_SWEEP seconds left before CALL_LIMIT (default 570 s after the
 # start, under a call's 600), and each is killed at CALL_LIMIT.
-# Knobs: DEPTHS, VARIANTS, CONTROLS, CONTROL_DEPTHS, SEEDS (2), EPOCHS (3), LR_TIMES_DEPTH (1.5) or
-# LR (one lr at every depth), BATCH_SIZE (256), LIMIT_TRAIN / LIMIT_TEST (unset: full MNIST),
+# Knobs: DEPTHS, VARIANTS, CONTROLS, CONTROL_DEPTHS, SEEDS (2), EPOCHS (3), LR_TIMES_DEPTH ("0.5 1.5":
+# the lrs c / k trained side by side) or LR (lrs at every depth, comma-separated), BATCH_SIZE (256), LIMIT_TRAIN / LIMIT_TEST (unset: full MNIST),
 # SKIP_PARITY, CALL_LIMIT, MIN_SWEEP (30), RESULTS.
 set -u
 DATA_DIR=${1:?usage: gpu_frontier.sh MNIST_DIR [ENGINE OPTIONS ...]}
@@ -49,7 +51,8 @@ checked=" "
 failed=0
 for depth in $DEPTHS; do
     names=$VARIANTS
-    lr=${LR:-$(awk -v c=${LR_TIMES_DEPTH:-1.5} -v k=$depth 'BEGIN { printf "%.2g", c / k }')}
+    lr=${LR:-$(awk -v cs="${LR_TIMES_DEPTH:-0.5 1.5}" -v k=$depth \
+        'BEGIN { n = split(cs, c, /[ ,]+/); for (i = 1; i <= n; i++) printf "%s%.2g", (i > 1 ? "," : ""), c[i] / k }')}
     case " $CONTROL_DEPTHS " in *" $depth "*) names="$names $CONTROLS" ;; esac
     for variant in $names; do
         left=$(( started + ${CALL_LIMIT:-570} - $(date +%s) ))

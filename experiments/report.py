@@ -582,11 +582,13 @@ def subset_entry_rows(files, entry: dict, variant: str) -> list[dict]:
 
 
 def setup_text(row) -> str:
-    """What a frontier row was trained on, in words."""
+    """What a frontier row was trained on, in words; its lr as c / k (c to one decimal: the lrs are
+    c / k rounded to two significant digits)."""
     c = row["config"]
     images = (f"the first {c['limit_train']:,} training / {c['limit_test']:,} test images" if c["limit_train"]
               else "full MNIST")
-    return f"{row['device']}, {images}, {c['epochs']} epochs in batches of {c['batch_size']}"
+    return (f"{row['device']}, {images}, {c['epochs']} epochs in batches of {c['batch_size']}, "
+            f"lr = {round(row['lr'] * row['depth'], 1):g} / k")
 
 
 def frontier_rows(files) -> dict[str, list[dict]]:

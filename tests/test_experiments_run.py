@@ -203,12 +203,13 @@ def test_gpu_step_variants_script_applies_each_setting(tmp_path, env_without_dev
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no MNIST copy")
 def test_gpu_frontier_script_on_a_cpu_then_resumed(tmp_path, env_without_device_count):
-    """experiments/gpu_frontier.sh's CPU path, tiny: a critical variant and a control, at lr =
-    LR_TIMES_DEPTH / k, engine options passed through to every row, the results files copied to
-    $OUT/gpu_frontier/; a second call trains nothing (the sweeps reuse the finished runs)."""
+    """experiments/gpu_frontier.sh's CPU path, tiny: a critical variant and a control, at the lrs
+    c / k for each c of LR_TIMES_DEPTH, engine options passed through to every row, the results
+    files copied to $OUT/gpu_frontier/; a second call trains nothing (the sweeps reuse the finished
+    runs)."""
     env = dict(env_without_device_count, OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"),
                DEPTHS="3", VARIANTS="tanh_critical_delta", CONTROLS="tanh", CONTROL_DEPTHS="3", SEEDS="1",
-               EPOCHS="1", BATCH_SIZE="32", LIMIT_TRAIN="64", LIMIT_TEST="32", SKIP_PARITY="1", LR_TIMES_DEPTH="0.03")
+               EPOCHS="1", BATCH_SIZE="32", LIMIT_TRAIN="64", LIMIT_TEST="32", SKIP_PARITY="1", LR_TIMES_DEPTH="0.03 0.06")
     argv = ["bash", "experiments/gpu_frontier.sh", str(SHARED_MNIST), "--rematerialize", "nested"]
     first = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
@@ -217,7 +218,7 @@ def test_gpu_frontier_script_on_a_cpu_then_resumed(tmp_path, env_without_device_
     assert files == ["tanh_critical_delta_jax_corrected_e1_b32_mnist_train64_test32.jsonl",
                      "tanh_jax_corrected_e1_b32_mnist_train64_test32.jsonl"]
     rows = {name: [json.loads(line) for line in (back / name).read_text().splitlines()] for name in files}
-    assert [[(r["depth"], r["lr"]) for r in rows[name]] for name in files] == [[(3, 0.01)], [(3, 0.01)]]
+    assert [sorted((r["depth"], r["lr"]) for r in rows[name]) for name in files] == [[(3, 0.01), (3, 0.02)]] * 2
     assert {r["config"]["engine"]["rematerialize"] for rs in rows.values() for r in rs} == {"nested"}
     assert "== " in first.stdout and "Epoch 000/001" in first.stdout  # timestamped progress lines
     before = [(back / name).read_bytes() for name in files]

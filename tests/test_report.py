@@ -270,6 +270,7 @@ def test_depth_frontier_from_cpu_and_gpu_rows(report, tmp_path):
              row("tanh_critical_delta", 1002, 0, BAD, BAD, lr=0.0015, **cpu),
              row("tanh_critical_delta", 1002, 1, GOOD, GOOD, lr=0.05, **cpu)]  # not the entry's lr at k=1002
     gpu = [row("tanh_critical_delta", 3000, s, GOOD, GOOD, lr=0.0005, protocol="corrected") for s in range(2)]
+    gpu += [row("tanh_critical_delta", 3000, s, BAD, BAD, lr=0.00017, protocol="corrected") for s in range(2)]
     for r in delta + gpu:
         r["spec"] = spec
     folder = tmp_path / "results"
@@ -281,14 +282,19 @@ def test_depth_frontier_from_cpu_and_gpu_rows(report, tmp_path):
     text = (tmp_path / "REPORT.md").read_text()
     frontier = text[text.index("## Depth frontier"):text.index("## What was run")]
     cpu_table = frontier[frontier.index("**cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches "
-                                        "of 64**"):]
+                                        "of 64, lr = 1.5 / k**"):]
     assert table_row(cpu_table, "tanh_critical_delta: tanh CNN, delta-orthogonal at the critical point sigma_b^2 "
                                 "= 1e-5")[1:] == ["1/1 seeds (5.0%)", "0/1 seeds (90.0%)"]
     assert "| init | k=30 (lr 0.05) | k=1002 (lr 0.0015) |" in cpu_table
-    assert "| init | k=3000 (lr 0.0005) |" in frontier
+    # each lr rule a table of its own: c / k with c to one decimal (0.00017 * 3000 = 0.51)
+    for lr, c, cell in ((0.0005, "1.5", "2/2 seeds (5.0%, 5.0%)"), (0.00017, "0.5", "0/2 seeds (90.0%, 90.0%)")):
+        table = frontier[frontier.index(f"**gpu:Fake GPU, full MNIST, 3 epochs in batches of 256, lr = {c} / k**"):]
+        assert f"| init | k=3000 (lr {lr:g}) |" in table
+        assert table_row(table, "tanh_critical_delta: tanh CNN, delta-orthogonal at the critical point sigma_b^2 "
+                                "= 1e-5")[1:] == [cell]
     assert ("The deepest network trained (most seeds under 20%): tanh_critical_delta at k=3000 (gpu:Fake GPU, "
-            "full MNIST, 3 epochs in batches of 256)") in frontier
-    assert "- tanh (cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches of 64): trains at no " \
-           "depth; fails at k=30." in frontier
+            "full MNIST, 3 epochs in batches of 256, lr = 1.5 / k)") in frontier
+    assert "- tanh (cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches of 64, lr = 1.5 / k): " \
+           "trains at no depth; fails at k=30." in frontier
     assert "- `frontier-cpu`: 2/4 (tanh_critical_delta, tanh)" in text
     assert (tmp_path / "figures" / "depth_frontier.png").read_bytes()[:8] == PNG_MAGIC
