@@ -3,9 +3,10 @@
 # the critical point of experiments/variants.toml (delta-orthogonal, Gaussian, delta-orthogonal at
 # 16-64 channels) at k = 1,002, 3,000 and 10,002 on full MNIST, and the notebook's naive and
 # Glorot-style inits (tanh, tanh_newinit) as controls at k = 1,002, every one at lr = 0.5 / k and
-# 1.5 / k side by side (to two significant digits): the CPU frontier's 1.5 / k (experiments/sweeps.toml's
-# frontier-cpu) and a third of it, since at k = 1,002 longer CPU runs at 1.5 / k and 1 / k fell
-# back to chance in their second epoch (experiments/notes/depth_frontier.md, section 5).
+# 1.5 / k side by side (to two significant digits): the CPU frontier's 1.5 / k
+# (experiments/sweeps.toml's frontier-cpu) and a third of it, since at k = 1,002 longer CPU runs at
+# 1.5 / k and 1 / k fell back to chance in their second epoch (experiments/notes/depth_frontier.md,
+# section 5).
 # Usage there: bash experiments/gpu_frontier.sh DATA_DIR [ENGINE OPTIONS ...]
 #   ENGINE OPTIONS go to every sweep unchanged, e.g. --rematerialize nested, --precision highest
 #   (python -m flaxdepth.sweep --help); a row stores the options it trained with.
@@ -19,9 +20,10 @@
 # experiments/results/gpu_frontier/ and run python experiments/report.py.
 # No sweep starts with less than MIN_SWEEP seconds left before CALL_LIMIT (default 570 s after the
 # start, under a call's 600), and each is killed at CALL_LIMIT.
-# Knobs: DEPTHS, VARIANTS, CONTROLS, CONTROL_DEPTHS, SEEDS (2), EPOCHS (3), LR_TIMES_DEPTH ("0.5 1.5":
-# the lrs c / k trained side by side) or LR (lrs at every depth, comma-separated), BATCH_SIZE (256), LIMIT_TRAIN / LIMIT_TEST (unset: full MNIST),
-# SKIP_PARITY, CALL_LIMIT, MIN_SWEEP (30), RESULTS.
+# Knobs: DEPTHS, VARIANTS, CONTROLS, CONTROL_DEPTHS, SEEDS (2), EPOCHS (3), LR_TIMES_DEPTH
+# ("0.5 1.5": the lrs c / k, trained side by side) or LR (the lrs at every depth, comma-separated),
+# BATCH_SIZE (256), LIMIT_TRAIN / LIMIT_TEST (unset: full MNIST), SKIP_PARITY, CALL_LIMIT,
+# MIN_SWEEP (30), RESULTS.
 set -u
 DATA_DIR=${1:?usage: gpu_frontier.sh MNIST_DIR [ENGINE OPTIONS ...]}
 shift
