@@ -9,10 +9,9 @@ compiles each program once; nothing is kept from one run to the next. A user's o
 JAX_COMPILATION_CACHE_DIR is left as it is.
 
 The run's XLA also optimizes machine code at LLVM's level 1 instead of its default (XLA_FLAGS,
-inherited the same way): the same programs (HLO), in 15-25% less compile time for the float32 and
-float64 parity programs, with bit-identical losses and equal run times (measured on this project's
-2-core machine; LLVM does not reorder floating-point arithmetic without fast math, which XLA's CPU
-backend leaves off).
+inherited the same way): the same programs (HLO), compiled in less time, with bit-identical losses
+and equal run times (experiments/BENCHMARKS.md, "Test suite time"; LLVM does not reorder
+floating-point arithmetic without fast math, which XLA's CPU backend leaves off).
 """
 
 from __future__ import annotations

@@ -97,9 +97,8 @@ def _lookup(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-#: XLA's CPU backend without its LLVM optimizations: a program compiles in a third to two thirds of
-#: the time and runs about 1.8x slower (measured on 2 cores: elu_bn k = 6 on 16 images in float64
-#: compiles in 2.2 s against 6.1 s; k = 63 on 256 images in float32 runs in 3.8 s against 2.1 s).
+#: XLA's CPU backend without its LLVM optimizations: a program compiles in far less time and runs
+#: slower (experiments/BENCHMARKS.md, "Test suite time"), which suits one run on a small batch.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 

@@ -226,7 +226,7 @@ def to_torch(variant: str | registry.Variant, depth: int, variables: Mapping) ->
     """Flax variables as a torch state_dict of numpy arrays: the notebook's keys, order and layouts.
 
     Load it with `torch_ref.load_weights(model, sd)` (`model.load_state_dict` works too, in time
-    quadratic in depth: minutes at k = 10,002).
+    quadratic in depth: see torch_ref.load_weights).
     """
     return _export(registry.resolve(variant), depth, variables, ("params", "batch_stats"))
 

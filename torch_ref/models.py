@@ -166,7 +166,7 @@ def init_conv_(conv: nn.Conv2d, variant: registry.Variant, fan: str | None = Non
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
     """`model.load_state_dict(state_dict)` (strict; tensors or numpy arrays, cast to the model's
     dtypes) in time linear in the entries: torch's own filters the remaining entries once per
-    child module, quadratic in depth (an elu_bn k = 10,002 model: 111 s, here about a second).
+    child module, quadratic in depth (minutes at k = 10,002: experiments/BENCHMARKS.md).
     Copies into the model's parameters and buffers, as torch's does for modules without load
     hooks, which torch_ref's have none of. Returns the model."""
     own = model.state_dict(keep_vars=True)
