@@ -2,7 +2,7 @@
 
 XLA's CPU convolutions run the models' 1-16-channel 3x3 convolutions far below the machine's
 speed, and XLA's train-mode BatchNorm followed by its activation is the next largest part of a
-CPU training step (experiments/BENCHMARKS.md). The C++ kernels compute, for float32 NHWC/HWIO
+CPU training step (benchmarks/BENCHMARKS.md). The C++ kernels compute, for float32 NHWC/HWIO
 arrays on XLA's own intra-op threads: the 3x3 convolution (forward, which with the kernel flipped
 is also the input gradient), its kernel gradient, and train-mode BatchNorm + ELU or tanh with its
 gradient (`flaxdepth.ops.batch_normalize_activation`).
@@ -29,6 +29,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import filelock
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -142,7 +143,8 @@ def library_path() -> Path:
 
 
 def build(target: Path) -> None:
-    """Compiles SOURCES into `target`, atomically (concurrent builds, e.g. test workers, are safe)."""
+    """Compiles SOURCES into `target`, atomically: a process loading a half-written library sees
+    none (callers that may race, e.g. test workers, hold `build_lock(target)` around the build)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -155,6 +157,14 @@ def build(target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def build_lock(target: Path) -> filelock.FileLock:
+    """The lock under which `target` is built: processes that start at once (xdist workers, the
+    subprocesses of a test run, the processes of a job array) build the library once, the others
+    wait for it instead of compiling it again each (a build takes about half a minute of a core)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(target.with_suffix(".lock"))
 
 
 _LOADING = threading.Lock()  # two threads tracing at once build and register once
@@ -174,7 +184,9 @@ def _build_and_register() -> str | None:
     try:
         path = library_path()
         if not path.exists():
-            build(path)
+            with build_lock(path):
+                if not path.exists():  # another process built it while this one waited
+                    build(path)
         library = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
