@@ -10,7 +10,7 @@ JAX_COMPILATION_CACHE_DIR is left as it is.
 
 The run's XLA also optimizes machine code at LLVM's level 1 instead of its default (XLA_FLAGS,
 inherited the same way): the same programs (HLO), compiled in less time, with bit-identical losses
-and equal run times (experiments/BENCHMARKS.md, "Test suite time"; LLVM does not reorder
+and equal run times (benchmarks/BENCHMARKS.md, "Test suite time"; LLVM does not reorder
 floating-point arithmetic without fast math, which XLA's CPU backend leaves off).
 """
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, experiments and benchmarks, as one call on a lent GPU machine (its device time is
-# short and rationed, so every stage has a hard time limit). See experiments/BENCHMARKS.md and REPORT.md.
+# short and rationed, so every stage has a hard time limit). See benchmarks/BENCHMARKS.md and REPORT.md.
 # Usage there: bash experiments/gpu_checks.sh DATA_DIR   (writes into $OUT, or ./gpu_out)
 # Stages, in order (default time limits): smoke (75 s), conv formulations (60 s), whole-run benchmark
 # (180 s), a profile of the replicated step (90 s), then experiments until CALL_LIMIT (default 560 s)
@@ -33,8 +33,8 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
 fi
 
 if [ -z "${SKIP_CONV_BENCH:-}" ]; then
-    stamp "replicated 3x3 convolutions, formulation by formulation (experiments/conv_formulations.py)"
-    timeout ${CONV_TIMEOUT:-60} python3 experiments/conv_formulations.py --replicas ${FULL_REPLICAS:-32} --rounds 3 \
+    stamp "replicated 3x3 convolutions, formulation by formulation (benchmarks/conv_formulations.py)"
+    timeout ${CONV_TIMEOUT:-60} python3 benchmarks/conv_formulations.py --replicas ${FULL_REPLICAS:-32} --rounds 3 \
         --json | tee "$OUT/conv_formulations.jsonl"
 fi
 
@@ -47,8 +47,8 @@ if [ -z "${SKIP_BENCH:-}" ]; then
 fi
 
 if [ -z "${SKIP_PROFILE:-}" ]; then
-    stamp "where the ${FULL_REPLICAS:-32}-replica step's time goes (experiments/profile_step.py)"
-    timeout ${PROFILE_TIMEOUT:-90} python3 experiments/profile_step.py --variant elu_bn --depth 48 \
+    stamp "where the ${FULL_REPLICAS:-32}-replica step's time goes (benchmarks/profile_step.py)"
+    timeout ${PROFILE_TIMEOUT:-90} python3 benchmarks/profile_step.py --variant elu_bn --depth 48 \
         --replicas ${FULL_REPLICAS:-32} --json > "$OUT/profile_step.json" 2>>"$OUT/log.txt" &&
         python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(d['device_ms_per_step'], 'ms ops /',
             d['wall_ms_per_step'], 'ms wall per step;', {k: round(c['share'], 3) for k, c in d['classes'].items()})" \

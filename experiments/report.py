@@ -29,7 +29,8 @@ from matplotlib.transforms import offset_copy  # noqa: E402
 
 from flaxdepth import registry, theory  # noqa: E402
 from flaxdepth.results import final_error  # noqa: E402
-from flaxdepth.search import SweepConfig, boundary_search  # noqa: E402
+from flaxdepth.config import SweepConfig  # noqa: E402
+from flaxdepth.search import boundary_search  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DECLARED = registry.load_variants(HERE / "variants.toml")  # the variants of your own that sweeps train

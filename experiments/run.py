@@ -16,7 +16,6 @@ Then `python experiments/report.py` rebuilds REPORT.md and the figures from the 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import multiprocessing
 import sys
@@ -26,15 +25,38 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Executor, Proces
 from pathlib import Path
 from typing import Callable
 
-from flaxdepth import data, registry, train
+from flaxdepth import cli, data, registry, train
+from flaxdepth.config import ConfigError, SweepConfig
 from flaxdepth.options import EngineOptions
-from flaxdepth.search import SweepConfig, run_sweep
+from flaxdepth.search import run_sweep
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "sweeps.toml"
 RESULTS = HERE / "results"
 # The declared variants some sweeps train; registered at import, so in spawned workers too.
 DECLARED = registry.load_variants(HERE / "variants.toml")
+PROG = "experiments/run.py"
+#: The keys of a [[sweep]] entry: required, then optional (each optional one a SweepConfig field's
+#: value, or lr_at_depth: {"k" = lr} for each of the entry's depths, or precision: EngineOptions').
+REQUIRED_KEYS = ("name", "variants", "depths")
+OPTIONAL_KEYS = ("description", "seeds", "lrs", "lr_at_depth", "batch_size", "epochs", "notebook_quirks",
+                 "framework", "precision", "limit_train", "limit_test")
+
+
+def read_entries(path: Path = CONFIG) -> list[dict]:
+    """The [[sweep]] entries of a sweeps file, read strictly: a missing or unknown key is a
+    ConfigError naming the file, the entry and the key."""
+    entries = tomllib.loads(Path(path).read_text()).get("sweep", [])
+    for number, entry in enumerate(entries, 1):
+        name = entry.get("name", f"number {number}")
+        for key in REQUIRED_KEYS:
+            if key not in entry:
+                raise ConfigError(f"{path}: sweep {name!r} has no {key!r}")
+        unknown = sorted(set(entry) - {*REQUIRED_KEYS, *OPTIONAL_KEYS})
+        if unknown:
+            raise ConfigError(f"{path}: sweep {name!r}: unknown key {unknown[0]!r}; the keys are "
+                              f"{', '.join((*REQUIRED_KEYS, *OPTIONAL_KEYS))}")
+    return entries
 
 
 def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None = None,
@@ -56,11 +78,12 @@ def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None
         for sweep_depths, sweep_lrs in ([((k,), (by_depth[str(k)],)) for k in depths] if by_depth
                                         else [(depths, lrs)]):
             configs.append(SweepConfig(
-                variant=name, depths=sweep_depths, seeds=entry.get("seeds", 3), lrs=sweep_lrs,
-                batch_size=entry.get("batch_size", 256),
-                epochs=entry.get("epochs", 3), notebook_quirks=entry.get("notebook_quirks", False),
-                framework=entry.get("framework", "jax"),
-                engine=EngineOptions(precision=entry.get("precision", "default")),
+                variant=name, depths=sweep_depths, seeds=entry.get("seeds", SweepConfig.seeds), lrs=sweep_lrs,
+                batch_size=entry.get("batch_size", SweepConfig.batch_size),
+                epochs=entry.get("epochs", SweepConfig.epochs),
+                notebook_quirks=entry.get("notebook_quirks", SweepConfig.notebook_quirks),
+                framework=entry.get("framework", SweepConfig.framework),
+                engine=EngineOptions(precision=entry.get("precision", EngineOptions.precision)),
                 out=str(out), data_dir=data_dir,
                 limit_train=entry.get("limit_train", limit_train), limit_test=entry.get("limit_test", limit_test),
                 skip_parity=True,  # the parity suite and one check per process (below) cover it
@@ -148,8 +171,9 @@ def run_in_workers(sweeps: list[tuple[str, SweepConfig]], pool: Executor, jobs: 
     return ok
 
 
+@cli.command(PROG)
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", help="names of sweeps.toml entries to run (default: all)")
     p.add_argument("--variants", nargs="*", help="run only these variants of the entries")
     p.add_argument("--jobs", type=int, default=1, help="sweeps run at once, each in its own process")
@@ -161,24 +185,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     # The budget counts from here, before the dataset load and the parity check.
     deadline = None if args.time_budget is None else time.time() + args.time_budget
-    entries = tomllib.loads(CONFIG.read_text())["sweep"]
+    entries = read_entries(CONFIG)
     unknown = set(args.only or ()) - {e["name"] for e in entries}
     if unknown:
-        print(f"experiments/run.py: error: no sweep named {', '.join(sorted(unknown))} in {CONFIG}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"no sweep named {', '.join(sorted(unknown))} in {CONFIG}")
     bad = set(args.variants or ()) - set(registry.variant_names())
     if bad:
-        print(f"experiments/run.py: error: unknown variant {', '.join(sorted(bad))}; choose from "
-              f"{', '.join(registry.variant_names())}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown variant {', '.join(sorted(bad))}; choose from {', '.join(registry.variant_names())}")
     if args.jobs < 1:
-        print(f"experiments/run.py: error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
-        return 2
-    try:
-        dataset = _dataset(args.data_dir, args.limit_train, args.limit_test)
-    except data.DataError as error:
-        print(f"experiments/run.py: error: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    dataset = _dataset(args.data_dir, args.limit_train, args.limit_test)
 
     sweeps = plan(entries, args.only, args.variants, Path(args.out), args.data_dir, args.limit_train, args.limit_test)
     # On CPUs, each process presents its share of the cores as several devices (as the sweep does).

@@ -17,7 +17,6 @@ compiled step (its temporary buffers: the step's own need, independent of the pr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,12 +33,9 @@ import numpy as np
 
 # torch is imported where it is used: `step_memory` runs in a child process that imports this
 # module, and torch's ~180 MB would count in that process's peak memory.
-from flaxdepth import cpu_kernels, registry, train
-from flaxdepth.cli import quiet_on_closed_pipe
+from flaxdepth import cli, cpu_kernels, registry, train
+from flaxdepth.config import ConfigError, RunConfig
 from flaxdepth.options import AUTO, REMATERIALIZATIONS, EngineOptions
-from flaxdepth.search import ConfigError
-from flaxdepth.sweep import add_engine_arguments, engine_options
-from flaxdepth.variants import add_variants_file_argument, load_variants_files
 
 PROG = "python -m flaxdepth.bench"
 
@@ -122,9 +118,7 @@ def step_benchmark(variant: str, depth: int, batch_size: int, replicas: int, ste
 
     mesh = bench_mesh()
     if replicas % mesh.size:  # a count set by XLA_FLAGS or $JAX_NUM_CPU_DEVICES
-        print(f"{PROG}: error: --replicas {replicas} must be a multiple of the {mesh.size} CPU devices",
-              file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigError(f"--replicas {replicas} must be a multiple of the {mesh.size} CPU devices")
     images, labels = synthetic_batch(batch_size)
     runners = {"torch": torch_stepper(variant, depth, images, labels, device),
                "jax": jax_stepper(variant, depth, images, labels, 1, options)}
@@ -204,8 +198,8 @@ def step_memory_in_subprocess(variant: str, depth: int, batch_size: int, options
                               variants_files: list[str]) -> dict:
     """`step_memory` in a fresh Python process with one CPU device (or this machine's first
     accelerator), so that its peak is this configuration's alone."""
-    code = ("import json, sys; from flaxdepth import bench, options, variants; a = json.loads(sys.argv[1]); "
-            "variants.load_variants_files(a['files']); print(json.dumps(bench.step_memory("
+    code = ("import json, sys; from flaxdepth import bench, cli, options; a = json.loads(sys.argv[1]); "
+            "cli.load_variants_files(a['files']); print(json.dumps(bench.step_memory("
             "a['variant'], a['depth'], a['batch'], options.EngineOptions(**a['options']))))")
     arguments = json.dumps({"variant": variant, "depth": depth, "batch": batch_size, "options": options.as_dict(),
                             "files": variants_files})
@@ -289,7 +283,8 @@ def full_run_benchmark(variant: str, depth: int, replicas: int, epochs: int, dev
 
     def train_runs(name: str, run_epochs: int) -> float:
         start = time.perf_counter()
-        train.train_replicas(variant, depth, device_data[name], runs, run_epochs, mesh=meshes[name], options=options)
+        train.train_replicas(RunConfig(spec, epochs=run_epochs), depth, device_data[name], runs, mesh=meshes[name],
+                             options=options)
         return time.perf_counter() - start
 
     # A one-epoch run compiles every program the timed runs use (init, epoch, test, orders);
@@ -347,10 +342,9 @@ def depth_scaling(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="elu_bn", help="a registered variant (see python -m flaxdepth.variants)")
-    add_variants_file_argument(p)
+    cli.add_variants_file_argument(p)
     p.add_argument("--depth", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--replicas", type=int, default=1,
@@ -381,13 +375,10 @@ def parse_args(argv=None):
     p.add_argument("--limit-train", type=int, default=None, help="with --full-run: first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="with --full-run: first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_engine_arguments(p)
+    cli.add_engine_arguments(p)
     args = p.parse_args(argv)
-    try:
-        load_variants_files(args.variants_file)
-        registry.get_variant(args.variant)
-    except registry.SpecError as error:
-        p.error(str(error))
+    cli.load_variants_files(args.variants_file)
+    registry.get_variant(args.variant)
     if args.compile_depths is None:
         args.compile_depths = "30,10002" if args.depth_scaling else "30,300"
     try:
@@ -400,10 +391,7 @@ def parse_args(argv=None):
     bad = [mode for mode in args.rematerializations if mode not in (AUTO, *REMATERIALIZATIONS)]
     if bad or not args.rematerializations:
         p.error(f"--rematerializations takes {', '.join((*REMATERIALIZATIONS, AUTO))}, got {bad or 'none'}")
-    try:
-        args.engine = engine_options(args)
-    except ConfigError as error:
-        p.error(str(error))
+    args.engine = cli.engine_options(args)
     if args.rounds is None:
         args.rounds = 1 if args.full_run else 3 if args.depth_scaling else 5
     if args.steps is None:
@@ -418,7 +406,7 @@ def parse_args(argv=None):
     return args
 
 
-@quiet_on_closed_pipe
+@cli.command(PROG)
 def main(argv=None) -> int:
     import torch
 
@@ -431,15 +419,10 @@ def main(argv=None) -> int:
               # the engine's settings that the timings depend on
               "engine": args.engine.as_dict(),
               "cpu_kernels_used": args.engine.cpu_kernels and cpu_kernels.available()}
-    if args.full_run:
-        from flaxdepth.data import DataError
-        try:
-            result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
-                                             args.data_dir, args.limit_train, args.limit_test, args.rounds,
-                                             args.engine))
-        except DataError as error:  # no MNIST where it was looked for: what to pass instead
-            print(f"{PROG}: error: {error}", file=sys.stderr)
-            return 2
+    if args.full_run:  # no MNIST where it was looked for: a DataError, one line saying what to pass
+        result.update(full_run_benchmark(args.variant, args.depth, args.replicas, args.epochs, device,
+                                         args.data_dir, args.limit_train, args.limit_test, args.rounds,
+                                         args.engine))
     elif args.depth_scaling:
         result.update(depth_scaling(args))
     else:

@@ -34,10 +34,8 @@ import numpy as np
 import torch
 from flax import serialization
 
-from flaxdepth import interop, registry
-from flaxdepth.cli import quiet_on_closed_pipe
+from flaxdepth import cli, interop, registry
 from flaxdepth.interop import InteropError
-from flaxdepth.variants import add_variants_file_argument, load_variants_files
 
 PROG = "python -m flaxdepth.convert"
 #: Keys under which training scripts commonly nest the state_dict in a larger checkpoint.
@@ -129,15 +127,6 @@ def flax_to_torch(variant: str, depth: int, source, target) -> dict[str, np.ndar
     return state_dict
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        raise _UsageError(f"{message} (see --help)")
-
-
 def _depth(text: str) -> int:
     try:
         return registry.check_depth(int(text))
@@ -146,30 +135,26 @@ def _depth(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+    p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("direction", choices=("to-flax", "to-torch"))
     p.add_argument("--variant", required=True, metavar="NAME",
                    help=f"one of {', '.join(registry.VARIANT_NAMES)}, or a variant of a --variants-file")
-    add_variants_file_argument(p)
+    cli.add_variants_file_argument(p)
     p.add_argument("--depth", required=True, type=_depth, help="the notebook's k (k // 3 layers per stage)")
     p.add_argument("input", help="torch checkpoint (to-flax) or msgpack file (to-torch)")
     p.add_argument("output", help="file to write (replaced atomically)")
     return p.parse_args(argv)
 
 
-@quiet_on_closed_pipe
+@cli.command(PROG, also=(InteropError, OSError))
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        load_variants_files(args.variants_file)
-        registry.get_variant(args.variant)
-        convert = torch_to_flax if args.direction == "to-flax" else flax_to_torch
-        arrays = jax.tree.leaves(convert(args.variant, args.depth, args.input, args.output))
-    except (_UsageError, InteropError, registry.SpecError, OSError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    cli.load_variants_files(args.variants_file)
+    registry.get_variant(args.variant)
+    convert = torch_to_flax if args.direction == "to-flax" else flax_to_torch
+    arrays = jax.tree.leaves(convert(args.variant, args.depth, args.input, args.output))
     print(f"wrote {args.output}: {args.variant} k={args.depth}, {len(arrays)} arrays, "
           f"{sum(a.size for a in arrays)} values")
     return 0

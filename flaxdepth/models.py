@@ -212,7 +212,7 @@ class ConvLayer(nn.Module):
 
     `skip` is the spec's residual form where the layer keeps its shape ("none" for a stage's first).
 
-    For flaxdepth.diagnose, applied with `mutable=["intermediates"]` the layer sows its
+    For flaxdepth.measure, applied with `mutable=["intermediates"]` the layer sows its
     `pre_activation` (the conv output after the norm), `activation`, `output`, and where they
     exist `batchnorm_input` (the conv output) and `residual_branch` (what the skip adds to x); a
     `perturbations` collection holding an `output` array is added to the output, so that its
@@ -268,7 +268,7 @@ class ConvLayer(nn.Module):
 
 def _scan(target, length: int):
     """`target` (a ConvLayer form) scanned `length` times, each layer its own variables;
-    intermediates and perturbations (flaxdepth.diagnose) stacked per layer like the weights."""
+    intermediates and perturbations (flaxdepth.measure) stacked per layer like the weights."""
     return nn.scan(target, variable_axes=LAYER_AXES, split_rngs={"params": True}, length=length)
 
 

@@ -4,7 +4,7 @@ that the backward pass keeps one array of the activations' size for each.
 Left to autodiff, a scanned elu_bn layer keeps five float32 and two bool arrays of its
 activations' size for the backward pass (the centred input, the normalized one, exp(x), masks,
 ...), and writing, zero-filling and reading those stacked arrays is a large part of a CPU
-training step (experiments/BENCHMARKS.md). With these, a layer keeps its input (for the
+training step (benchmarks/BENCHMARKS.md). With these, a layer keeps its input (for the
 convolution's kernel gradient), the centred activations and the activation's slope. The
 gradients are the same functions, so the parity suite holds them to the same tolerances
 (float64: 1e-10 of torch).

@@ -1,4 +1,4 @@
-"""Engine options: how flaxdepth computes, as opposed to what it trains (`search.SweepConfig`).
+"""Engine options: how flaxdepth computes, as opposed to what it trains (`config.RunConfig`).
 
 One frozen dataclass, passed explicitly from the command line (or the caller) down to the models
 and the compiled programs. It is part of every compile cache key (`train.compiled_functions`),

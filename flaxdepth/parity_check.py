@@ -63,19 +63,19 @@ def quick_parity(variant: str | registry.Variant, dataset: Dataset, depth: int =
     spec = registry.resolve(variant)
     lr = spec.lr if lr is None else lr
     torch.manual_seed(0)
-    model = torch_ref.build(variant, depth).float()
+    model = torch_ref.build(spec, depth).float()
     state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    variables = interop.from_torch(variant, depth, state_dict)
+    variables = interop.from_torch(spec, depth, state_dict)
 
     images_u8 = dataset.train_images[: steps * batch].reshape(steps, batch, 28, 28)
     labels = dataset.train_labels[: steps * batch].reshape(steps, batch).astype(np.int64)
     model.eval()
     with torch.no_grad():
         expected = _heads(model(torch.from_numpy(normalize(images_u8[0]))))
-    logits, _ = interop.apply(variant, depth, variables, normalize(images_u8[0]))
+    logits, _ = interop.apply(spec, depth, variables, normalize(images_u8[0]))
     logit_error = max(_relative(a, e.numpy()) for a, e in zip(_heads(logits), expected))
 
-    flax_model = models.build_model(variant, depth, options=train.step_options(options, spec, depth, batch))
+    flax_model = models.build_model(spec, depth, options=train.step_options(options, spec, depth, batch))
     state = train.TrainState(variables["params"], variables.get("batch_stats", {}),
                              train.optimizer_init(variables["params"], lr))
     step = jax.jit(lambda s, x, y: train.train_step(flax_model, s, x, y, bn_train=True))
@@ -92,7 +92,7 @@ def quick_parity(variant: str | registry.Variant, dataset: Dataset, depth: int =
             optimizer.step()
             state, metrics = step(state, jnp.asarray(images_u8[i]), jnp.asarray(labels[i]))
             loss_error = max(loss_error, abs(float(metrics["loss"]) - loss.item()) / abs(loss.item()))
-    exported = interop.to_torch(variant, depth, {"params": state.params, "batch_stats": state.batch_stats}
+    exported = interop.to_torch(spec, depth, {"params": state.params, "batch_stats": state.batch_stats}
                                 if spec.batchnorm else {"params": state.params})
     # Weights and residual gates: conv biases before a norm carry rounding noise (zero true gradient).
     for key, value in model.state_dict().items():

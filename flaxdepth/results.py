@@ -1,4 +1,5 @@
-"""A sweep's results: one JSON-lines file of runs, rewritten atomically under a lock, and its plot."""
+"""A sweep's results: one JSON-lines file of runs, rewritten atomically under a lock, its plot,
+and `load_results`, which reads results files into one pandas DataFrame (`flaxdepth.load_results`)."""
 
 from __future__ import annotations
 
@@ -68,20 +69,7 @@ class ResultsFile:
             return rows
 
     def _parse(self) -> tuple[list[dict], list[tuple[int, str]]]:
-        rows, damaged = [], []
-        with self.path.open() as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if isinstance(row, dict) and all(key in row for key in REQUIRED_KEYS):
-                    rows.append(row)
-                else:
-                    damaged.append((number, line))
-        return rows, damaged
+        return parse_lines(self.path)
 
     def append(self, new_rows: Iterable[dict]) -> None:
         with self._locked():
@@ -96,6 +84,24 @@ class ResultsFile:
             for row in rows:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
         atomic_write(self.path, write_rows, "w")
+
+
+def parse_lines(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(intact rows, (line number, line) of each damaged line) of a results file."""
+    rows, damaged = [], []
+    with Path(path).open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and all(key in row for key in REQUIRED_KEYS):
+                rows.append(row)
+            else:
+                damaged.append((number, line))
+    return rows, damaged
 
 
 def atomic_write(path: Path, write: Callable, mode: str = "wb") -> None:
@@ -124,9 +130,10 @@ def final_error(row: dict) -> float:
     return min(row["train_errors"][-1], row["test_errors"][-1])
 
 
-def plot(rows: list[dict], path: Path, title: str, threshold: float,
-         boundary: dict[float, tuple[int | None, int | None]] | None = None) -> None:
-    """Final error against depth, one line per (seed, lr), the threshold and boundaries marked."""
+def figure(rows: list[dict], title: str, threshold: float,
+           boundary: dict[float, tuple[int | None, int | None]] | None = None):
+    """Final error against depth, one line per (seed, lr), the threshold and boundaries marked: a
+    matplotlib Figure (which Jupyter shows)."""
     from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
 
     fig = Figure(figsize=(7, 4.2))
@@ -151,5 +158,49 @@ def plot(rows: list[dict], path: Path, title: str, threshold: float,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+#: Configuration fields a DataFrame gets as columns of their own (the whole configuration stays in
+#: the `config` column): what tells the runs of several files apart.
+CONFIG_COLUMNS = ("epochs", "batch_size", "threshold", "dataset", "limit_train", "limit_test", "notebook_quirks",
+                  "fan")
+
+
+def rows_frame(rows: list[dict]):
+    """Results rows as a pandas DataFrame, one row per run: every key of the rows, `final_error`
+    (what the criterion reads), CONFIG_COLUMNS and the engine's `precision` from each row's
+    configuration (None where a row lacks it)."""
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        config = row.get("config") or {}
+        record = dict(row)
+        record["final_error"] = final_error(row)
+        for key in CONFIG_COLUMNS:
+            record.setdefault(key, config.get(key))
+        record.setdefault("precision", (config.get("engine") or {}).get("precision", "default"))
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def load_results(path, warn: Callable[[str], None] = _warn):
+    """One results file, or every `*.jsonl` under a folder (sorted), as one pandas DataFrame (see
+    `rows_frame`) with a `file` column naming each row's file. Read only: a damaged line (or a line
+    that is not a run) gets one warning per file naming its line numbers and stays where it is."""
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(root.rglob("*.jsonl"))
+    elif root.is_file():
+        files = [root]
+    else:
+        raise FileNotFoundError(f"no results file or folder at {root}")
+    rows = []
+    for file in files:
+        intact, damaged = parse_lines(file)
+        if damaged:
+            numbers = ", ".join(str(number) for number, _ in damaged)
+            warn(f"{file}: skipped {len(damaged)} line(s) that are not intact runs (line {numbers})")
+        rows += [dict(row, file=str(file)) for row in intact]
+    return rows_frame(rows)

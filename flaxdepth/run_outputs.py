@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from flaxdepth import registry
 from flaxdepth.results import atomic_write
 
-#: flaxdepth.diagnose's per-layer keys a results row keeps (the last two: BatchNorm layers only).
+#: flaxdepth.measure's per-layer keys a results row keeps (the last two: BatchNorm layers only).
 SUMMARY_KEYS = ("activation_variance", "output_grad_norm", "running_mean_distance", "running_var_distance")
 #: The weight formats a row names: Flax's msgpack (flax.serialization) and a torch state_dict.
 WEIGHT_SUFFIXES = {"flax": ".msgpack", "torch": ".pt"}
@@ -33,7 +32,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 def summary(measured: dict, bn_train: bool) -> dict:
-    """diagnose.layer_diagnostics' {"loss", "layers"} as a row keeps it: the loss and, per
+    """measure.layer_diagnostics' {"loss", "layers"} as a row keeps it: the loss and, per
     SUMMARY_KEYS key, one value per conv layer in network order, to SUMMARY_DIGITS digits (None:
     not finite)."""
     layers = measured["layers"]
@@ -103,7 +102,7 @@ def load_weights(results_path: Path, row: dict) -> tuple[dict, dict]:
 
 class RunOutputs:
     """Collects one depth's outputs while its runs train, for a sweep configuration
-    (search.SweepConfig: save_weights, diagnostics), a probe batch (uint8 images, labels: the
+    (config.SweepConfig: save_weights, diagnostics), a probe batch (uint8 images, labels: the
     first test images) and the engine options the runs train with (rematerialize resolved, so that
     process 0 measures alone without any collective step). Everything measured is numbers on the
     host; `elapsed` is the time spent here, which the rows' wall_s leaves out."""
@@ -112,7 +111,7 @@ class RunOutputs:
                  probe_labels: np.ndarray, engine=None, measure: bool = True):
         self.config, self.depth, self.runs = config, depth, list(runs)
         self.engine = config.engine if engine is None else engine
-        self.spec = registry.get_variant(config.variant)
+        self.spec = config.spec
         self.probe_images, self.probe_labels = probe_images, probe_labels
         self.measure = measure  # False on processes that write nothing
         self.diagnostics: dict[tuple[int, float], dict[str, Any]] = {}
@@ -122,16 +121,16 @@ class RunOutputs:
 
     def check_memory(self) -> None:
         """A ConfigError before training where the per-layer diagnostics would not fit in the memory
-        available (flaxdepth.diagnose.check_probe_fits). With one process only: the processes of a
+        available (flaxdepth.measure.check_probe_fits). With one process only: the processes of a
         distributed sweep could see different memory and part ways."""
         import jax
 
         if not (self.config.diagnostics and self.measure and jax.process_count() == 1):
             return
-        from flaxdepth import diagnose, train
+        from flaxdepth import measure, train
 
         start = time.perf_counter()  # mostly the measuring program's compile, which the measuring then reuses
-        diagnose.check_probe_fits(self.spec, self.depth, train.normalize(self.probe_images),
+        measure.check_probe_fits(self.spec, self.depth, train.normalize(self.probe_images),
                                   self.probe_labels.astype(np.int32), train.available_memory(jax.devices()[0]),
                                   self.config.fan, self.engine, fast_compile=True)
         self.diagnostics_s += time.perf_counter() - start
@@ -145,7 +144,7 @@ class RunOutputs:
         """BatchNorm's mode from this point of training on, as flaxdepth.diagnose measures in."""
         from flaxdepth import train
 
-        return train.bn_train_mode(epochs_trained, self.config.notebook_quirks, self.spec)
+        return train.bn_train_mode(epochs_trained, self.config.run.notebook_quirks, self.spec)
 
     def jax_state(self, epochs_trained: int, state) -> None:
         """train.train_replicas' on_state."""
@@ -166,12 +165,12 @@ class RunOutputs:
         self.elapsed += time.perf_counter() - start
 
     def _diagnose_jax(self, run, moment: str, variables: dict, bn_train: bool) -> None:
-        from flaxdepth import diagnose, train
+        from flaxdepth import measure, train
 
         start = time.perf_counter()
         c = self.config
         # Without BatchNorm both modes compute the same: one program (compile time is most of the cost).
-        measured = diagnose.layer_diagnostics(self.spec, self.depth, variables, train.normalize(self.probe_images),
+        measured = measure.layer_diagnostics(self.spec, self.depth, variables, train.normalize(self.probe_images),
                                               self.probe_labels.astype(np.int32), bn_train or not self.spec.batchnorm,
                                               c.fan, self.engine, fast_compile=True)
         self.diagnostics.setdefault(run, {})[moment] = summary(measured, bn_train)

@@ -1,14 +1,13 @@
 """Sweeps: train seeds x learning rates at each depth, find the deepest trainable depth, keep the
-evidence. `python -m flaxdepth.sweep` is the command-line front of `run_sweep`."""
+evidence. `run_sweep(config)` is the Python entry point (`flaxdepth.run_sweep`); `python -m
+flaxdepth.sweep` is its command line."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,158 +16,11 @@ import filelock
 import jax
 import numpy as np
 
-from flaxdepth import registry, run_outputs, train
-from flaxdepth.data import DATASETS
+from flaxdepth import data, registry, run_outputs, train
+from flaxdepth.config import ROW_SCHEMA, ConfigError, SweepConfig, environment
+from flaxdepth.data import Dataset
 from flaxdepth.options import AUTO, EngineOptions
-from flaxdepth.results import ResultsFile, final_error, plot
-
-FRAMEWORKS = ("jax", "torch")
-#: Where results go unless --out says otherwise: a folder of the user's, in the working directory.
-DEFAULT_OUT = "flaxdepth-results"
-#: Setting this environment variable changes the command line's default --out.
-RESULTS_ENV = "FLAXDEPTH_RESULTS"
-
-
-class ConfigError(ValueError):
-    """Bad input, reported in one line before any training starts."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    """Everything that defines a sweep; stored with every result row."""
-
-    variant: str
-    lrs: tuple[float, ...] | None = None  # None: the notebook's lr of the variant
-    seeds: int = 3
-    first_seed: int = 0
-    depths: tuple[int, ...] | None = None  # None: search for the boundary
-    max_depth: int = 768
-    epochs: int = 3
-    batch_size: int = 256
-    threshold: float = 0.2
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    out: str = DEFAULT_OUT
-    limit_train: int | None = None
-    limit_test: int | None = None
-    notebook_quirks: bool = False
-    framework: str = "jax"
-    fan: str | None = None  # overrides the variant's init_fan
-    skip_parity: bool = False
-    engine: EngineOptions = EngineOptions()  # how the engine computes (flaxdepth.options)
-    save_weights: bool = False  # each run's final weights beside the results file (flaxdepth.run_outputs)
-    diagnostics: bool = False  # a per-layer summary at init and at the end in each row (flaxdepth.run_outputs)
-    probe_size: int = 64  # the diagnostics' probe batch: the first probe_size test images
-
-    def validate(self) -> "SweepConfig":
-        registry.get_variant(self.variant)  # UnknownVariantError lists the valid names
-        if self.lrs is not None and (not self.lrs or any(not lr > 0 for lr in self.lrs)):
-            raise ConfigError(f"learning rates must be positive numbers, got {list(self.lrs)}")
-        for name in ("seeds", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.probe_size < 1:
-            raise ConfigError(f"--probe-size must be at least 1, got {self.probe_size}")
-        for name in ("limit_train", "limit_test"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.depths is not None:
-            # The command line asks for multiples of 3; the library also takes the notebook's
-            # k = 139 and 142 (k // 3 layers per stage).
-            bad = [d for d in self.depths if d < 3]
-            if bad or not self.depths:
-                raise ConfigError(f"depths must be at least 3, got {bad or 'none'}")
-        if self.max_depth < 3:
-            raise ConfigError(f"--max-depth must be at least 3, got {self.max_depth}")
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"--threshold is an error rate in (0, 1], got {self.threshold}")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if self.framework not in FRAMEWORKS:
-            raise ConfigError(f"--framework must be one of {', '.join(FRAMEWORKS)}, got {self.framework!r}")
-        if not isinstance(self.engine, EngineOptions):
-            raise ConfigError(f"engine must be an EngineOptions, got {type(self.engine).__name__}")
-        if self.fan is not None and self.fan not in registry.FANS:
-            raise ConfigError(f"--fan must be one of {', '.join(registry.FANS)}, got {self.fan!r}")
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise ConfigError(f"--data-dir {self.data_dir} is not a folder; point it at the folder "
-                              f"holding the four IDX files")
-        return self
-
-    def check_dataset(self, dataset) -> None:
-        """What only the loaded dataset can tell: enough test images for the diagnostics' probe."""
-        if self.diagnostics and self.probe_size > len(dataset.test_labels):
-            raise ConfigError(f"--probe-size {self.probe_size} is more than the {len(dataset.test_labels)} test "
-                              f"images; lower --probe-size or raise --limit-test")
-
-    @property
-    def spec(self) -> registry.Variant:
-        """The variant's registered spec."""
-        return registry.get_variant(self.variant)
-
-    @property
-    def learning_rates(self) -> tuple[float, ...]:
-        return self.lrs or (self.spec.lr,)
-
-    @property
-    def seed_list(self) -> list[int]:
-        return list(range(self.first_seed, self.first_seed + self.seeds))
-
-    @property
-    def runs_per_depth(self) -> int:
-        """Models trained side by side at each depth: seeds x learning rates."""
-        return self.seeds * len(self.learning_rates)
-
-    @property
-    def protocol(self) -> str:
-        return "faithful" if self.notebook_quirks else "corrected"
-
-    def results_path(self) -> Path:
-        """One file per protocol: reruns, more seeds or lrs and other depths all add to it."""
-        parts = [self.variant, self.framework, self.protocol, f"e{self.epochs}", f"b{self.batch_size}", self.dataset]
-        if self.limit_train:
-            parts.append(f"train{self.limit_train}")
-        if self.limit_test:
-            parts.append(f"test{self.limit_test}")
-        if self.fan is not None and self.fan != self.spec.init_fan:
-            parts.append(f"fan{self.fan}")
-        if self.engine.precision != "default":
-            parts.append(f"prec{self.engine.precision}")
-        return Path(self.out) / ("_".join(parts) + ".jsonl")
-
-    def as_row(self) -> dict:
-        """The configuration as stored in a results row: paths as given when relative, else as
-        seen from the working directory or by their last component, never a machine's private path."""
-        row = dataclasses.asdict(self)
-        row["out"] = portable_path(self.out)
-        row["data_dir"] = None if self.data_dir is None else portable_path(self.data_dir)
-        return row
-
-
-def portable_path(path: str) -> str:
-    """`path` as a results row stores it: relative paths as given; absolute ones relative to the
-    working directory when inside it, else their last component (no home or scratch folders)."""
-    given = Path(path)
-    if not given.is_absolute():
-        return str(given)
-    try:
-        return str(given.relative_to(Path.cwd()))
-    except ValueError:
-        return given.name
-
-
-def environment() -> dict:
-    """Device and library versions, stored with every row."""
-    versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    device = jax.devices()[0]
-    return {"device": f"{device.platform}:{device.device_kind}", "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "host": platform.node(), "versions": versions}
-
+from flaxdepth.results import ResultsFile, figure, final_error, rows_frame
 
 @dataclasses.dataclass
 class DepthOutcome:
@@ -186,10 +38,30 @@ class DepthOutcome:
 
 @dataclasses.dataclass
 class SweepReport:
+    """What a sweep found: its configuration, each evaluated depth's runs (rows as the results file
+    holds them, the verdict recomputed), where the results file and plot are, the device."""
+
     config: SweepConfig
     outcomes: dict[int, DepthOutcome]
     path: Path
     plot_path: Path
+    device: str = ""
+
+    def rows(self) -> list[dict]:
+        """Every run's row, depth by depth."""
+        return [row for depth in sorted(self.outcomes) for row in self.outcomes[depth].rows]
+
+    def to_dataframe(self):
+        """A pandas DataFrame, one row per run (flaxdepth.results.rows_frame)."""
+        return rows_frame(self.rows())
+
+    def figure(self):
+        """Final error against depth per seed and lr, the threshold and the boundary: a matplotlib
+        Figure (the PNG beside the results file is this figure)."""
+        c = self.config
+        title = f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs" + (
+            f" ({self.device})" if self.device else "")
+        return figure(self.rows(), title, c.threshold, {lr: self.boundary(lr) for lr in c.learning_rates})
 
     def boundary(self, lr: float | None = None) -> tuple[int | None, int | None]:
         """(deepest depth where most seeds train, shallowest deeper depth where they don't); with
@@ -308,7 +180,18 @@ class Sweep:
         if other_spec:
             self.log(f"  k={depth}: {len(other_spec)} runs in {self.file.path} were trained with other fields of "
                      f"{self.config.variant}; they are not reused")
-        return {(row["seed"], row["lr"]): row for row in rows if self._same_spec(row)}
+        other_data = [row for row in rows if self._same_spec(row) and not self._same_data(row)]
+        if other_data:
+            self.log(f"  k={depth}: {len(other_data)} runs in {self.file.path} were trained on other images "
+                     f"(another dataset checksum); they are not reused")
+        return {(row["seed"], row["lr"]): row for row in rows if self._same_spec(row) and self._same_data(row)}
+
+    def _same_data(self, row: dict) -> bool:
+        """Whether a row was trained and tested on this sweep's images. A row without a checksum
+        (the oldest rows) counts as full MNIST, as the configuration of its file said."""
+        if row.get("dataset_sha256") is None:
+            return self.config.dataset == "mnist" and self.config.run.full_dataset
+        return row["dataset_sha256"] == self.dataset_sha256
 
     def _same_spec(self, row: dict) -> bool:
         """Whether a row was trained with this sweep's spec (rows without one are the built-ins')."""
@@ -338,7 +221,9 @@ class Sweep:
             "wall_s": wall_s, "replicas_trained_together": replicas,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **self.env, "cpu_kernels_used": self._cpu_kernels_used(), "dataset_sha256": self.dataset_sha256,
+            "train_images": len(self.dataset.train_labels), "test_images": len(self.dataset.test_labels),
             "config": {**c.as_row(), "engine": self._engine.as_dict()}, "spec": c.spec.fields(),
+            "schema": ROW_SCHEMA,
         }
 
     def _engine_for(self, depth: int, runs: int) -> EngineOptions:
@@ -389,13 +274,12 @@ class Sweep:
                     outputs.check_memory()
                 if self._device_data is None:
                     self._device_data = train.DeviceData.put(self.dataset, self.mesh)
-                return train.train_replicas(c.variant, depth, self._device_data, runs, c.epochs, c.batch_size,
-                                            c.notebook_quirks, c.fan, on_epoch, self.mesh, self._engine,
+                return train.train_replicas(c.run, depth, self._device_data, runs, on_epoch=on_epoch,
+                                            mesh=self.mesh, options=self._engine,
                                             on_state=None if outputs is None else outputs.jax_state)
             from flaxdepth import torch_runner
 
-            return torch_runner.train_torch_runs(c.variant, depth, self.dataset, runs, c.epochs, c.batch_size,
-                                                 c.notebook_quirks, c.fan,
+            return torch_runner.train_torch_runs(c.run, depth, self.dataset, runs,
                                                  log=lambda line: log_epoch(f"  k={depth} {line}"),
                                                  precision=c.engine.precision,
                                                  on_model=None if outputs is None else outputs.torch_model)
@@ -453,14 +337,16 @@ class Sweep:
             for depth in self.config.depths:
                 self.evaluate(depth)
         path = self.file.path
-        plot_path = path.with_suffix(".png")
-        report = SweepReport(self.config, self.outcomes, path, plot_path)
-        rows = [row for outcome in self.outcomes.values() for row in outcome.rows]
-        c = self.config
+        report = SweepReport(self.config, self.outcomes, path, path.with_suffix(".png"), self.env["device"])
         if self.writer:
-            plot(rows, plot_path, f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs "
-                 f"({self.env['device']})", c.threshold, {lr: report.boundary(lr) for lr in c.learning_rates})
+            save_plot(report)
         return report
+
+
+def save_plot(report: SweepReport) -> None:
+    """The report's figure as the PNG beside its results file."""
+    report.plot_path.parent.mkdir(parents=True, exist_ok=True)
+    report.figure().savefig(report.plot_path, dpi=120)
 
 
 def dataset_fingerprint(dataset) -> str:
@@ -503,6 +389,28 @@ def boundary_search(trains: Callable[[int], bool], max_depth: int) -> tuple[int 
     return 3 * low, 3 * high
 
 
-def run_sweep(config: SweepConfig, dataset, log=print, progress=None) -> SweepReport:
-    """Run (or resume) one variant's sweep and write its results file and plot."""
-    return Sweep(config.validate(), dataset, log, progress).run()
+def run_sweep(config: SweepConfig, dataset: Dataset | None = None, *, log: Callable[[str], None] = print,
+              progress=None) -> SweepReport:
+    """Run (or resume) one variant's sweep and write its results file and plot; returns its report.
+
+    The images are those the configuration names: its dataset, loaded from `config.data_dir`
+    (else $FLAXDEPTH_DATA, the cache), cut to `limit_train` / `limit_test`. An already loaded
+    `dataset` saves the load and is cut the same way (a dataset already cut to the limits stays as
+    it is). Unless `config.skip_parity`, the quick check against torch_ref runs first, as on the
+    command line (a ParityError stops the sweep before it trains). `log` receives the epoch lines,
+    `progress` is a tqdm-like factory for a bar per depth (None: no bar)."""
+    config = config.validate()
+    if dataset is None:
+        dataset = data.load_dataset(config.dataset, config.data_dir)
+    elif dataset.name != config.dataset:
+        raise ConfigError(f"the configuration trains on {config.dataset}, the dataset given is {dataset.name}; "
+                          f"pass its name as the configuration's dataset")
+    dataset = data.subset(dataset, config.limit_train, config.limit_test)
+    config.check_dataset(dataset)
+    if not config.skip_parity:
+        from flaxdepth import parity_check  # torch_ref and torch: only when the check runs
+
+        report = parity_check.quick_parity(config.spec, dataset, options=config.engine)
+        if jax.process_index() == 0:
+            log(str(report))
+    return Sweep(config, dataset, log, progress).run()

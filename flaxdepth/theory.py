@@ -43,8 +43,8 @@ import numpy as np
 from numpy.polynomial.legendre import leggauss
 from scipy import optimize, special
 
-from flaxdepth import registry
-from flaxdepth.cli import quiet_on_closed_pipe
+from flaxdepth import cli, registry
+from flaxdepth.config import ConfigError
 
 PROG = "python -m flaxdepth.theory"
 #: Schoenholz et al. 2017: networks trained roughly up to this many times xi_c layers.
@@ -587,21 +587,8 @@ def predict_variant(variant: str | registry.Variant, q0: float = 1.0) -> Variant
 
 # --- command line --------------------------------------------------------------------------------
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (main prints it), not argparse's usage block."""
-
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    from flaxdepth.variants import add_variants_file_argument
-
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=argparse.HelpFormatter)
     p.add_argument("--activation", help=f"one of: {', '.join(registry.ACTIVATIONS)}")
     p.add_argument("--sigma-w2", type=float, help="weight variance times fan-in, sigma_w^2 >= 0")
     p.add_argument("--sigma-b2", type=float, help="bias variance sigma_b^2 >= 0")
@@ -609,7 +596,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--q0", type=float, default=1.0, help="input variance the length map starts from (default 1)")
     p.add_argument("--layers", type=int, default=0, help="also print the predicted variances q_0 .. q_LAYERS")
     p.add_argument("--variant", help="a registered variant: the mean field of each stage")
-    add_variants_file_argument(p)
+    cli.add_variants_file_argument(p)
     p.add_argument("--critical", action="store_true", help="print the sigma_w^2 where chi_1 = 1 for --activation "
                                                            "and --sigma-b2")
     p.add_argument("--json", action="store_true", help="one JSON object (infinite: \"inf\", undefined: null)")
@@ -647,27 +634,27 @@ def _print_variant(prediction: VariantPrediction) -> None:
 
 
 def _check_arguments(args) -> None:
-    """A _UsageError saying what is wrong with the command line and how to fix it."""
+    """A ConfigError saying what is wrong with the command line and how to fix it."""
     point = [flag for flag, value in (("--activation", args.activation), ("--sigma-w2", args.sigma_w2),
                                       ("--sigma-b2", args.sigma_b2), ("--critical", args.critical or None),
                                       ("--layers", args.layers or None))
              if value is not None]
     if args.variant:
         if point:
-            raise _UsageError(f"--variant takes its activation and variances from the variant; drop {', '.join(point)}")
+            raise ConfigError(f"--variant takes its activation and variances from the variant; drop {', '.join(point)}")
         return
     if args.activation is None or args.sigma_b2 is None or (args.sigma_w2 is None and not args.critical):
-        raise _UsageError("give --activation NAME --sigma-w2 X --sigma-b2 Y, or --critical --activation NAME "
+        raise ConfigError("give --activation NAME --sigma-w2 X --sigma-b2 Y, or --critical --activation NAME "
                           "--sigma-b2 Y, or --variant NAME")
     if args.activation not in registry.ACTIVATIONS:
-        raise _UsageError(f"unknown activation {args.activation!r}; choose one of: {', '.join(registry.ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {args.activation!r}; choose one of: {', '.join(registry.ACTIVATIONS)}")
     for flag, value in (("--sigma-w2", args.sigma_w2), ("--sigma-b2", args.sigma_b2)):
         if value is not None and not (math.isfinite(value) and value >= 0):
-            raise _UsageError(f"{flag} is a variance: give a finite number >= 0, not {value}")
+            raise ConfigError(f"{flag} is a variance: give a finite number >= 0, not {value}")
     if not (math.isfinite(args.q0) and args.q0 > 0):
-        raise _UsageError(f"--q0 is the input variance: give a finite number > 0, not {args.q0}")
+        raise ConfigError(f"--q0 is the input variance: give a finite number > 0, not {args.q0}")
     if args.layers < 0:
-        raise _UsageError(f"--layers must be >= 0, got {args.layers}")
+        raise ConfigError(f"--layers must be >= 0, got {args.layers}")
 
 
 def _run(args) -> int:
@@ -700,19 +687,13 @@ def _run(args) -> int:
     return 0
 
 
-@quiet_on_closed_pipe
+@cli.command(PROG)
 def main(argv=None) -> int:
-    from flaxdepth.variants import load_variants_files
-
-    try:
-        args = _parser().parse_args(argv)
-        _check_arguments(args)
-        load_variants_files(args.variants_file)
-        if args.variant:
-            registry.get_variant(args.variant)
-    except (_UsageError, registry.SpecError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    args = _parser().parse_args(argv)
+    _check_arguments(args)
+    cli.load_variants_files(args.variants_file)
+    if args.variant:
+        registry.get_variant(args.variant)
     return _run(args)
 
 

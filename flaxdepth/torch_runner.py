@@ -15,6 +15,7 @@ import torch_ref
 from torch_ref import training
 from torch_ref.tf32 import tf32_convolutions
 from flaxdepth import interop, registry, train
+from flaxdepth.config import RunConfig
 from flaxdepth.data import Dataset
 
 
@@ -37,28 +38,28 @@ def initial_state_dict(variant: str | registry.Variant, depth: int, seed: int, f
                        batch_size: int = 256) -> dict[str, np.ndarray]:
     """flaxdepth's initial weights of a seed, as a torch state_dict. (`batch_size` only picks
     the cached compiled_functions entry a sweep of that batch size already compiled.)"""
-    _, init, _, _ = train.compiled_functions(variant, depth, batch_size, fan)
+    spec = registry.resolve(variant)
+    _, init, _, _ = train.compiled_functions(spec, depth, batch_size, fan)
     state = init(np.asarray([seed], np.int32), np.zeros(1, np.float32))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if not registry.resolve(variant).batchnorm:
+    if not spec.batchnorm:
         variables.pop("batch_stats")
-    return interop.to_torch(variant, depth, jax.tree.map(lambda a: a[0], variables))
+    return interop.to_torch(spec, depth, jax.tree.map(lambda a: a[0], variables))
 
 
-def train_torch_runs(variant: str | registry.Variant, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]],
-                     epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str | None = None,
+def train_torch_runs(run: RunConfig, depth: int, dataset: Dataset, runs: Sequence[tuple[int, float]], *,
                      log: Callable[[str], None] | None = None, device: str | None = None,
                      dtype: torch.dtype = torch.float32, precision: str = "default",
                      on_model: Callable[[int, float, int, torch.nn.Module], None] | None = None
                      ) -> list[train.RunResult]:
-    """Train each (seed, lr) with torch_ref's notebook loop, one after the other; `log` gets the
-    notebook's per-epoch lines, prefixed with the seed and lr. `dtype=torch.float64` runs model
-    and inputs in double precision (for parity checks; pair it with JAX's x64 mode);
-    `precision` is `EngineOptions.precision` (see `torch_precision`). `on_model(seed, lr, epochs
-    trained, model)` sees each model with its initial weights (0) and at the end (`epochs`)."""
+    """Train each (seed, lr) with torch_ref's notebook loop as `run` says (spec, epochs, batch size,
+    BatchNorm protocol, fan), one after the other; `log` gets the notebook's per-epoch lines,
+    prefixed with the seed and lr. `dtype=torch.float64` runs model and inputs in double precision
+    (for parity checks; pair it with JAX's x64 mode); `precision` is `EngineOptions.precision` (see
+    `torch_precision`). `on_model(seed, lr, epochs trained, model)` sees each model with its
+    initial weights (0) and at the end (`epochs`)."""
     with torch_precision(precision):
-        return _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log,
-                                 device, dtype, on_model)
+        return _train_torch_runs(run, depth, dataset, runs, log, device, dtype, on_model)
 
 
 @contextlib.contextmanager
@@ -87,10 +88,9 @@ def tf32_allowed(allowed: bool):
             flag.allow_tf32 = value
 
 
-def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, notebook_quirks, fan, log, device, dtype,
-                      on_model):
+def _train_torch_runs(run: RunConfig, depth, dataset, runs, log, device, dtype, on_model):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spec = registry.resolve(variant)
+    spec, epochs, batch_size, fan = run.spec, run.epochs, run.batch_size, run.fan
     train_images = training.normalize(dataset.train_images, dtype)
     test_images = training.normalize(dataset.test_images, dtype)
     n = len(dataset.train_labels)
@@ -99,8 +99,8 @@ def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, noteboo
     results = []
     for seed, lr in runs:
         # Cast before loading, so that float64 initial weights are not rounded through float32.
-        model = torch_ref.build(variant, depth, fan=fan).to(device=device, dtype=dtype)
-        torch_ref.load_weights(model, initial_state_dict(variant, depth, seed, fan, batch_size))
+        model = torch_ref.build(spec, depth, fan=fan).to(device=device, dtype=dtype)
+        torch_ref.load_weights(model, initial_state_dict(spec, depth, seed, fan, batch_size))
         orders = [np.array(train.epoch_orders([seed], epoch, n)[0]) for epoch in range(epochs)]  # writable, for torch
         loader = EpochOrderLoader(train_images, dataset.train_labels, orders, batch_size)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=train.MOMENTUM)
@@ -114,7 +114,7 @@ def _train_torch_runs(variant, depth, dataset, runs, epochs, batch_size, noteboo
         else:
             train_errors, test_errors = training.train(
                 epochs, model, criterion, optimizer, loader, test_loader,
-                notebook_quirks=notebook_quirks, log=run_log)
+                notebook_quirks=run.notebook_quirks, log=run_log)
         finite = all(torch.isfinite(p).all().item() for p in model.parameters())
         if on_model is not None:
             on_model(seed, lr, epochs, model)

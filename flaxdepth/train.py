@@ -29,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxdepth import models, objective, registry
+from flaxdepth.config import RunConfig
 from flaxdepth.data import MNIST_MEAN, MNIST_STD, Dataset
 from flaxdepth.options import AUTO, REMATERIALIZATIONS, EngineOptions
 
@@ -44,7 +45,7 @@ def replica_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def cpu_device_count(replicas: int, cores: int | None = None) -> int:
     """How many CPU devices to split `replicas` over. One program keeps only about 1.5 of 2 cores
     busy, so programs running side by side train more models per second, but 6 programs on 2 cores
-    were slower than 3 (experiments/BENCHMARKS.md). So: one device per
+    were slower than 3 (benchmarks/BENCHMARKS.md). So: one device per
     replica up to the core count; beyond, the fewest devices (at most 2 per core) that divide the
     replicas evenly, so that no padding replica is trained; else one per core."""
     cores = cores or usable_cores()
@@ -246,7 +247,7 @@ def per_replica(fn: Callable, in_axes: tuple, platform: str, vmap: bool | None =
     `platform` runs it best (`vmap` None; True forces vmap, `EngineOptions.vmap_replicas`):
     vmapped on accelerators; on CPUs one replica after the other (lax.map), because vmapping
     per-replica weights turns each convolution into a grouped one, which XLA's CPU backend runs
-    slower per model than the plain one (experiments/BENCHMARKS.md)."""
+    slower per model than the plain one (benchmarks/BENCHMARKS.md)."""
     if vmap or (vmap is None and platform != "cpu"):
         return jax.vmap(fn, in_axes=in_axes)
 
@@ -376,22 +377,25 @@ def padded_runs(runs: Sequence[tuple[int, float]], devices: int) -> list[tuple[i
     return list(runs) + [runs[-1]] * (-len(runs) % devices)
 
 
-def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]],
-                   epochs: int = 3, batch_size: int = 256, notebook_quirks: bool = False, fan: str | None = None,
+def train_replicas(run: RunConfig, depth: int, data: DeviceData, runs: Sequence[tuple[int, float]], *,
                    on_epoch: Callable[[int, list[RunResult]], None] | None = None,
                    mesh: Mesh | None = None, options: EngineOptions = EngineOptions(),
-                   on_state: Callable[[int, TrainState], None] | None = None) -> list[RunResult]:
-    """Train one model per (seed, lr) in `runs`, side by side, with the notebook's protocol,
-    computed as `options` say.
+                   on_state: Callable[[int, TrainState], None] | None = None,
+                   return_state: bool = False) -> list[RunResult] | tuple[list[RunResult], TrainState]:
+    """Train one model per (seed, lr) in `runs`, side by side, as `run` says (its spec, epochs,
+    batch size, BatchNorm protocol and fan; its learning rates are the caller's to pair with seeds
+    in `runs`), computed as `options` say.
 
     The replicas are split over `mesh` (default `local_mesh()`; `data` must live on the same mesh,
     see `DeviceData.put`). `on_state(epochs trained, state)` sees the replica-stacked state at
     initialization (0) and after every epoch; its first len(runs) replicas are `runs`' (the rest
-    pad the mesh), and it is split over the mesh's devices."""
-    spec = registry.resolve(variant)
+    pad the mesh), and it is split over the mesh's devices. With `return_state` the result is
+    (results, the final replica-stacked state), as flax's examples' train_and_evaluate returns its
+    state."""
+    spec = run.spec
     mesh = mesh or local_mesh()
     padded = padded_runs(runs, mesh.size)
-    model, init, epoch_fns, test = compiled_functions(spec, depth, batch_size, fan, options, mesh, len(padded))
+    model, init, epoch_fns, test = compiled_functions(spec, depth, run.batch_size, run.fan, options, mesh, len(padded))
     split = split_over_replicas(mesh)
     seeds = global_array(np.asarray([seed for seed, _ in padded], np.int32), split)
     state = init(seeds, global_array(np.asarray([lr for _, lr in padded], jnp.result_type(float)), split))
@@ -399,9 +403,9 @@ def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData
     finite = np.ones(len(runs), bool)
     if on_state is not None:
         on_state(0, state)
-    for epoch in range(epochs):
+    for epoch in range(run.epochs):
         orders = epoch_orders(seeds, epoch, data.train_images.shape[0], mesh)
-        state, metrics = epoch_fns[bn_train_mode(epoch, notebook_quirks, spec)](state, orders, data)
+        state, metrics = epoch_fns[bn_train_mode(epoch, run.notebook_quirks, spec)](state, orders, data)
         train_errors.append(np.asarray(metrics["train_error"], np.float64)[: len(runs)])
         test_errors.append(np.asarray(test(state, data), np.float64)[: len(runs)])
         finite &= np.asarray(metrics["finite"])[: len(runs)]
@@ -414,7 +418,7 @@ def train_replicas(variant: str | registry.Variant, depth: int, data: DeviceData
             on_epoch(epoch, results)
         if on_state is not None:
             on_state(epoch + 1, state)
-    return results
+    return (results, state) if return_state else results
 
 
 def notebook_log_line(epoch: int, epochs: int, train_error: float, test_error: float) -> str:

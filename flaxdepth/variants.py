@@ -6,26 +6,12 @@ The notebook's eight are built in; `--variants-file` adds a TOML file's `[varian
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from flaxdepth import registry
-from flaxdepth.cli import quiet_on_closed_pipe
+from flaxdepth import cli, registry
 
 PROG = "python -m flaxdepth.variants"
-
-
-def add_variants_file_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variants-file", action="append", default=[], metavar="FILE",
-                   help="TOML file of your own variants ([variants.NAME] tables, experiments/variants.toml "
-                        "has examples); repeat for several files")
-
-
-def load_variants_files(paths: list[str]) -> list[str]:
-    """Register every variant of the files (a SpecError names the file, variant and field);
-    returns the declared names in order."""
-    return [name for path in paths for name in registry.load_variants(path)]
 
 
 def describe(spec: registry.Variant) -> str:
@@ -37,17 +23,13 @@ def describe(spec: registry.Variant) -> str:
     return f"{spec.name:<24} {spec.activation:<10} {' '.join(changed):<56} {spec.description}"
 
 
-@quiet_on_closed_pipe
+@cli.command(PROG)
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_variants_file_argument(p)
+    p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
+    cli.add_variants_file_argument(p)
     p.add_argument("--json", action="store_true", help="print {name: every field} as one JSON object")
     args = p.parse_args(argv)
-    try:
-        load_variants_files(args.variants_file)
-    except registry.SpecError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    cli.load_variants_files(args.variants_file)
     specs = [registry.get_variant(name) for name in registry.variant_names()]
     if args.json:
         print(json.dumps({spec.name: spec.fields() for spec in specs}, indent=1))

@@ -59,11 +59,14 @@ def variant_depth_precision_cases(variants=PARITY_VARIANTS) -> list:
 class Precision:
     """A dtype and the relative tolerance that float rounding allows in it.
 
-    float64: the two frameworks sum in different orders; with ~1e-16 unit rounding, errors
-    stay near 1e-13 even through 33 layers and 20 SGD steps, so 1e-10 catches any real bug.
-    float32: unit rounding is 6e-8; through up to 33 layers, a 784-wide fc, BatchNorm's division
-    by small variances and 20 momentum steps the measured worst case is a few 1e-6 (see the
-    issue note), so 1e-4 leaves margin without hiding a wrong layout or formula (those give O(1)).
+    float64: the two frameworks sum in different orders; with unit rounding ~1e-16 their
+    differences stay orders of magnitude below 1e-10, which catches any real bug.
+    float32: unit rounding is 6e-8; through up to 33 layers, a 784-wide fc and BatchNorm's
+    division by small variances the differences stay well below 1e-4, which leaves margin
+    without hiding a wrong layout or formula (those give O(1)).
+    `rtol` is the fixed bound of the checks of one computation (forward, statistics, loss,
+    gradients); the SGD trajectories of test_parity.py take max(rtol, a multiple of what rounding
+    alone does to torch's own run), as CHAOS_FACTOR there describes.
     """
 
     name: str
@@ -96,7 +99,7 @@ def precision(request):
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
-    # Two torch threads on this 2-core machine, beside XLA's own pool, made small steps ~50x slower.
+    # torch's intra-op threads beside XLA's own pool slow the suite's small steps: one thread.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -174,9 +177,8 @@ def assert_close(actual, expected, rtol: float, what: str) -> float:
 
 #: Tensors much smaller than the rest of their state dict are compared against this fraction of
 #: its global norm instead of their own: a conv bias followed by BatchNorm has a mathematically
-#: zero gradient, so both frameworks hold rounding noise there whose ratio means nothing (measured:
-#: 4e-7 of the global norm in float32). A wholly wrong tensor still fails unless it is smaller
-#: than rtol * NOISE_FLOOR of the global norm.
+#: zero gradient, so both frameworks hold rounding noise there whose ratio means nothing. A
+#: wholly wrong tensor still fails unless it is smaller than rtol * NOISE_FLOOR of the global norm.
 NOISE_FLOOR = 0.1
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flaxdepth import diagnose, interop
+from flaxdepth import interop, measure
 from flaxdepth.data import normalize
 from torch_ref import diagnose as torch_diagnose
 from conftest import FLOAT64, NOISE_FLOOR, PARITY_VARIANTS, record, state_dict_numpy, torch_model
@@ -55,7 +55,7 @@ def test_layer_diagnostics_agree_with_torch_ref(variant, mnist_batches):
         variables = interop.from_torch(variant, DEPTH, state_dict_numpy(model))
         images = normalize(images_u8, np.float64)
         expected = torch_diagnose.layer_diagnostics(model, torch.from_numpy(images), torch.from_numpy(labels))
-        actual = diagnose.layer_diagnostics(variant, DEPTH, variables, images.transpose(0, 2, 3, 1), labels,
+        actual = measure.layer_diagnostics(variant, DEPTH, variables, images.transpose(0, 2, 3, 1), labels,
                                             fast_compile=True)
 
     assert [(layer["stage"], layer["layer"]) for layer in actual["layers"]] == \

@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from flaxdepth import data, interop, registry, torch_runner, train
+from flaxdepth.config import RunConfig
 from conftest import FLOAT32, FLOAT64
 
 #: Two layers per stage: the first conv and a scanned layer (a ResNet block adding its input);
@@ -108,11 +109,9 @@ def test_training_loop_errors_match(variant, notebook_quirks, precision, small_m
         for key in torch_weights:
             np.testing.assert_array_equal(engine_weights[key], torch_weights[key], err_msg=key)
 
-        [ours] = train.train_replicas(variant, DEPTH, train.DeviceData.put(small_mnist), runs, epochs=EPOCHS,
-                                      batch_size=BATCH_SIZE, notebook_quirks=notebook_quirks)
-        [ref] = torch_runner.train_torch_runs(variant, DEPTH, small_mnist, runs, epochs=EPOCHS,
-                                              batch_size=BATCH_SIZE, notebook_quirks=notebook_quirks,
-                                              device="cpu", dtype=precision.torch_dtype)
+        run = RunConfig(variant, epochs=EPOCHS, batch_size=BATCH_SIZE, notebook_quirks=notebook_quirks)
+        [ours] = train.train_replicas(run, DEPTH, train.DeviceData.put(small_mnist), runs)
+        [ref] = torch_runner.train_torch_runs(run, DEPTH, small_mnist, runs, device="cpu", dtype=precision.torch_dtype)
 
     print(f"{variant} quirks={notebook_quirks} {precision.name}: train errors flaxdepth {ours.train_errors} "
           f"torch_ref {ref.train_errors}; test errors flaxdepth {ours.test_errors} torch_ref {ref.test_errors}")
@@ -154,9 +153,9 @@ def test_float32_allowance_would_catch_a_wrong_loop(small_mnist, monkeypatch):
     lr = registry.get_variant(variant).lr
 
     def misclassified_per_figure(notebook_quirks=True) -> np.ndarray:
-        [run] = torch_runner.train_torch_runs(variant, DEPTH, small_mnist, [(SEED, lr)], epochs=EPOCHS,
-                                              batch_size=BATCH_SIZE, notebook_quirks=notebook_quirks,
-                                              device="cpu", dtype=torch.float32)
+        [run] = torch_runner.train_torch_runs(
+            RunConfig(variant, epochs=EPOCHS, batch_size=BATCH_SIZE, notebook_quirks=notebook_quirks), DEPTH,
+            small_mnist, [(SEED, lr)], device="cpu", dtype=torch.float32)
         return np.concatenate([misclassified(run.train_errors, TRAIN_IMAGES, 1),
                                misclassified(run.test_errors, TEST_IMAGES, 1)])
 

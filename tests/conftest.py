@@ -1,4 +1,5 @@
-"""Shared fixture of the tests: the scripts of experiments/ (not a package) loaded as modules."""
+"""Shared fixtures of the tests: the scripts of experiments/ and benchmarks/ (not packages) loaded
+as modules."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT_FOLDERS = (REPO / "experiments", REPO / "benchmarks")
 
 
 @pytest.fixture(scope="session")
 def load_experiment():
-    """load_experiment("report") -> experiments/report.py as a module."""
+    """load_experiment("report") -> experiments/report.py as a module (or benchmarks/NAME.py)."""
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+        path = next(folder / f"{name}.py" for folder in SCRIPT_FOLDERS if (folder / f"{name}.py").is_file())
+        spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{name}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

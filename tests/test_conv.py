@@ -155,7 +155,7 @@ def test_a_non_finite_image_stays_its_own(cpu_path):
 
 
 def test_every_benchmarked_formulation_is_the_same_convolution(load_experiment):
-    """experiments/conv_formulations.py times other ways of writing the conv: each must compute
+    """benchmarks/conv_formulations.py times other ways of writing the conv: each must compute
     it (float32 against a 'highest'-precision XLA conv; 1e-5 of the largest gradient). One small
     shape: the formulations are shape-generic, and each shape compiles every formulation anew."""
     bench = load_experiment("conv_formulations")

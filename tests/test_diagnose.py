@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flaxdepth import diagnose, registry
-from flaxdepth.search import ConfigError
+from flaxdepth import diagnose, measure, registry
+from flaxdepth.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
@@ -47,16 +47,16 @@ def test_a_probe_batch_that_does_not_fit_in_memory_is_refused_with_a_size_that_f
 
     spec = registry.get_variant("tanh")
     images, labels = np.zeros((16, 28, 28, 1), np.float32), np.zeros(16, np.int32)
-    need = diagnose.diagnostics_memory_bytes(spec, 6, images, labels)
+    need = measure.diagnostics_memory_bytes(spec, 6, images, labels)
     assert need > 16 * 6 * 28 * 28 * 4  # at least one activation-sized array a layer
-    diagnose.check_probe_fits(spec, 6, images, labels, 2 * need)  # fits: no error
-    diagnose.check_probe_fits(spec, 6, images, labels, None)  # unknown memory: no check
+    measure.check_probe_fits(spec, 6, images, labels, 2 * need)  # fits: no error
+    measure.check_probe_fits(spec, 6, images, labels, None)  # unknown memory: no check
     with pytest.raises(ConfigError) as error:
-        diagnose.check_probe_fits(spec, 6, images, labels, need)
+        measure.check_probe_fits(spec, 6, images, labels, need)
     assert str(error.value).startswith("--probe-size 16: the per-layer diagnostics of tanh k=6 on 16 images need ")
-    assert str(error.value).endswith(f"available; use --probe-size {int(16 * diagnose.PROBE_MEMORY_FRACTION)} or fewer")
+    assert str(error.value).endswith(f"available; use --probe-size {int(16 * measure.PROBE_MEMORY_FRACTION)} or fewer")
     with pytest.raises(ConfigError, match="not even one image fits; measure a smaller depth"):
-        diagnose.check_probe_fits(spec, 6, images, labels, need // 100)
+        measure.check_probe_fits(spec, 6, images, labels, need // 100)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,9 @@ def test_both_frameworks_record_the_same_run(tiny_runs):
     """The same initial weights, batches and steps: float32 rounding apart, the same numbers."""
     jax_result, torch_result = (json.loads((tiny_runs[f][1] / "diagnostics.json").read_text())
                                 for f in ("jax", "torch"))
-    assert jax_result["epochs"] == pytest.approx(torch_result["epochs"], rel=1e-6)
+    # Per-epoch errors are counts of misclassified images over the same images: float32 rounding
+    # moves logits by ~1e-6 relative, which flips no prediction of this run, so they are equal.
+    assert jax_result["epochs"] == torch_result["epochs"]
     for mine, theirs in zip(jax_result["steps"], torch_result["steps"], strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
         for layer, expected in zip(mine["layers"], theirs["layers"], strict=True):

@@ -29,11 +29,12 @@ def test_default_knobs_are_the_sweeps_torch_run(collapse, small_dataset, tmp_pat
     """Same initial weights, batch order, BatchNorm modes and SGD: the same errors, bit for bit;
     --plot draws such rows."""
     from flaxdepth import torch_runner
+    from flaxdepth.config import RunConfig
 
     knobs = collapse.Knobs(depth=3, seed=1, epochs=2, batch_size=64)  # 3 full batches and a partial one
     row = collapse.train_run(knobs, small_dataset)
-    [expected] = torch_runner.train_torch_runs("elu_bn", 3, small_dataset, [(1, 0.05)], epochs=2, batch_size=64,
-                                               notebook_quirks=True)
+    [expected] = torch_runner.train_torch_runs(RunConfig("elu_bn", epochs=2, batch_size=64, notebook_quirks=True), 3,
+                                               small_dataset, [(1, 0.05)])
     assert row["train_errors"] == expected.train_errors and row["test_errors"] == expected.test_errors
     assert len(row["first_eval_epoch_losses"]) == 4
     collapse.plot([row, {**row, "knobs": {**row["knobs"], "lr": 0.01}}], tmp_path / "figure.png")

@@ -176,7 +176,7 @@ def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs, env_w
 
 @pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no MNIST copy")
 def test_gpu_step_variants_script_applies_each_setting(tmp_path, env_without_device_count):
-    """experiments/gpu_step_variants.sh's plumbing, on a CPU and tiny: a setting's engine options
+    """benchmarks/gpu_step_variants.sh's plumbing, on a CPU and tiny: a setting's engine options
     reach the bench (the JSON records the block size it set), a failing setting (an XLA flag the
     jaxlib lacks) loses only its row, and the whole-run stage runs the baseline and the fastest
     with their own bench arguments."""
@@ -185,7 +185,7 @@ def test_gpu_step_variants_script_applies_each_setting(tmp_path, env_without_dev
                 "b1||--replicas 2 --cpu-devices 1 --batch-size 32 --steps 1 --rounds 1 --replicas-per-block 1")
     env = dict(env_without_device_count, OUT=str(tmp_path), SKIP_PROFILE="1", SETTINGS=settings,
                DATA_DIR=str(SHARED_MNIST), FULL_ARGS="--limit-train 64 --limit-test 32")
-    proc = subprocess.run(["bash", "experiments/gpu_step_variants.sh", "tanh", "3"], cwd=REPO, env=env,
+    proc = subprocess.run(["bash", "benchmarks/gpu_step_variants.sh", "tanh", "3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = [json.loads(line) for line in (tmp_path / "step_variants.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""experiments/profile_step.py: the trace summary of a real (tiny) step, and its name rules."""
+"""benchmarks/profile_step.py: the trace summary of a real (tiny) step, and its name rules."""
 
 from __future__ import annotations
 

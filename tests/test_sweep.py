@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from flaxdepth import parity_check, registry, results, search, sweep, torch_runner, train
+from flaxdepth import cli, config as run_config, parity_check, registry, results, search, sweep, torch_runner, train
 from flaxdepth.options import EngineOptions
 from flaxdepth.results import ResultsFile
-from flaxdepth.search import SweepConfig, run_sweep
+from flaxdepth.config import SweepConfig
+from flaxdepth.search import run_sweep
 from flaxdepth.train import RunResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,16 @@ SHARED_MNIST = REPO.parent / "shared" / "mnist"
 PROG_ERROR = "python -m flaxdepth.sweep: error: "
 ROW_FIELDS = {"variant", "depth", "lr", "seed", "framework", "protocol", "train_errors", "test_errors", "finite",
               "trainable", "wall_s", "replicas_trained_together", "finished_at", "device", "device_count", "host",
-              "versions", "config", "cpu_kernels_used", "dataset_sha256", "spec"}
+              "versions", "config", "cpu_kernels_used", "dataset_sha256", "train_images", "test_images", "spec",
+              "schema"}
+#: The images of the sweeps whose training is faked (the rows record their count and checksum), as
+#: code, for the subprocesses of a test too.
+TINY_CODE = ("import numpy as np\nfrom flaxdepth.data import Dataset\n"
+             "TINY = Dataset('mnist', np.zeros((8, 28, 28), np.uint8), np.arange(8, dtype=np.uint8),"
+             " np.zeros((4, 28, 28), np.uint8), np.arange(4, dtype=np.uint8))\n")
+_namespace: dict = {}
+exec(TINY_CODE, _namespace)
+TINY = _namespace["TINY"]
 
 needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                                  reason=f"the project's MNIST copy is absent ({SHARED_MNIST})")
@@ -64,7 +74,7 @@ def boundary_at(b: int, good: float = 0.05, bad: float = 0.9):
 @pytest.fixture
 def fake(monkeypatch):
     """Install a FakeTrainer (replacing the previous one); plots are skipped unless a test wants one."""
-    monkeypatch.setattr(search, "plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(search, "save_plot", lambda report: None)
 
     def install(error) -> FakeTrainer:
         trainer = FakeTrainer(error)
@@ -84,11 +94,12 @@ def never_train(monkeypatch):
 
 
 def make_config(tmp_path, **kwargs) -> SweepConfig:
-    return SweepConfig(**{"variant": "tanh", "epochs": 2, "out": str(tmp_path / "out"), **kwargs})
+    return SweepConfig(**{"variant": "tanh", "epochs": 2, "out": str(tmp_path / "out"), "skip_parity": True,
+                          **kwargs})
 
 
-def sweep_quietly(config, log=None):
-    return run_sweep(config, None, log=log if log is not None else (lambda line: None))
+def sweep_quietly(config, log=None, dataset=TINY):
+    return run_sweep(config, dataset, log=log if log is not None else (lambda line: None))
 
 
 def files_beside(config) -> list[str]:
@@ -156,7 +167,7 @@ def test_cpu_devices_are_requested_before_jax_starts(argv, expected, tmp_path, m
     never_train(monkeypatch)
 
     def stop(args):  # the next step after the request
-        raise search.ConfigError("stopped here")
+        raise run_config.ConfigError("stopped here")
     monkeypatch.setattr(sweep, "join_processes", stop)
     assert sweep.main(["--variant", "tanh", *argv, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"{PROG_ERROR}stopped here\n"
@@ -204,7 +215,7 @@ def test_config_validation_in_the_library(tmp_path):
                 dict(seeds=0), dict(threshold=0.0), dict(threshold=float("nan")), dict(max_depth=2),
                 dict(engine="highest")):
         with pytest.raises(ValueError):  # ConfigError and UnknownVariantError are ValueErrors
-            run_sweep(make_config(tmp_path, **bad), None)
+            run_sweep(make_config(tmp_path, **bad), TINY)
     assert not (tmp_path / "out").exists()
 
 
@@ -587,7 +598,7 @@ def test_sigkill_at_any_moment_leaves_complete_rows(tmp_path):
     assert ResultsFile(path).rows() == [row]
 
 
-SWEEPER = textwrap.dedent("""
+SWEEPER = TINY_CODE + textwrap.dedent("""
     import sys, time
     from flaxdepth import search, train
 
@@ -596,9 +607,9 @@ SWEEPER = textwrap.dedent("""
         return [train.RunResult(s, lr, [0.05 if depth <= 21 else 0.9], [0.5], True) for s, lr in runs]
 
     search.Sweep._train = slow_fake
-    search.plot = lambda *args, **kwargs: None
-    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1])
-    search.run_sweep(config, None, log=lambda line: None)
+    search.save_plot = lambda report: None
+    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1], skip_parity=True)
+    search.run_sweep(config, TINY, log=lambda line: None)
     print("finished")
 """)
 
@@ -635,7 +646,7 @@ def test_sweep_killed_mid_search_resumes(tmp_path, fake):
 # ------------------------------------------------------------------------------ sharing a results file
 
 
-CONCURRENT = textwrap.dedent("""
+CONCURRENT = TINY_CODE + textwrap.dedent("""
     import json, os, sys, time
     from flaxdepth import search, train
 
@@ -646,9 +657,9 @@ CONCURRENT = textwrap.dedent("""
         return [train.RunResult(s, lr, [0.05 if depth <= 9 else 0.9], [0.5], True) for s, lr in runs]
 
     search.Sweep._train = slow_fake
-    search.plot = lambda *args, **kwargs: None
-    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1])
-    print(search.run_sweep(config, None, log=lambda line: None).boundary())
+    search.save_plot = lambda report: None
+    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1], skip_parity=True)
+    print(search.run_sweep(config, TINY, log=lambda line: None).boundary())
 """)
 
 
@@ -707,14 +718,16 @@ def test_runs_of_another_device_are_kept_but_not_reused(tmp_path, fake):
 def test_runs_of_an_edited_variant_are_not_reused(tmp_path, fake):
     """A declared variant whose fields change under the same name trains again: a row is reused
     only for the spec it was trained with (rows without a spec are the built-ins')."""
-    config = make_config(tmp_path, variant="mine", depths=(3,), seeds=1)
     try:
         registry.register(registry.Variant("mine", "relu", init="he"))
+        config = make_config(tmp_path, variant="mine", depths=(3,), seeds=1)
         trainer = fake(boundary_at(21))
         sweep_quietly(config)
         sweep_quietly(config)
         assert trainer.depths == [3]
         registry.register(registry.Variant("mine", "relu", init="he", init_fan="in"))
+        assert config.spec.init_fan == "out"  # a configuration keeps the spec it was made with
+        config = make_config(tmp_path, variant="mine", depths=(3,), seeds=1)
         logged = []
         sweep_quietly(config, log=logged.append)
         assert trainer.depths == [3, 3]
@@ -726,9 +739,9 @@ def test_runs_of_an_edited_variant_are_not_reused(tmp_path, fake):
 
 def test_default_output_is_the_users_folder(monkeypatch):
     """Not the repository's committed experiments/results: ./flaxdepth-results, or $FLAXDEPTH_RESULTS."""
-    monkeypatch.delenv(search.RESULTS_ENV, raising=False)
+    monkeypatch.delenv(run_config.RESULTS_ENV, raising=False)
     assert sweep.parse_args(["--variant", "tanh"]).out == "flaxdepth-results"
-    monkeypatch.setenv(search.RESULTS_ENV, "/scratch/me/depth")
+    monkeypatch.setenv(run_config.RESULTS_ENV, "/scratch/me/depth")
     assert sweep.parse_args(["--variant", "tanh"]).out == "/scratch/me/depth"
 
 
@@ -741,15 +754,15 @@ def test_rows_store_paths_without_the_machines_folders(tmp_path, monkeypatch):
 
 def test_engine_options_from_the_command_line(monkeypatch):
     monkeypatch.delenv("FLAXDEPTH_CPU_KERNELS", raising=False)
-    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh"])) == EngineOptions(rematerialize="auto")
+    assert cli.engine_options(sweep.parse_args(["--variant", "tanh"])) == EngineOptions(rematerialize="auto")
     args = sweep.parse_args(["--variant", "tanh", "--no-cpu-kernels", "--rematerialize", "--replicas-per-block", "4",
                              "--precision", "highest"])
-    assert sweep.engine_options(args) == EngineOptions(False, "layers", 4, "highest")
-    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh", "--rematerialize", "nested"])).rematerialize \
+    assert cli.engine_options(args) == EngineOptions(False, "layers", 4, "highest")
+    assert cli.engine_options(sweep.parse_args(["--variant", "tanh", "--rematerialize", "nested"])).rematerialize \
         == "nested"
     monkeypatch.setenv("FLAXDEPTH_CPU_KERNELS", "0")  # the environment sets the default once, at the edge
-    assert not sweep.engine_options(sweep.parse_args(["--variant", "tanh"])).cpu_kernels
-    assert sweep.engine_options(sweep.parse_args(["--variant", "tanh", "--cpu-kernels"])).cpu_kernels
+    assert not cli.engine_options(sweep.parse_args(["--variant", "tanh"])).cpu_kernels
+    assert cli.engine_options(sweep.parse_args(["--variant", "tanh", "--cpu-kernels"])).cpu_kernels
 
 
 # ------------------------------------------------------------------------------ real runs
@@ -796,6 +809,7 @@ def check_real_rows(rows: list[dict], framework: str, out: Path) -> None:
         assert row["test_errors"][0] * 256 == pytest.approx(round(row["test_errors"][0] * 256), abs=1e-3)
         assert row["trainable"] == (row["finite"] and min(row["train_errors"][-1], row["test_errors"][-1]) < 0.2)
         assert row["wall_s"] > 0 and row["replicas_trained_together"] == 2
+        assert (row["train_images"], row["test_images"], row["schema"]) == (512, 256, run_config.ROW_SCHEMA)
         assert isinstance(row["device"], str) and ":" in row["device"]
         assert row["versions"]["jax"] and row["versions"]["torch"]
         expected = SweepConfig(
@@ -861,7 +875,7 @@ def test_a_failing_parity_check_stops_the_sweep_before_training(tmp_path, capsys
         return jax.tree.unflatten(tree, [leaf * 1.5 if leaf.ndim == 4 else leaf for leaf in leaves])
 
     monkeypatch.setattr(interop, "from_torch", off)
-    monkeypatch.setattr(search, "run_sweep", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr(search.Sweep, "run", lambda *args, **kwargs: pytest.fail("training started"))
     out = tmp_path / "out"
     assert sweep.main([*real_argv(declared), "--out", str(out)]) == 1
     captured = capsys.readouterr()

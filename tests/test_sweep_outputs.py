@@ -7,6 +7,7 @@ serves every real-run test; the rest writes files or runs a fake trainer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flaxdepth import data, diagnose, interop, run_outputs, search, sweep, torch_runner, train
+from flaxdepth import data, interop, measure, run_outputs, search, sweep, torch_runner, train
+from flaxdepth.config import RunConfig, SweepConfig
 from flaxdepth.options import EngineOptions
-from flaxdepth.search import SweepConfig, run_sweep
+from flaxdepth.data import Dataset
+from flaxdepth.search import run_sweep
 from flaxdepth.train import RunResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +148,7 @@ def test_training_with_the_callback_gives_the_same_numbers(tiny_runs):
     _, row = the_row(tiny_runs, "jax")
     dataset = data.subset(data.load_dataset("mnist", str(SHARED_MNIST)), TRAIN, TEST)
     options = EngineOptions(**row["config"]["engine"])
-    [result] = train.train_replicas(VARIANT, DEPTH, train.DeviceData.put(dataset), [(0, 0.05)], 1, 256,
+    [result] = train.train_replicas(RunConfig(VARIANT, epochs=1), DEPTH, train.DeviceData.put(dataset), [(0, 0.05)],
                                     options=options)
     assert (result.train_errors, result.test_errors) == (row["train_errors"], row["test_errors"])
 
@@ -221,7 +224,7 @@ def test_diagnostics_measure_the_initial_and_the_final_weights(tiny_runs):
     final, _ = run_outputs.load_weights(path, row)
     initial = interop.from_torch(VARIANT, DEPTH, torch_runner.initial_state_dict(VARIANT, DEPTH, 0))
     for moment, variables in (("init", initial), ("end", final)):
-        measured = diagnose.layer_diagnostics(VARIANT, DEPTH, variables, *probe, True, None, options,
+        measured = measure.layer_diagnostics(VARIANT, DEPTH, variables, *probe, True, None, options,
                                                  fast_compile=True)  # the sweep's program, compiled
         assert_close(run_outputs.summary(measured, True), recorded[moment])
 
@@ -289,13 +292,15 @@ def test_diagnostics_that_would_not_fit_in_memory_stop_the_sweep_before_training
 
 def test_reused_runs_keep_what_they_were_trained_with(tmp_path, monkeypatch):
     """A rerun with --save-weights --diagnostics reuses runs trained without them, and says so."""
-    monkeypatch.setattr(search, "plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(search, "save_plot", lambda report: None)
     monkeypatch.setattr(search.Sweep, "_train", lambda self, depth, runs: [
         RunResult(seed, lr, [0.05], [0.05], True) for seed, lr in runs])
-    config = SweepConfig(variant="tanh", depths=(3,), seeds=2, epochs=1, out=str(tmp_path))
-    run_sweep(config, None, log=lambda line: None)
+    config = SweepConfig(variant="tanh", depths=(3,), seeds=2, epochs=1, out=str(tmp_path), skip_parity=True)
+    dataset = Dataset("mnist", *[np.zeros((n, 28, 28), np.uint8) if images else np.zeros(n, np.uint8)
+                                 for n, images in ((8, True), (8, False), (64, True), (64, False))])
+    run_sweep(config, dataset, log=lambda line: None)
     logged = []
-    run_sweep(SweepConfig(**{**vars(config), "save_weights": True, "diagnostics": True}), None, log=logged.append)
+    run_sweep(dataclasses.replace(config, save_weights=True, diagnostics=True), dataset, log=logged.append)
     assert [line for line in logged if "reused runs" in line] == [
         f"  k=3: 2 reused runs in {config.results_path()} were trained without {flag} and have no {key}; "
         f"a new --out trains them again" for flag, key in (("--save-weights", "weights"), ("--diagnostics",

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from flaxdepth import data, registry, train
+from flaxdepth.config import ConfigError, RunConfig
 from flaxdepth.options import EngineOptions
 from flaxdepth.train import RunResult
 
@@ -40,7 +41,7 @@ def small_data() -> train.DeviceData:
 
 
 def run(small_data, runs, **kwargs) -> list[RunResult]:
-    return train.train_replicas(VARIANT, DEPTH, small_data, runs, EPOCHS, BATCH, **kwargs)
+    return train.train_replicas(RunConfig(VARIANT, epochs=EPOCHS, batch_size=BATCH), DEPTH, small_data, runs, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,9 @@ def test_accelerator_replica_path_gives_the_cpu_path_results(small_data):
     the shared block-diagonal conv. Float32 sums in another order may flip a prediction, so one
     sample of tolerance; measured here: identical."""
     runs = [(0, 0.05), (1, math.inf), (2, 0.01)]
-    cpu_path = train.train_replicas("elu_bn", 3, small_data, runs, 2, BATCH)
-    gpu_path = train.train_replicas("elu_bn", 3, small_data, runs, 2, BATCH,
+    run_config = RunConfig("elu_bn", epochs=2, batch_size=BATCH)
+    cpu_path = train.train_replicas(run_config, 3, small_data, runs)
+    gpu_path = train.train_replicas(run_config, 3, small_data, runs,
                                     options=EngineOptions(vmap_replicas=True, replicas_per_block=2))
     assert [r.finite for r in cpu_path] == [r.finite for r in gpu_path] == [True, False, True]
     for a, b in zip(cpu_path, gpu_path):
@@ -135,7 +137,8 @@ def test_partial_last_batch_is_trained_and_counted(small_data, batch_size):
     over the denominator 300 (the notebook's DataLoader keeps the partial batch). With batches of
     512, larger than either set, each is one partial batch and nothing else."""
     assert N_TRAIN % batch_size and N_TEST % batch_size  # the point of the sizes
-    results = train.train_replicas(VARIANT, DEPTH, small_data, [(0, 0.0), (1, 0.0)], EPOCHS, batch_size)
+    results = train.train_replicas(RunConfig(VARIANT, epochs=EPOCHS, batch_size=batch_size), DEPTH, small_data,
+                                   [(0, 0.0), (1, 0.0)])
     model, init, _, _ = train.compiled_functions(VARIANT, DEPTH, batch_size)
     state = init(jnp.asarray([0, 1], jnp.int32), jnp.zeros(2))
     apply = jax.jit(lambda params, images: model.apply({"params": params}, train.normalize(images)))
@@ -236,8 +239,8 @@ def test_train_replicas_runs_each_epoch_in_its_bn_mode(small_data, monkeypatch, 
             lambda state, data_: jnp.full(2, 0.4))
     monkeypatch.setattr(train, "compiled_functions", lambda *args: fake)
     seen = []
-    results = train.train_replicas(name, 9, small_data, [(0, 0.1), (1, 0.1)], epochs=3, notebook_quirks=quirks,
-                                   on_epoch=lambda epoch, rs: seen.append((epoch, [len(r.train_errors) for r in rs])))
+    results = train.train_replicas(RunConfig(name, epochs=3, notebook_quirks=quirks), 9, small_data,
+                                   [(0, 0.1), (1, 0.1)], on_epoch=lambda epoch, rs: seen.append((epoch, [len(r.train_errors) for r in rs])))
     assert modes == expected
     assert seen == [(0, [1, 1]), (1, [2, 2]), (2, [3, 3])]
     assert [r.train_errors for r in results] == [[0.5] * 3] * 2
@@ -353,7 +356,7 @@ def test_bench_depth_scaling_options():
     assert (args.compile_depths, args.memory_depths, args.time_depths) == ([30, 10002], [3000], [300, 3000])
     assert (args.steps, args.rounds, args.rematerializations) == (1, 3, ["none", "nested", "auto"])
     assert bench.parse_args([]).compile_depths == [30, 300]
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--rematerializations takes none, layers, nested, auto, got"):
         bench.parse_args(["--depth-scaling", "--rematerializations", "blocks"])
 
 

@@ -1,5 +1,5 @@
 """Per-layer signal diagnostics of a torch_ref model, through forward hooks and retained gradients:
-the statistics and keys of flaxdepth.diagnose (whose docstring defines them), computed
+the statistics and keys of flaxdepth.measure (whose docstring defines them), computed
 independently, so that the parity suite can compare the two frameworks."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from torch_ref.models import DepthCNN
 
-#: The same thresholds as flaxdepth.diagnose's.
+#: The same thresholds as flaxdepth.measure's.
 SATURATION = 0.99
 BATCHNORM_EPS = 1e-5
 _SATURATION_MEASURES = {"tanh": torch.abs, "sigmoid": lambda y: torch.abs(2 * y - 1)}
@@ -84,7 +84,7 @@ def _unit_statistics(unit: ConvUnit, seen: dict[str, Any], activation: str) -> d
 
 
 def _parameters(unit: ConvUnit) -> dict[str, nn.Parameter]:
-    """The layer's parameters under flaxdepth.diagnose's names."""
+    """The layer's parameters under flaxdepth.measure's names."""
     named = {"conv_weight": unit.conv.weight, "conv_bias": unit.conv.bias}
     if unit.norm is not None:
         named.update(norm_weight=unit.norm.weight, norm_bias=unit.norm.bias)
@@ -99,7 +99,7 @@ def _finite_or_none(value: float) -> float | None:
 
 def layer_diagnostics(model: DepthCNN, images: torch.Tensor, labels: torch.Tensor,
                       bn_train: bool = True) -> dict[str, Any]:
-    """{"loss", "layers"} as flaxdepth.diagnose.layer_diagnostics computes them, for a torch_ref
+    """{"loss", "layers"} as flaxdepth.measure.layer_diagnostics computes them, for a torch_ref
     model on normalized NCHW `images` and int64 `labels`, BatchNorm in train mode or on its
     running statistics. Measured on a copy: the model, its statistics and gradients stay as they are."""
     model = copy.deepcopy(model).train(bn_train)

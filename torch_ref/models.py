@@ -138,8 +138,8 @@ def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
 def _one_thread():
     """torch's intra-op threads set to one for the block: each conv's init is a few small
     operations, and on more threads each pays the thread pool's start (the QR of an orthogonal
-    init: ~15 ms on two threads against 0.04 ms on one, on a 2-core CPU; 43 s against 4 s for a
-    k = 10,002 delta-orthogonal model). The same draws and values either way."""
+    init most; figures at k = 10,002: benchmarks/BENCHMARKS.md, "the engine at extreme depth").
+    The same draws and values either way."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -166,7 +166,8 @@ def init_conv_(conv: nn.Conv2d, variant: registry.Variant, fan: str | None = Non
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
     """`model.load_state_dict(state_dict)` (strict; tensors or numpy arrays, cast to the model's
     dtypes) in time linear in the entries: torch's own filters the remaining entries once per
-    child module, quadratic in depth (minutes at k = 10,002: experiments/BENCHMARKS.md).
+    child module, quadratic in depth (figures: benchmarks/BENCHMARKS.md, "the engine at extreme
+    depth").
     Copies into the model's parameters and buffers, as torch's does for modules without load
     hooks, which torch_ref's have none of. Returns the model."""
     own = model.state_dict(keep_vars=True)

@@ -4,7 +4,7 @@
 //
 // Why: with flaxdepth's own convolutions, XLA's CPU code for this chain is the largest part of an
 // elu_bn training step (its ELU after the per-channel scale is not vectorized at some shapes, and
-// 4-channel reductions are slow; see experiments/BENCHMARKS.md). Here each pass
+// 4-channel reductions are slow; see benchmarks/BENCHMARKS.md). Here each pass
 // over the activations is one vectorized loop: SIMD vectors hold consecutive floats of an image,
 // so the lanes' channels repeat with a period of max(C, lanes) floats (C = 1, 2, 4, 8, 16, 32;
 // other channel counts take plain loops).

@@ -4,7 +4,7 @@
 //
 // Why: XLA's CPU convolutions run 4-16-channel convolutions far below the machine's speed (Eigen,
 // or YNNPACK only above 16 channels), and with them convolutions are most of a training step
-// (experiments/BENCHMARKS.md).
+// (benchmarks/BENCHMARKS.md).
 // Here, up to 8 output channels, the SIMD lanes hold adjacent pixels of one channel (from a
 // channel-planar copy of each image); at 16, they hold a pixel's channels, and a block of pixels
 // stays in registers while the kernel streams through. Images are split over XLA's own intra-op

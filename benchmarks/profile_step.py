@@ -1,6 +1,6 @@
 """Where a training step of R replicas spends its time: a jax.profiler trace, summarized.
 
-    python experiments/profile_step.py [--variant elu_bn] [--depth 48] [--replicas 32] [--steps 5]
+    python benchmarks/profile_step.py [--variant elu_bn] [--depth 48] [--replicas 32] [--steps 5]
                                        [--top 25] [--trace-dir DIR] [--json]
 
 Runs the sweep engine's step (`flaxdepth.bench.jax_stepper`: R replicas, vmapped on a GPU) under

@@ -7,7 +7,7 @@ layer's forward and backward (gradients for input, kernel and bias, as in traini
 stage shapes of the models (28x28x4, 14x14x8, 7x7x16, batch 256), for several ways of writing the
 same convolution, all in one process, interleaved, median of the rounds. It also checks each against `lax.conv_general_dilated`.
 
-    python experiments/conv_formulations.py --replicas 32 [--json]
+    python benchmarks/conv_formulations.py --replicas 32 [--json]
 """
 
 from __future__ import annotations

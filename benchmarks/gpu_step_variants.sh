@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Where the replicated GPU step's time goes, and which engine settings shorten it: one call on a lent
-# GPU machine (experiments/BENCHMARKS.md records its results). Writes into $OUT (or ./gpu_out).
-#   bash experiments/gpu_step_variants.sh [VARIANT DEPTH]        (default: elu_bn 48)
-# 1. experiments/profile_step.py on the 32-replica step: device operation time against wall time,
+# GPU machine (benchmarks/BENCHMARKS.md records its results). Writes into $OUT (or ./gpu_out).
+#   bash benchmarks/gpu_step_variants.sh [VARIANT DEPTH]        (default: elu_bn 48)
+# 1. benchmarks/profile_step.py on the 32-replica step: device operation time against wall time,
 #    by class of operation (about 20 s).
 # 2. `python -m flaxdepth.bench` (step mode, torch_ref timed in the same process each time) under
 #    each setting of SETTINGS below, one process each (XLA flags are read once per process; about
@@ -31,7 +31,7 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'tor
 
 if [ -z "${SKIP_PROFILE:-}" ]; then
     stamp "profile of the 32-replica step"
-    timeout -k 10 ${STAGE_TIMEOUT:-100} python3 experiments/profile_step.py --variant $VARIANT --depth $DEPTH \
+    timeout -k 10 ${STAGE_TIMEOUT:-100} python3 benchmarks/profile_step.py --variant $VARIANT --depth $DEPTH \
         --replicas 32 --json > "$OUT/profile_step.json" 2>>"$OUT/log.txt" &&
         python3 - "$OUT/profile_step.json" <<'EOF'
 import json, sys

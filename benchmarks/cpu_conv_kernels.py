@@ -7,7 +7,7 @@ times one call inside a jitted `lax.map` of 16 calls (as the scanned layers call
 `cpu_kernels` off), and PyTorch's `conv2d` and its weight gradient, all in one process, interleaved
 rounds, median. Also checks the kernels against XLA.
 
-    python experiments/cpu_conv_kernels.py [--rounds 5] [--json]
+    python benchmarks/cpu_conv_kernels.py [--rounds 5] [--json]
 """
 
 from __future__ import annotations
