@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import tomllib
@@ -110,6 +111,19 @@ def test_workers_run_everything_once_one_sweep_per_file_and_survive_a_failure(ru
     assert "[pairs-faithful] elu: failed (RuntimeError: out of memory); its finished runs are kept, rerun to " \
            "retry" in lines
     assert "[search-faithful] elu: done" in lines  # the same file's next sweep still ran
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('name = "e"\nvariants = ["tanh"]\ndepths = [3]\nseed = 2\n', "sweep 'e': unknown key 'seed'; the keys are name,"),
+    ('name = "e"\nvariants = ["tanh"]\n', "sweep 'e' has no 'depths'"),
+])
+def test_sweeps_toml_is_read_strictly(run_module, tmp_path, entry, message):
+    """A mistyped key is an error naming the file, the entry and the key, not a silent default."""
+    path = tmp_path / "sweeps.toml"
+    path.write_text("[[sweep]]\n" + entry)
+    with pytest.raises(run_module.ConfigError, match=f"^{re.escape(f'{path}: {message}')}"):
+        run_module.read_entries(path)
+    assert run_module.read_entries(run_module.CONFIG) == ENTRIES  # the committed file reads as it is
 
 
 @pytest.mark.parametrize("argv, message", [

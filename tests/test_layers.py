@@ -1,13 +1,12 @@
 """The packages' layers: no import cycle within flaxdepth or torch_ref, or across the two, counting
 imports inside functions too (they hide a cycle from Python's import machinery, not from a reader);
-the light modules stay free of JAX and PyTorch; the command lines are the console scripts."""
+the light modules stay free of JAX and PyTorch; the public API resolves on first use."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -109,15 +108,3 @@ def test_the_public_api_resolves_lazily():
     assert flaxdepth.SweepConfig.__module__ == "flaxdepth.config"
     with pytest.raises(AttributeError):
         flaxdepth.no_such_name  # noqa: B018
-
-
-def command_modules() -> list[str]:
-    """The modules of flaxdepth with a command line: a `main` run under `if __name__ == "__main__"`."""
-    return sorted(name for name, path in modules().items()
-                  if name.startswith("flaxdepth.") and 'if __name__ == "__main__":' in path.read_text())
-
-
-def test_every_command_is_a_console_script():
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert sorted(scripts.values()) == sorted(f"{name}:main" for name in command_modules())
-    assert all(script == "flaxdepth-" + target.split(":")[0].rsplit(".", 1)[1] for script, target in scripts.items())

@@ -16,6 +16,7 @@ from numpy.polynomial.legendre import leggauss
 from scipy import integrate
 
 from flaxdepth import registry, theory
+from registered_variants import REGISTERED_VARIANTS
 
 
 def field(name, sigma_w2, sigma_b2, **kwargs) -> theory.MeanField:
@@ -349,7 +350,7 @@ def test_glorot_style_same_width_layers_are_critical():
         assert {s.mean_field.phase for s in prediction.stages} == {"critical"}
 
 
-@pytest.mark.parametrize("name", registry.VARIANT_NAMES)
+@pytest.mark.parametrize("name", REGISTERED_VARIANTS)
 def test_theory_applies_exactly_to_plain_variants(name):
     spec = registry.get_variant(name)
     prediction = theory.predict_variant(name)

@@ -24,6 +24,7 @@ from flaxdepth import data, registry, train
 from flaxdepth.config import ConfigError, RunConfig
 from flaxdepth.options import EngineOptions
 from flaxdepth.train import RunResult
+from registered_variants import REGISTERED_VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
@@ -209,7 +210,7 @@ def test_trainable_follows_the_threshold():
 # ------------------------------------------------------------------------------ BatchNorm mode
 
 
-@pytest.mark.parametrize("name", registry.VARIANT_NAMES)
+@pytest.mark.parametrize("name", REGISTERED_VARIANTS)
 def test_bn_train_mode(name):
     variant = registry.get_variant(name)
     assert [train.bn_train_mode(e, False, variant) for e in range(3)] == [True, True, True]

@@ -1,0 +1,178 @@
+"""The Python API (flaxdepth.run_sweep, SweepReport.to_dataframe and figure, load_results): a sweep
+trains on the images its configuration names and says so in its rows, reuses only rows of the same
+images, and every committed results file loads and is reused as the sweep that wrote it reused it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flaxdepth
+from flaxdepth import data, registry, search
+from flaxdepth.config import ROW_SCHEMA, RUN_FIELDS, ConfigError, RunConfig, SweepConfig
+from flaxdepth.data import Dataset
+from flaxdepth.options import EngineOptions
+from flaxdepth.train import RunResult
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+RESULTS = REPO / "experiments" / "results"
+
+
+def synthetic(train: int = 8, test: int = 6, value: int = 0) -> Dataset:
+    return Dataset("mnist", np.full((train, 28, 28), value, np.uint8), np.arange(train, dtype=np.uint8) % 10,
+                   np.full((test, 28, 28), value, np.uint8), np.arange(test, dtype=np.uint8) % 10)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """Fake training (errors from the depth) that records the image counts each call trained on."""
+    seen = []
+
+    def fake_train(self, depth, runs):
+        seen.append((depth, len(self.dataset.train_labels), len(self.dataset.test_labels)))
+        return [RunResult(seed, lr, [0.05 if depth <= 3 else 0.9], [0.1 if depth <= 3 else 0.95], True)
+                for seed, lr in runs]
+
+    monkeypatch.setattr(search.Sweep, "_train", fake_train)
+    return seen
+
+
+def config(tmp_path, **fields) -> SweepConfig:
+    return SweepConfig(**{"variant": "tanh", "depths": (3, 6), "seeds": 2, "epochs": 1, "out": str(tmp_path),
+                          "skip_parity": True, **fields})
+
+
+def test_run_sweep_trains_on_the_images_its_configuration_names(tmp_path, trained):
+    """A loaded dataset is cut to limit_train / limit_test, never taken as it is; the rows say how
+    many images they trained and were tested on."""
+    report = flaxdepth.run_sweep(config(tmp_path, limit_train=5, limit_test=3), synthetic(), log=lambda line: None)
+    assert trained == [(3, 5, 3), (6, 5, 3)]
+    rows = report.rows()
+    assert {(row["train_images"], row["test_images"], row["schema"]) for row in rows} == {(5, 3, ROW_SCHEMA)}
+    subset = data.subset(synthetic(), 5, 3)
+    assert {row["dataset_sha256"] for row in rows} == {search.dataset_fingerprint(subset)}
+    with pytest.raises(ConfigError, match="trains on mnist, the dataset given is fashion_mnist"):
+        flaxdepth.run_sweep(config(tmp_path), dataclasses.replace(synthetic(), name="fashion_mnist"))
+
+
+@pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no MNIST copy")
+def test_run_sweep_loads_what_its_configuration_names(tmp_path, trained):
+    flaxdepth.run_sweep(config(tmp_path, limit_train=256, limit_test=100, data_dir=str(SHARED_MNIST), depths=(3,)),
+                        log=lambda line: None)
+    assert trained == [(3, 256, 100)]
+    [row, _] = [json.loads(line) for line in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    assert (row["train_images"], row["test_images"]) == (256, 100)
+
+
+def test_rows_of_other_images_are_not_reused(tmp_path, trained):
+    logged = []
+    flaxdepth.run_sweep(config(tmp_path), synthetic(value=0), log=lambda line: None)
+    flaxdepth.run_sweep(config(tmp_path), synthetic(value=0), log=logged.append)
+    assert len(trained) == 2 and any("already in" in line for line in logged)
+    flaxdepth.run_sweep(config(tmp_path), synthetic(value=1), log=logged.append)
+    assert len(trained) == 4
+    assert any("trained on other images (another dataset checksum); they are not reused" in line for line in logged)
+
+
+def test_a_row_without_a_checksum_counts_as_full_mnist(tmp_path, trained):
+    """The oldest rows carry no dataset_sha256: their files were named for full MNIST."""
+    full = config(tmp_path, depths=(3,))
+    flaxdepth.run_sweep(full, synthetic(), log=lambda line: None)
+    rows = [json.loads(line) for line in full.results_path().read_text().splitlines()]
+    legacy = [{key: value for key, value in row.items() if key not in ("dataset_sha256", "schema")} for row in rows]
+    full.results_path().write_text("".join(json.dumps(row) + "\n" for row in legacy))
+    flaxdepth.run_sweep(full, synthetic(value=7), log=lambda line: None)
+    assert len(trained) == 1  # reused, whatever full MNIST's checksum
+    limited = config(tmp_path, depths=(3,), limit_train=4)
+    limited.results_path().write_text("".join(json.dumps(row) + "\n" for row in legacy))
+    flaxdepth.run_sweep(limited, synthetic(), log=lambda line: None)
+    assert len(trained) == 2  # a subset's sweep does not take them as its own
+
+
+def test_the_report_as_a_dataframe_and_a_figure(tmp_path, trained):
+    from matplotlib.figure import Figure
+
+    report = flaxdepth.run_sweep(config(tmp_path), synthetic(), log=lambda line: None)
+    frame = report.to_dataframe()
+    assert len(frame) == 4 and list(frame["depth"]) == [3, 3, 6, 6] and list(frame["seed"]) == [0, 1, 0, 1]
+    assert list(frame["final_error"]) == pytest.approx([0.05, 0.05, 0.9, 0.9])
+    assert list(frame["trainable"]) == [True, True, False, False]
+    assert set(frame["epochs"]) == {1} and set(frame["precision"]) == {"default"}
+    figure = report.figure()
+    assert isinstance(figure, Figure) and figure.axes[0].get_lines()
+    assert report.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_load_results_reads_a_file_or_a_folder_and_moves_no_line(tmp_path, trained):
+    flaxdepth.run_sweep(config(tmp_path / "a"), synthetic(), log=lambda line: None)
+    flaxdepth.run_sweep(config(tmp_path / "b", variant="elu"), synthetic(), log=lambda line: None)
+    damaged = next((tmp_path / "b").glob("*.jsonl"))
+    damaged.write_text(damaged.read_text() + '{"cut": \n')
+    before = damaged.read_text()
+    warnings = []
+    frame = flaxdepth.load_results(tmp_path, warn=warnings.append)
+    assert len(frame) == 8 and sorted(set(frame["variant"])) == ["elu", "tanh"]
+    assert warnings == [f"{damaged}: skipped 1 line(s) that are not intact runs (line 5)"]
+    assert damaged.read_text() == before
+    assert len(flaxdepth.load_results(next((tmp_path / "a").glob("*.jsonl")))) == 4
+    with pytest.raises(FileNotFoundError):
+        flaxdepth.load_results(tmp_path / "none")
+
+
+def committed_sweep_files() -> list[Path]:
+    """The committed files of sweep rows (the eval-mode-collapse knob files hold other rows)."""
+    return sorted(path for path in RESULTS.rglob("*.jsonl") if "_jax_" in path.name or "_torch_" in path.name)
+
+
+def config_of(row: dict, out: Path) -> SweepConfig:
+    """The SweepConfig a committed row was written by, as far as its stored configuration says."""
+    stored = row["config"]
+    fields = {f.name for f in dataclasses.fields(SweepConfig) if f.init}
+    given = {key: value for key, value in stored.items() if key in fields}
+    for key in ("lrs", "depths"):
+        given[key] = None if given.get(key) is None else tuple(given[key])
+    given["engine"] = EngineOptions(**stored.get("engine", {}))
+    return SweepConfig(**{**given, "out": str(out), "data_dir": None})
+
+
+@pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no MNIST copy")
+def test_every_committed_results_file_loads_and_its_runs_are_reused(monkeypatch):
+    """Each committed sweep file is the results file of its rows' configuration (the same name), and
+    a sweep of that configuration on the rows' device reuses every run of it."""
+    registry.load_variants(REPO / "experiments" / "variants.toml")
+    mnist = data.load_dataset("mnist", SHARED_MNIST)
+    files = committed_sweep_files()
+    assert len(files) >= 30
+    frame = flaxdepth.load_results(RESULTS, warn=lambda line: None)
+    assert set(frame["file"]) >= {str(path) for path in files}
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        by_config = {}
+        for row in rows:
+            by_config.setdefault(json.dumps({k: v for k, v in row["config"].items() if k in RUN_FIELDS},
+                                            sort_keys=True), []).append(row)
+        for same in by_config.values():
+            sweep_config = config_of(same[0], path.parent)
+            assert sweep_config.results_path() == path
+            environment = {**search.environment(), "device": same[0]["device"]}
+            monkeypatch.setattr(search, "environment", lambda environment=environment: environment)
+            subset = data.subset(mnist, sweep_config.limit_train, sweep_config.limit_test)
+            sweep = search.Sweep(sweep_config.validate(), subset, log=lambda line: None)
+            for depth in sorted({row["depth"] for row in same}):
+                reused = sweep._finished(depth)
+                wanted = {(row["seed"], row["lr"]) for row in same if row["depth"] == depth}
+                assert wanted <= set(reused), (path.name, depth)
+
+
+def test_sweep_config_keeps_run_config_defaults():
+    """SweepConfig's keyword fields for what a run trains are RunConfig's, with its defaults."""
+    sweep_fields = {f.name: f.default for f in dataclasses.fields(SweepConfig)}
+    run_fields = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    assert {name: sweep_fields[name] for name in RUN_FIELDS} == {name: run_fields[name] for name in RUN_FIELDS}
+    made = SweepConfig(variant="elu", epochs=2, limit_train=10)
+    assert made.run == RunConfig("elu", epochs=2, limit_train=10) and made.spec is registry.get_variant("elu")
