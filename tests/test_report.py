@@ -1,8 +1,11 @@
-"""Tests of experiments/report.py on a tiny synthetic results folder (nothing is trained)."""
+"""Tests of experiments/report.py (and its modules report_rows, report_figures, report_markdown) on
+a tiny synthetic results folder (nothing is trained), and of README.md's findings table against the
+committed results."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,18 @@ FIGURES = ("error_vs_depth.png", "boundaries.png", "epoch_curves.png", "theory_v
 @pytest.fixture(scope="module")
 def report(load_experiment):
     return load_experiment("report")
+
+
+@pytest.fixture(scope="module")
+def rows(report):
+    """experiments/report_rows.py, which report.py imports: the runs read and selected."""
+    return report.report_rows
+
+
+@pytest.fixture(scope="module")
+def markdown(report):
+    """experiments/report_markdown.py: REPORT.md's text and README.md's findings table."""
+    return report.report_markdown
 
 
 def row(variant, depth, seed, train, test, framework="jax", protocol="faithful", lr=0.05, device="gpu:Fake GPU",
@@ -112,10 +127,26 @@ def test_report_from_synthetic_results(report, results, tmp_path):
         assert f"](figures/{name})" in text
         assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC
 
+    # what was found by hand is linked, not written: every note the text links exists
+    assert "Why, and why not always (measured for elu_bn): [notes/elu_bn_eval_mode_why.md]" in text
+    notes = re.findall(r"\]\((notes/[^)#]+)", text)
+    assert "notes/elu_bn_eval_mode_why.md" in notes
+    assert [note for note in notes if not (REPO / "experiments" / note).is_file()] == []
+
+
+def test_figures_leave_no_pyplot_figure_open(report, results, tmp_path):
+    import matplotlib.pyplot as plt
+
+    open_before = plt.get_fignums()
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "out")]) == 0
+    assert plt.get_fignums() == open_before
+
 
 def test_report_without_results(report, tmp_path):
     out = tmp_path / "out"
+    readme = (REPO / "README.md").read_text()
     assert report.main(["--results", str(tmp_path / "none"), "--out", str(out)]) == 0
+    assert (REPO / "README.md").read_text() == readme  # another --out: the repository's README stays as it is
     text = (out / "REPORT.md").read_text()
     for variant in ("tanh", "elu_multihead"):
         assert set(table_row(text, variant)[3:]) - {"same", "same (no BatchNorm)"} == {"not run"}
@@ -123,12 +154,12 @@ def test_report_without_results(report, tmp_path):
     assert all((out / "figures" / name).stat().st_size > 0 for name in FIGURES)
 
 
-def test_verdicts_are_recomputed_with_the_rows_threshold(report, tmp_path):
+def test_verdicts_are_recomputed_with_the_rows_threshold(rows, tmp_path):
     folder = tmp_path / "results"
     write(folder, "tanh.jsonl", [row("tanh", 6, 0, [0.3, 0.3, 0.3], [0.3, 0.3, 0.3], threshold=0.5),
                                  row("tanh", 6, 1, [0.3, 0.3, 0.3], [0.3, 0.3, 0.3])])
-    rows = report.standard_rows(report.load(folder))
-    assert [r["trainable"] for r in sorted(rows, key=lambda r: r["seed"])] == [True, False]
+    runs = rows.standard_rows(rows.load(folder))
+    assert runs.sort_values("seed")["trainable"].tolist() == [True, False]
 
 
 def test_corrected_protocol_training_at_both_depths_is_called_out(report, tmp_path):
@@ -143,7 +174,7 @@ def test_corrected_protocol_training_at_both_depths_is_called_out(report, tmp_pa
     assert text.count("is no depth limit") == 1  # said of the corrected protocol only
 
 
-def test_boundary_is_the_search_replayed_on_the_recorded_depths(report, tmp_path):
+def test_boundary_is_the_search_replayed_on_the_recorded_depths(rows, tmp_path):
     """tanh_newinit as measured: the search stops at 45 / 48 although the pair's k=51 trains too
     (not asked by the search); elu's search is unfinished (12 trains, 24 was never trained)."""
     folder = tmp_path / "results"
@@ -152,15 +183,17 @@ def test_boundary_is_the_search_replayed_on_the_recorded_depths(report, tmp_path
           [row("tanh_newinit", k, s, e, e) for k, e in newinit.items() for s in range(3)])
     write(folder, "elu_jax_faithful_e3_b256_mnist.jsonl",
           [row("elu", k, s, GOOD, GOOD) for k in (3, 6, 12, 39) for s in range(3)])
-    rows = report.standard_rows(report.load(folder))
-    assert report.boundary(rows, "tanh_newinit", "faithful") == (45, 48, None)
-    assert report.boundary(rows, "elu", "faithful") == (12, None, 24)
-    assert report.boundary_text(report.boundary(rows, "elu", "faithful")) == \
+    runs = rows.standard_rows(rows.load(folder))
+    assert rows.boundary(runs, "tanh_newinit", "faithful") == (45, 48, None)
+    assert rows.boundary(runs, "elu", "faithful") == (12, None, 24)
+    assert rows.boundary_text(rows.boundary(runs, "elu", "faithful")) == \
         "k=12 / none fails so far (search unfinished, next k=24)"
-    assert report.boundary(rows, "elu", "corrected") is None  # no rows at k=3: no search
+    assert rows.boundary_text(rows.boundary(runs, "elu", "faithful"), short=True) == "12 / none fails so far"
+    assert rows.boundary_text(rows.boundary(runs, "tanh_newinit", "faithful"), short=True) == "45 / 48"
+    assert rows.boundary(runs, "elu", "corrected") is None  # no rows at k=3: no search
 
 
-def test_boundary_needs_a_search_and_follows_the_deepest_max_depth(report, tmp_path):
+def test_boundary_needs_a_search_and_follows_the_deepest_max_depth(rows, tmp_path):
     """Pair rows alone are no search; a search capped at --max-depth 12 ends there ("none fails"),
     and one of its rows started with --max-depth 768 makes the replay go on (unfinished at 24)."""
     folder = tmp_path / "results"
@@ -168,12 +201,12 @@ def test_boundary_needs_a_search_and_follows_the_deepest_max_depth(report, tmp_p
           [row("tanh_bn_oldinit", k, s, GOOD, GOOD, protocol="corrected") for k in (48, 51) for s in range(3)])
     capped = [row("elu", k, s, GOOD, GOOD, max_depth=12) for k in (3, 6, 12) for s in range(3)]
     write(folder, "elu_jax_faithful_e3_b256_mnist.jsonl", capped)
-    rows = report.standard_rows(report.load(folder))
-    assert report.boundary(rows, "tanh_bn_oldinit", "corrected") is None
-    assert report.boundary(rows, "elu", "faithful") == (12, None, None)
+    runs = rows.standard_rows(rows.load(folder))
+    assert rows.boundary(runs, "tanh_bn_oldinit", "corrected") is None
+    assert rows.boundary(runs, "elu", "faithful") == (12, None, None)
     write(folder, "elu_jax_faithful_e3_b256_mnist.jsonl", capped[:-1] + [row("elu", 12, 2, GOOD, GOOD, max_depth=768)])
-    rows = report.standard_rows(report.load(folder))
-    assert report.boundary(rows, "elu", "faithful") == (12, None, 24)
+    runs = rows.standard_rows(rows.load(folder))
+    assert rows.boundary(runs, "elu", "faithful") == (12, None, 24)
 
 
 def test_depths_training_past_the_first_failure_and_the_shallowest_collapse_are_reported(report, tmp_path):
@@ -209,10 +242,10 @@ def test_float32_rows_get_their_own_line_and_stay_out_of_the_table(report, tmp_p
     assert "- `precision-highest`: 1/1 (elu_bn)" in text and "- `precision-highest-torch`: 1/1 (elu_bn)" in text
 
 
-def test_tf32_rows_get_their_own_line_and_every_precision_a_name(report, tmp_path):
+def test_tf32_rows_get_their_own_line_and_every_precision_a_name(report, markdown, tmp_path):
     from flaxdepth.options import PRECISIONS
 
-    assert set(report.PRECISION_NAMES) == set(PRECISIONS) - {"default"}
+    assert set(markdown.PRECISION_NAMES) == set(PRECISIONS) - {"default"}
     folder = tmp_path / "results"
     write(folder, "elu_bn_jax_faithful_e3_b256_mnist.jsonl",
           [row("elu_bn", 63, s, [0.2, 0.9, 0.9], COLLAPSE_TEST) for s in range(3)])
@@ -244,6 +277,9 @@ def test_declared_variants_get_their_own_table_on_their_subset(report, tmp_path)
     write(tmp_path / "results", "relu_he_jax_corrected_e3_b256_mnist_train6000_test2000.jsonl", rows + [edited])
     assert report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "REPORT.md").read_text()
+    # where and on what they trained comes from their rows (the edited spec's k=96 row stays out)
+    assert ("They were swept on the GPU (`gpu:Fake GPU`), on the first 6,000 training / 2,000 test images (the "
+            "`declared-cpu` entry of `sweeps.toml`), at 2 depths (k = 6, 24) rather than searched: ") in text
     cells = table_row(text, "relu_he")
     assert cells[2] == "6000 / 2000 images, 3 epochs, lr 0.05"
     assert cells[3] == "k=6: 2/2 seeds (5.0%, 5.0%)<br>k=24: 1/2 seeds (5.0%, 90.0%)"
@@ -281,6 +317,7 @@ def test_depth_frontier_from_cpu_and_gpu_rows(report, tmp_path):
     assert report.main(["--results", str(folder), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "REPORT.md").read_text()
     frontier = text[text.index("## Depth frontier"):text.index("## What was run")]
+    assert "On the CPU (`cpu:cpu`) on a subset (`python experiments/run.py --only frontier-cpu`)" in frontier
     cpu_table = frontier[frontier.index("**cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches "
                                         "of 64, lr = 1.5 / k**"):]
     assert table_row(cpu_table, "tanh_critical_delta: tanh CNN, delta-orthogonal at the critical point sigma_b^2 "
@@ -298,3 +335,52 @@ def test_depth_frontier_from_cpu_and_gpu_rows(report, tmp_path):
            "trains at no depth; fails at k=30." in frontier
     assert "- `frontier-cpu`: 2/4 (tanh_critical_delta, tanh)" in text
     assert (tmp_path / "figures" / "depth_frontier.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_frontier_subset_that_trains_nowhere_says_how_little_it_trained(report, tmp_path):
+    """The reading counts the subset's SGD steps from the rows' configuration (1,536 images in
+    batches of 64, 2 epochs: 48) against the notebook's (60,000 in batches of 256, 3 epochs: 705)."""
+    from flaxdepth import registry
+
+    spec = registry.get_variant("tanh_critical_delta").fields()
+    cpu = dict(protocol="corrected", limit_train=1536, limit_test=512, epochs=2, batch_size=64, device="cpu:cpu")
+    runs = [row("tanh_critical_delta", k, 0, BAD, BAD, lr=lr, **cpu) for k, lr in ((30, 0.05), (1002, 0.0015))]
+    for r in runs:
+        r["spec"] = spec
+    write(tmp_path / "results", "tanh_critical_delta_jax_corrected_e2_b64_mnist_train1536_test512.jsonl", runs)
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert ("- cpu:cpu, the first 1,536 training / 512 test images, 2 epochs in batches of 64, lr = 1.5 / k: no run "
+            "gets under 20% at any depth, the shallowest included: this subset's 48 SGD steps are 15 times fewer "
+            "than the notebook's 705 (3 epochs of full MNIST in batches of 256)") in text
+
+
+def test_findings_table_goes_between_the_readme_markers(report, markdown, results, tmp_path):
+    """--readme FILE: the findings table replaces what lies between the markers, from the same
+    boundaries as REPORT.md's verdict table; the rest of the file stays as it is."""
+    readme = tmp_path / "README.md"
+    above, below = "# title\n\nabove\n\n<!-- findings:start -->\n", "<!-- findings:end -->\n\nbelow\n"
+    readme.write_text(above + "| stale |\n" + below)
+    arguments = ["--results", str(results), "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    assert report.main(arguments) == 0
+    text = readme.read_text()
+    assert text.startswith(above + "| variant | notebook (one run) | faithful protocol | corrected protocol |\n")
+    assert text.endswith(" |\n" + below) and "| stale |" not in text
+    assert "| tanh | 6 / 9 | 6 / 9 | same (no BatchNorm) |" in text
+    assert "| elu_bn | 63 / 66 | not run | not run |" in text  # no search: no rows at k=3
+    report_text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert table_row(report_text, "tanh")[7] == "k=6 / k=9" and table_row(report_text, "elu_bn")[7:9] == [
+        "not run", "not run"]
+    assert report.main(arguments) == 0 and readme.read_text() == text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="findings:start"):
+        markdown.write_findings(readme, "| table |")
+
+
+def test_readme_findings_table_is_what_the_committed_results_give(rows, markdown):
+    """README.md's findings table is report.py's, from experiments/results/: after new results,
+    `python experiments/report.py` rewrites it (and REPORT.md)."""
+    selection = rows.select(REPO / "experiments" / "results")
+    expected = markdown.findings_table(selection.verdicts)
+    assert markdown.findings_block((REPO / "README.md").read_text()) == expected
+    assert len(expected.splitlines()) == 2 + len(selection.verdicts) <= 12
