@@ -85,11 +85,11 @@ def test_the_scan_finds_a_cycle_hidden_in_a_function():
     assert imported("def late():\n    from flaxdepth import search\n", set(graph)) == {"flaxdepth.search"}
 
 
-@pytest.mark.parametrize("module", ["flaxdepth", "flaxdepth.registry", "flaxdepth.theory", "flaxdepth.config",
-                                    "flaxdepth.cli", "flaxdepth.options", "torch_ref.models"])
+@pytest.mark.parametrize("module", ["flaxdepth", "flaxdepth.registry", "flaxdepth.theory", "flaxdepth.trainability",
+                                    "flaxdepth.config", "flaxdepth.cli", "flaxdepth.options", "torch_ref.models"])
 def test_light_modules_import_neither_jax_nor_torch(module):
-    """flaxdepth's public names are imported on first use: the registry, the theory and the run
-    configuration stay usable without JAX's or torch's start-up (torch_ref.models imports torch
+    """flaxdepth's public names are imported on first use: the registry, the theory, the
+    trainability fits and the run configuration stay usable without JAX's or torch's start-up (torch_ref.models imports torch
     itself, and flaxdepth's registry without half-initializing flaxdepth)."""
     heavy = {"jax"} if module.startswith("torch_ref") else {"jax", "torch"}
     code = (f"import sys, {module}\n"
