@@ -36,10 +36,13 @@ RESULTS = HERE / "results"
 # The declared variants some sweeps train; registered at import, so in spawned workers too.
 DECLARED = registry.load_variants(HERE / "variants.toml")
 PROG = "experiments/run.py"
+#: The study's seeds per depth and its search, where an entry names none: the committed rows'
+#: (3 seeds, the bisection of flaxdepth.search.boundary_search), so that a rerun reuses them.
+STUDY_SEEDS = 3
 #: The keys of a [[sweep]] entry: required, then optional (each optional one a SweepConfig field's
 #: value, or lr_at_depth: {"k" = lr} for each of the entry's depths, or precision: EngineOptions').
 REQUIRED_KEYS = ("name", "variants", "depths")
-OPTIONAL_KEYS = ("description", "seeds", "lrs", "lr_at_depth", "batch_size", "epochs", "notebook_quirks",
+OPTIONAL_KEYS = ("description", "seeds", "search", "lrs", "lr_at_depth", "batch_size", "epochs", "notebook_quirks",
                  "framework", "precision", "limit_train", "limit_test")
 
 
@@ -78,7 +81,8 @@ def expand(entry: dict, out: Path, data_dir: str | None, limit_train: int | None
         for sweep_depths, sweep_lrs in ([((k,), (by_depth[str(k)],)) for k in depths] if by_depth
                                         else [(depths, lrs)]):
             configs.append(SweepConfig(
-                variant=name, depths=sweep_depths, seeds=entry.get("seeds", SweepConfig.seeds), lrs=sweep_lrs,
+                variant=name, depths=sweep_depths, seeds=entry.get("seeds", STUDY_SEEDS), lrs=sweep_lrs,
+                search=entry.get("search", "bisect"),
                 batch_size=entry.get("batch_size", SweepConfig.batch_size),
                 epochs=entry.get("epochs", SweepConfig.epochs),
                 notebook_quirks=entry.get("notebook_quirks", SweepConfig.notebook_quirks),

@@ -99,6 +99,15 @@ class RunConfig:
         return self
 
 
+#: How a sweep without --depths chooses its depths: "adaptive" (flaxdepth.trainability's fit and
+#: next_depth, until k50's interval is narrow enough or the run budget is spent) or "bisect" (grow
+#: geometrically until most seeds fail, then bisect on multiples of 3: a majority vote per depth).
+SEARCHES = ("adaptive", "bisect")
+#: (seeds a batch, run budget) by device: on a CPU a batch of 3 seeds at a few dozen layers costs
+#: minutes, and 30 runs are about what the bisection spends (7-8 depths of 3); on an accelerator the
+#: seeds of a batch are one vmapped program, so 16 cost about what 3 do, and 160 are 10 batches.
+SEARCH_DEFAULTS = {"cpu": (3, 30), "accelerator": (16, 160)}
+
 #: The fields of RunConfig that SweepConfig and DiagnoseConfig take as keywords (all but the spec).
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "spec")
 
@@ -111,10 +120,13 @@ class SweepConfig:
 
     variant: str | registry.Variant
     lrs: tuple[float, ...] | None = RunConfig.lrs
-    seeds: int = 3
+    seeds: int | None = None  # seeds per depth (a batch); None: SEARCH_DEFAULTS for the device (resolved)
     first_seed: int = 0
-    depths: tuple[int, ...] | None = None  # None: search for the boundary
+    depths: tuple[int, ...] | None = None  # None: search (`search`)
     max_depth: int = 768
+    search: str = "adaptive"  # SEARCHES
+    target_ratio: float = 1.5  # the adaptive search stops when k50's 95% interval has hi / lo at most this
+    max_runs: int | None = None  # the adaptive search's run budget; None: SEARCH_DEFAULTS for the device
     epochs: int = RunConfig.epochs
     batch_size: int = RunConfig.batch_size
     threshold: float = 0.2
@@ -141,10 +153,25 @@ class SweepConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    def for_device(self, platform: str) -> "SweepConfig":
+        """The configuration with `seeds` and `max_runs` resolved for a JAX platform ("cpu", "gpu", ...)."""
+        seeds, max_runs = SEARCH_DEFAULTS["cpu" if platform == "cpu" else "accelerator"]
+        return dataclasses.replace(self, seeds=self.seeds or seeds, max_runs=self.max_runs or max(max_runs, self.seeds or 0))
+
     def validate(self) -> "SweepConfig":
         self.run.validate()
-        for name in ("seeds", "probe_size"):
-            _check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        _check_positive("--seeds", self.seeds, allow_none=True)
+        _check_positive("--probe-size", self.probe_size)
+        _check_positive("--max-runs", self.max_runs, allow_none=True)
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if not self.target_ratio > 1:
+            raise ConfigError(f"--target-ratio is k50's interval hi / lo, more than 1, got {self.target_ratio}")
+        if None not in (self.seeds, self.max_runs) and self.max_runs < self.seeds:
+            raise ConfigError(f"--max-runs {self.max_runs} is less than one batch of --seeds {self.seeds}")
+        if self.depths is None and self.search == "adaptive" and len(self.learning_rates) > 1:
+            raise ConfigError("the adaptive search fits one learning rate; give one --lr, or --depths to train "
+                              "several side by side")
         if self.depths is not None:
             # The command line asks for multiples of 3; the library also takes the notebook's
             # k = 139 and 142 (k // 3 layers per stage).
@@ -178,12 +205,15 @@ class SweepConfig:
 
     @property
     def seed_list(self) -> list[int]:
+        """The first batch's seeds (`seeds` resolved: `for_device`)."""
+        if self.seeds is None:
+            raise ConfigError("seeds is not resolved for a device: SweepConfig.for_device(platform)")
         return list(range(self.first_seed, self.first_seed + self.seeds))
 
     @property
     def runs_per_depth(self) -> int:
-        """Models trained side by side at each depth: seeds x learning rates."""
-        return self.seeds * len(self.learning_rates)
+        """Models trained side by side at each depth (a batch): seeds x learning rates."""
+        return len(self.seed_list) * len(self.learning_rates)
 
     @property
     def protocol(self) -> str:

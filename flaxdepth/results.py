@@ -131,20 +131,26 @@ def final_error(row: dict) -> float:
 
 
 def figure(rows: list[dict], title: str, threshold: float,
-           boundary: dict[float, tuple[int | None, int | None]] | None = None):
-    """Final error against depth, one line per (seed, lr), the threshold and boundaries marked: a
-    matplotlib Figure (which Jupyter shows)."""
+           boundary: dict[float, tuple[int | None, int | None]] | None = None, fits: dict | None = None):
+    """Final error against depth, one line per (seed, lr), the threshold and boundaries marked;
+    with `fits` ({lr: (depths, trained, runs, (Jeffreys lo, hi), trainability.Fit)}) a second
+    panel: the fraction of runs that trained per depth with its interval, the fitted P(trains) with
+    its 95% band and k50, on a log-depth axis. A matplotlib Figure (which Jupyter shows)."""
     from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
 
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.subplots()
+    fig = Figure(figsize=(12, 4.2) if fits else (7, 4.2))
+    ax, *fit_axes = fig.subplots(1, 2 if fits else 1, squeeze=False)[0]
     lrs = sorted({row["lr"] for row in rows})
     markers = "osD^v<>p"
     for li, lr in enumerate(lrs):
-        for seed in sorted({row["seed"] for row in rows if row["lr"] == lr}):
+        seeds = sorted({row["seed"] for row in rows if row["lr"] == lr})
+        for seed in seeds:
             points = sorted((row["depth"], 100 * final_error(row)) for row in rows
                             if row["lr"] == lr and row["seed"] == seed)
-            label = f"seed {seed}" + (f", lr {lr:g}" if len(lrs) > 1 else "")
+            if len(lrs) == 1:
+                label = f"seed {seed}" if len(seeds) <= 8 else None  # many seeds: no legend entry each
+            else:
+                label = f"lr {lr:g}" if seed == seeds[0] else None
             ax.plot(*zip(*points), marker=markers[li % len(markers)], lw=1, ms=4, alpha=0.8, label=label)
     ax.axhline(100 * threshold, color="k", ls="--", lw=1, label=f"threshold {100 * threshold:g}%")
     for lr, (deepest, _) in (boundary or {}).items():
@@ -157,8 +163,33 @@ def figure(rows: list[dict], title: str, threshold: float,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    for (lr, drawn), color in zip(sorted((fits or {}).items()), ("tab:blue", "tab:orange", "tab:green")):
+        _draw_fit(fit_axes[0], *drawn, color, f"lr {lr:g}" if len(fits) > 1 else "")
     fig.tight_layout()
     return fig
+
+
+def _draw_fit(ax, depths, trained, runs, interval, fit, color: str, label: str) -> None:
+    """A fit's panel: fractions with their intervals as error bars, the median curve and band, k50."""
+    import numpy as np
+
+    lo, hi = interval
+    share = trained / runs
+    ax.errorbar(depths, share, yerr=[share - lo, hi - share], fmt="o", color=color, ms=4, capsize=2,
+                label=f"fraction trained {label}".strip())
+    if not fit.censored:
+        grid = np.geomspace(max(1.5, depths.min() / 2), depths.max() * 2, 200)
+        band = fit.probability(grid)
+        ax.plot(grid, band.median, color=color, lw=1.5)
+        ax.fill_between(grid, band.lo, band.hi, color=color, alpha=0.2, label=f"fitted P, 95% band {label}".strip())
+        k_lo, k_hi = fit.k50_interval
+        ax.axvline(fit.k50, color=color, ls="--", lw=1, label=f"k50 = {fit.k50:.0f} [{k_lo:.0f}, {k_hi:.0f}]")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("depth k (log scale)")
+    ax.set_ylabel("P(trains)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
 
 
 #: Configuration fields a DataFrame gets as columns of their own (the whole configuration stays in

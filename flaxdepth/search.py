@@ -16,7 +16,7 @@ import filelock
 import jax
 import numpy as np
 
-from flaxdepth import data, registry, run_outputs, train
+from flaxdepth import data, registry, run_outputs, train, trainability
 from flaxdepth.config import ROW_SCHEMA, ConfigError, SweepConfig, environment
 from flaxdepth.data import Dataset
 from flaxdepth.options import AUTO, EngineOptions
@@ -46,6 +46,28 @@ class SweepReport:
     path: Path
     plot_path: Path
     device: str = ""
+    design: list[dict] = dataclasses.field(default_factory=list)  # the adaptive search's batches, in order
+
+    @property
+    def fit_path(self) -> Path:
+        """The fits beside the results file, as JSON (`fits_json`)."""
+        return self.path.with_suffix(".fit.json")
+
+    def counts(self, lr: float):
+        """trainability.counts of this lr's runs: (depths, trained, runs, diverged)."""
+        return trainability.counts([row for row in self.rows() if row["lr"] == lr], self.config.threshold)
+
+    def fits(self) -> dict[float, trainability.Fit]:
+        """P(trains | depth) fitted per lr to this sweep's runs, the k50 prior over the depths a
+        search may visit (3 to max_depth)."""
+        top = max(self.config.max_depth, *self.outcomes)
+        return {lr: trainability.fit(*self.counts(lr)[:3], depth_range=(3, top)) for lr in self.config.learning_rates}
+
+    def fits_json(self) -> dict:
+        return {"variant": self.config.variant, "protocol": self.config.protocol, "framework": self.config.framework,
+                "device": self.device, "threshold": self.config.threshold, "design": self.design,
+                "fits": [{"lr": lr, "diverged": self.counts(lr)[3].tolist(), **fit.to_json()}
+                         for lr, fit in self.fits().items()]}
 
     def rows(self) -> list[dict]:
         """Every run's row, depth by depth."""
@@ -61,7 +83,11 @@ class SweepReport:
         c = self.config
         title = f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs" + (
             f" ({self.device})" if self.device else "")
-        return figure(self.rows(), title, c.threshold, {lr: self.boundary(lr) for lr in c.learning_rates})
+        drawn = {}
+        for lr, fit in self.fits().items():
+            depths, trained, runs, _ = self.counts(lr)
+            drawn[lr] = depths, trained, runs, trainability.jeffreys_interval(trained, runs), fit
+        return figure(self.rows(), title, c.threshold, {lr: self.boundary(lr) for lr in c.learning_rates}, drawn)
 
     def boundary(self, lr: float | None = None) -> tuple[int | None, int | None]:
         """(deepest depth where most seeds train, shallowest deeper depth where they don't); with
@@ -76,9 +102,17 @@ class SweepReport:
         failing = [d for d in depths if not trains(self.outcomes[d]) and (deepest is None or d > deepest)]
         return deepest, (min(failing) if failing else None)
 
+    #: The per-seed table lists each seed's final error up to this many seeds, counts beyond.
+    SEEDS_SHOWN = 6
+
     def table(self) -> str:
+        """Per depth and lr each seed's final error and verdict (up to SEEDS_SHOWN seeds), the
+        trained count, the majority-vote boundary; then per lr the fit: per-depth fractions with
+        Jeffreys intervals, the fitted P with its band, k50 [95%] and the depth where P = 0.9."""
         lines = []
-        seeds = self.config.seed_list
+        seeds = sorted({row["seed"] for row in self.rows()})
+        if len(seeds) > self.SEEDS_SHOWN:
+            seeds = []
         header = f"{'k':>5} {'lr':>7}  " + "  ".join(f"seed {s:<3} final error" for s in seeds) + "  trainable"
         lines.append(header)
         for depth in sorted(self.outcomes):
@@ -95,6 +129,9 @@ class SweepReport:
                              + f"  {outcome.trainable_count(lr)}/{runs}")
         deepest, shallowest = self.boundary()
         lines.append(self.boundary_sentence(deepest, shallowest))
+        for lr, fit in self.fits().items():
+            lines.append(f"P(trains | depth), lr {lr:g} (trained: finite and error < {self.config.threshold:g}):")
+            lines += trainability.fit_lines(self.counts(lr), fit)
         return "\n".join(lines)
 
     def boundary_sentence(self, deepest, shallowest) -> str:
@@ -287,10 +324,11 @@ class Sweep:
             if bar is not None:
                 bar.close()
 
-    def evaluate(self, depth: int) -> DepthOutcome:
-        """All (seed, lr) runs at this depth: finished ones read back, the others trained now."""
+    def evaluate(self, depth: int, seeds: list[int] | None = None) -> DepthOutcome:
+        """All (seed, lr) runs at this depth, `seeds` (default: the first batch's): finished ones
+        read back, the others trained now."""
         c = self.config
-        wanted = [(s, lr) for s in c.seed_list for lr in c.learning_rates]
+        wanted = [(s, lr) for s in (c.seed_list if seeds is None else seeds) for lr in c.learning_rates]
         with self._claim(depth):
             finished = self._finished(depth)
             missing = [run for run in wanted if run not in finished]
@@ -331,16 +369,66 @@ class Sweep:
         return any(outcome.trains(lr) for lr in self.config.learning_rates)
 
     def run(self) -> SweepReport:
-        if self.config.depths is None:
-            boundary_search(self.trains, self.config.max_depth)
-        else:
+        design = []
+        if self.config.depths is not None:
             for depth in self.config.depths:
                 self.evaluate(depth)
+        elif self.config.search == "bisect":
+            boundary_search(self.trains, self.config.max_depth)
+        else:
+            design = adaptive_search(self)
         path = self.file.path
-        report = SweepReport(self.config, self.outcomes, path, path.with_suffix(".png"), self.env["device"])
+        report = SweepReport(self.config, self.outcomes, path, path.with_suffix(".png"), self.env["device"], design)
         if self.writer:
             save_plot(report)
+            report.fit_path.write_text(json.dumps(report.fits_json(), indent=1) + "\n")
         return report
+
+
+def adaptive_search(sweep: Sweep) -> list[dict]:
+    """The adaptive design; returns its batches ({"depth", "seeds"}) in order.
+
+    First a bracket: batches of `seeds` seeds at 3, 6, 12, ... (multiples of 3 up to max_depth)
+    until at most half of a depth's runs train. Then, until k50's 95% interval has hi / lo at most
+    `target_ratio` or the next batch would pass `max_runs`, one batch at the depth that
+    trainability.next_depth picks among the multiples of 3 up to twice the deepest depth tried.
+    A batch at a depth already trained adds the next seeds there (first_seed + the runs it has), so
+    every run is independent; and the design is a function of the rows, so a sweep stopped between
+    batches resumes where it stood. It stops early where the data bound k50 on one side only and
+    nothing is left to try: every run trained up to max_depth, or none at depth 3."""
+    c = sweep.config
+    lr = c.learning_rates[0]
+    top = c.max_depth // 3 * 3
+    seeds_at: dict[int, int] = {}
+    design = []
+
+    def batch(depth: int) -> None:
+        done = seeds_at.get(depth, 0)
+        seeds_at[depth] = done + c.seeds
+        sweep.evaluate(depth, list(range(c.first_seed, c.first_seed + seeds_at[depth])))
+        design.append({"depth": depth, "seeds": list(range(c.first_seed + done, c.first_seed + seeds_at[depth]))})
+
+    def trained_share(depth: int) -> float:
+        rows = sweep.outcomes[depth].rows
+        return sum(row["trainable"] for row in rows) / len(rows)
+
+    depth = 3
+    while True:
+        batch(depth)
+        if trained_share(depth) <= 0.5 or depth >= top:
+            break
+        depth = min(2 * depth, top)
+    while sum(seeds_at.values()) + c.seeds <= c.max_runs:
+        rows = [row for outcome in sweep.outcomes.values() for row in outcome.rows if row["lr"] == lr]
+        fit = trainability.fit(*trainability.counts(rows, c.threshold)[:3], depth_range=(3, top))
+        if fit.censored == "above" and max(seeds_at) >= top or fit.censored == "below" and min(seeds_at) <= 3:
+            break
+        low, high = fit.k50_interval
+        if fit.censored is None and high / low <= c.target_ratio:
+            break
+        reach = min(top, 2 * max(seeds_at))
+        batch(trainability.next_depth(fit, list(range(3, reach + 1, 3)), c.seeds))
+    return design
 
 
 def save_plot(report: SweepReport) -> None:
@@ -399,7 +487,7 @@ def run_sweep(config: SweepConfig, dataset: Dataset | None = None, *, log: Calla
     it is). Unless `config.skip_parity`, the quick check against torch_ref runs first, as on the
     command line (a ParityError stops the sweep before it trains). `log` receives the epoch lines,
     `progress` is a tqdm-like factory for a bar per depth (None: no bar)."""
-    config = config.validate()
+    config = config.validate().for_device(jax.default_backend())
     if dataset is None:
         dataset = data.load_dataset(config.dataset, config.data_dir)
     elif dataset.name != config.dataset:

@@ -10,7 +10,7 @@ import os
 import sys
 
 from flaxdepth import cli, registry
-from flaxdepth.config import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, ConfigError, SweepConfig
+from flaxdepth.config import DEFAULT_OUT, FRAMEWORKS, RESULTS_ENV, SEARCH_DEFAULTS, SEARCHES, ConfigError, SweepConfig
 
 PROG = "python -m flaxdepth.sweep"
 
@@ -24,8 +24,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depths", type=cli.numbers(int, "--depths"), default=SweepConfig.depths,
                    help="evaluate these depths (multiples of 3, e.g. 3,6,9) instead of searching")
     cli.add_run_arguments(p)
-    p.add_argument("--seeds", type=int, default=SweepConfig.seeds, help="seeds per depth (0, 1, ...)")
+    p.add_argument("--seeds", type=int, default=SweepConfig.seeds,
+                   help="seeds per depth, a batch (first-seed, first-seed + 1, ...); default by device: "
+                        + ", ".join(f"{seeds} on {kind}" for kind, (seeds, _) in SEARCH_DEFAULTS.items()))
     p.add_argument("--first-seed", type=int, default=SweepConfig.first_seed, help="first seed")
+    p.add_argument("--search", default=SweepConfig.search, choices=SEARCHES,
+                   help="without --depths: adaptive (fit P(trains | depth) and train the next batch where it "
+                        "tells most about k50, flaxdepth.trainability) or bisect (grow, then bisect by a "
+                        "majority of seeds)")
+    p.add_argument("--target-ratio", type=float, default=SweepConfig.target_ratio,
+                   help="the adaptive search stops when k50's 95%% interval has hi / lo at most this")
+    p.add_argument("--max-runs", type=int, default=SweepConfig.max_runs,
+                   help="the adaptive search's run budget; default by device: "
+                        + ", ".join(f"{runs} on {kind}" for kind, (_, runs) in SEARCH_DEFAULTS.items()))
     p.add_argument("--threshold", type=float, default=SweepConfig.threshold,
                    help="trainable: train or test error below this")
     p.add_argument("--max-depth", type=int, default=SweepConfig.max_depth, help="the search stops growing k here")
@@ -92,7 +103,8 @@ def configs(args) -> list[SweepConfig]:
     run = cli.run_fields(args)
     return [SweepConfig(
         variant=name, **run, seeds=args.seeds, first_seed=args.first_seed, depths=args.depths,
-        max_depth=args.max_depth, threshold=args.threshold, out=args.out, framework=args.framework,
+        max_depth=args.max_depth, search=args.search, target_ratio=args.target_ratio, max_runs=args.max_runs,
+        threshold=args.threshold, out=args.out, framework=args.framework,
         skip_parity=args.skip_parity, engine=engine, save_weights=args.save_weights,
         diagnostics=args.diagnostics, probe_size=args.probe_size,
     ).validate() for name in names]
@@ -109,7 +121,7 @@ def cpu_devices(args, sweep_configs: list[SweepConfig]) -> int | None:
         return None
     from flaxdepth import train
 
-    return train.cpu_device_count(max(config.runs_per_depth for config in sweep_configs))
+    return train.cpu_device_count(max(config.for_device("cpu").runs_per_depth for config in sweep_configs))
 
 
 @cli.command(PROG)
@@ -145,7 +157,7 @@ def main(argv=None) -> int:
             print(cli.error_line(PROG, error), file=sys.stderr)
             return 1
         show(report.table())
-        show(f"results: {report.path}\nplot:    {report.plot_path}", flush=True)
+        show(f"results: {report.path}\nplot:    {report.plot_path}\nfit:     {report.fit_path}", flush=True)
     return 0
 
 

@@ -587,39 +587,45 @@ def _format_k(value: float, depths=None) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
-def _print_fit(file: Path, key: tuple, table, result: Fit, threshold: float) -> None:
+def fit_lines(table, result: Fit) -> list[str]:
+    """The printed form of a fit: per depth the runs, trained, diverged, the fraction with its
+    Jeffreys interval and the fitted P with its band, then k50 with its interval and the depth where
+    P = 0.9 where the curve reaches it. `table` is `counts(...)`'s (depths, trained, runs, diverged)."""
     depths, trained, runs, diverged = table
-    print(f"{file}: {_describe(key)} (trained: finite and error < {threshold:g})")
     frac_lo, frac_hi = jeffreys_interval(trained, runs)
     band = result.probability(depths)
-    print(f"  {'k':>5} {'runs':>4} {'trained':>7} {'diverged':>8}  {'fraction [95% Jeffreys]':<24}  fitted P [95%]")
+    lines = [f"  {'k':>5} {'runs':>4} {'trained':>7} {'diverged':>8}  {'fraction [95% Jeffreys]':<24}  fitted P [95%]"]
     for i, k in enumerate(depths):
         fitted = "-" if result.censored else f"{band.median[i]:.2f} [{band.lo[i]:.2f}, {band.hi[i]:.2f}]"
         fraction = f"{trained[i] / runs[i]:.2f} [{frac_lo[i]:.2f}, {frac_hi[i]:.2f}]"
-        print(f"  {k:>5} {runs[i]:>4} {trained[i]:>7} {diverged[i]:>8}  {fraction:<24}  {fitted}")
+        lines.append(f"  {k:>5} {runs[i]:>4} {trained[i]:>7} {diverged[i]:>8}  {fraction:<24}  {fitted}")
     if result.censored == "above":
-        print(f"  k50 > {depths[-1]}: every run trained (no curve to fit: the prior would set k50)")
-        return
+        return lines + [f"  k50 > {depths[-1]}: every run trained (no curve to fit: the prior would set k50)"]
     if result.censored == "below":
-        print(f"  k50 < {depths[0]}: no run trained (no curve to fit: the prior would set k50)")
-        return
+        return lines + [f"  k50 < {depths[0]}: no run trained (no curve to fit: the prior would set k50)"]
     lo, hi = result.k50_interval
     below, above = result.k50_beyond_tested
     prior_lo, prior_hi = (_format_k(2.0 ** x) for x in result.x50_range)
     note = {(True, True): f"; both ends outside the tested depths, the prior spans {prior_lo}-{prior_hi}",
             (True, False): f"; lower end below the tested depths, the prior stops at {prior_lo}",
             (False, True): f"; upper end beyond the tested depths, the prior stops at {prior_hi}"}.get((below, above), "")
-    print(f"  k50 = {_format_k(result.k50)} [{_format_k(lo)}, {_format_k(hi)}] ({100 * result.level:g}%{note})")
+    lines.append(f"  k50 = {_format_k(result.k50)} [{_format_k(lo)}, {_format_k(hi)}] ({100 * result.level:g}%{note})")
     k90 = result.k_at(0.9)
     if k90.probability < 0.5:
-        print(f"  P = 0.9: the curve reaches it with probability {k90.probability:.2f} only (no depth given)")
+        lines.append(f"  P = 0.9: the curve reaches it with probability {k90.probability:.2f} only (no depth given)")
     elif k90.interval[1] < depths[0]:
-        print(f"  P = 0.9 only below the shallowest tested depth, {depths[0]} "
-              f"(the curve reaches 0.9 with probability {k90.probability:.2f})")
+        lines.append(f"  P = 0.9 only below the shallowest tested depth, {depths[0]} "
+                     f"(the curve reaches 0.9 with probability {k90.probability:.2f})")
     else:
-        print(f"  P = 0.9 at k = {_format_k(k90.depth, depths)} [{_format_k(k90.interval[0], depths)}, "
-              f"{_format_k(k90.interval[1], depths)}] (95%; the curve reaches 0.9 with probability "
-              f"{k90.probability:.2f})")
+        lines.append(f"  P = 0.9 at k = {_format_k(k90.depth, depths)} [{_format_k(k90.interval[0], depths)}, "
+                     f"{_format_k(k90.interval[1], depths)}] (95%; the curve reaches 0.9 with probability "
+                     f"{k90.probability:.2f})")
+    return lines
+
+
+def _print_fit(file: Path, key: tuple, table, result: Fit, threshold: float) -> None:
+    print(f"{file}: {_describe(key)} (trained: finite and error < {threshold:g})")
+    print("\n".join(fit_lines(table, result)))
 
 
 @cli.command(PROG)

@@ -176,3 +176,73 @@ def test_sweep_config_keeps_run_config_defaults():
     assert {name: sweep_fields[name] for name in RUN_FIELDS} == {name: run_fields[name] for name in RUN_FIELDS}
     made = SweepConfig(variant="elu", epochs=2, limit_train=10)
     assert made.run == RunConfig("elu", epochs=2, limit_train=10) and made.spec is registry.get_variant("elu")
+
+
+# ------------------------------------------------------------------------------ the adaptive search
+
+
+@pytest.fixture
+def seeded_boundary(monkeypatch):
+    """Fake training whose runs train up to a depth that depends on the seed (21 to 33): P(trains)
+    falls from 1 to 0 between k = 21 and 36. Records each batch's (depth, seeds)."""
+    batches = []
+
+    def fake_train(self, depth, runs):
+        batches.append((depth, sorted({seed for seed, _ in runs})))
+        return [RunResult(seed, lr, [0.05 if depth <= 21 + 3 * (seed % 5) else 0.9], [0.95], True)
+                for seed, lr in runs]
+
+    monkeypatch.setattr(search.Sweep, "_train", fake_train)
+    return batches
+
+
+def adaptive(tmp_path, **fields) -> SweepConfig:
+    return config(tmp_path, **{"depths": None, "seeds": 3, "max_runs": 30, **fields})
+
+
+def test_the_adaptive_search_brackets_then_samples_where_k50_is(tmp_path, seeded_boundary):
+    report = flaxdepth.run_sweep(adaptive(tmp_path), synthetic(), log=lambda line: None)
+    assert [batch["depth"] for batch in report.design[:5]] == [3, 6, 12, 24, 48]  # the bracket: 48 fails
+    assert sum(len(batch["seeds"]) for batch in report.design) <= 30
+    assert all(21 <= batch["depth"] <= 48 for batch in report.design[5:]) and len(report.design) > 5
+    # a depth tried again gets the next seeds, so its runs stay independent
+    again = [batch for batch in report.design if batch["depth"] == report.design[-1]["depth"]]
+    assert [seed for batch in again for seed in batch["seeds"]] == list(range(3 * len(again)))
+    fit = report.fits()[0.05]
+    low, high = fit.k50_interval
+    assert 21 <= low <= fit.k50 <= high <= 40
+    saved = json.loads(report.fit_path.read_text())
+    assert saved["design"] == report.design and saved["fits"][0]["k50"] == pytest.approx(fit.k50)
+    assert "k50 = " in report.table()
+
+
+def test_the_adaptive_search_resumes_where_it_stood(tmp_path, seeded_boundary):
+    """The design is a function of the rows: a sweep stopped early (a smaller budget) and run again
+    trains only what the whole sweep would have trained after it, to the same design."""
+    whole = flaxdepth.run_sweep(adaptive(tmp_path / "whole"), synthetic(), log=lambda line: None)
+    trained_whole = list(seeded_boundary)
+    seeded_boundary.clear()
+    flaxdepth.run_sweep(adaptive(tmp_path / "parts", max_runs=18), synthetic(), log=lambda line: None)
+    resumed = flaxdepth.run_sweep(adaptive(tmp_path / "parts"), synthetic(), log=lambda line: None)
+    assert resumed.design == whole.design and seeded_boundary == trained_whole
+    seeded_boundary.clear()
+    flaxdepth.run_sweep(adaptive(tmp_path / "whole"), synthetic(), log=lambda line: None)
+    assert seeded_boundary == []  # everything reused
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(target_ratio=1.0), "--target-ratio is k50's interval hi / lo, more than 1, got 1.0"),
+    (dict(max_runs=2), "--max-runs 2 is less than one batch of --seeds 3"),
+    (dict(lrs=(0.05, 0.01)), "the adaptive search fits one learning rate"),
+    (dict(search="grid"), "--search must be one of adaptive, bisect"),
+])
+def test_bad_adaptive_settings_stop_before_training(tmp_path, seeded_boundary, fields, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        flaxdepth.run_sweep(adaptive(tmp_path, **fields), synthetic())
+    assert seeded_boundary == []
+
+
+def test_seeds_and_budget_default_by_device():
+    cpu, gpu = SweepConfig(variant="tanh").for_device("cpu"), SweepConfig(variant="tanh").for_device("gpu")
+    assert (cpu.seeds, cpu.max_runs, gpu.seeds, gpu.max_runs) == (3, 30, 16, 160)
+    assert SweepConfig(variant="tanh", seeds=40).for_device("cpu").max_runs == 40  # one batch at least

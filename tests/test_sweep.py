@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 from flaxdepth import cli, config as run_config, parity_check, registry, results, search, sweep, torch_runner, train
@@ -94,8 +95,9 @@ def never_train(monkeypatch):
 
 
 def make_config(tmp_path, **kwargs) -> SweepConfig:
+    """A sweep of the bisection search (the adaptive design's tests: test_api.py) with 3 seeds."""
     return SweepConfig(**{"variant": "tanh", "epochs": 2, "out": str(tmp_path / "out"), "skip_parity": True,
-                          **kwargs})
+                          "search": "bisect", "seeds": 3, **kwargs})
 
 
 def sweep_quietly(config, log=None, dataset=TINY):
@@ -156,7 +158,7 @@ def test_bad_input_exits_2_with_one_line_before_training(case, tmp_path, monkeyp
 
 @pytest.mark.parametrize("argv, expected", [
     ([], train.cpu_device_count(3)),
-    (["--seeds", "2", "--lr", "0.01,0.02,0.05"], train.cpu_device_count(6)),
+    (["--seeds", "2", "--lr", "0.01,0.02,0.05", "--search", "bisect"], train.cpu_device_count(6)),
     (["--cpu-devices", "5"], 5),
     (["--framework", "torch"], None),  # torch_ref does not use JAX's devices
     (["--distributed"], None),  # processes may share the cores: one device each unless asked
@@ -488,7 +490,10 @@ def test_table_lists_every_run(tmp_path, fake):
     assert "seed 0" in lines[0] and "seed 1" in lines[0] and "trainable" in lines[0]
     assert lines[1].split()[:2] == ["3", "0.05"] and lines[1].endswith("2/2")
     assert lines[3].split()[:2] == ["9", "0.05"] and lines[3].endswith("1/2")
-    assert lines[-1].endswith("deepest trainable k=6, shallowest untrainable k=9")
+    assert lines[4].endswith("deepest trainable k=6, shallowest untrainable k=9")  # the majority vote
+    assert lines[5] == "P(trains | depth), lr 0.05 (trained: finite and error < 0.2):"
+    assert [line.split()[:3] for line in lines[7:10]] == [["3", "2", "2"], ["6", "2", "2"], ["9", "2", "1"]]
+    assert lines[10].startswith("  k50 = ") and "(95%" in lines[10]
 
 
 def test_plot_is_written(tmp_path, monkeypatch):
@@ -608,7 +613,8 @@ SWEEPER = TINY_CODE + textwrap.dedent("""
 
     search.Sweep._train = slow_fake
     search.save_plot = lambda report: None
-    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1], skip_parity=True)
+    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1], skip_parity=True, search="bisect",
+                                 seeds=3)
     search.run_sweep(config, TINY, log=lambda line: None)
     print("finished")
 """)
@@ -658,7 +664,8 @@ CONCURRENT = TINY_CODE + textwrap.dedent("""
 
     search.Sweep._train = slow_fake
     search.save_plot = lambda report: None
-    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1], skip_parity=True)
+    config = search.SweepConfig(variant="tanh", epochs=1, out=sys.argv[1], skip_parity=True, search="bisect",
+                                 seeds=3)
     print(search.run_sweep(config, TINY, log=lambda line: None).boundary())
 """)
 
@@ -814,7 +821,8 @@ def check_real_rows(rows: list[dict], framework: str, out: Path) -> None:
         assert row["versions"]["jax"] and row["versions"]["torch"]
         expected = SweepConfig(
             variant="relu_gn", depths=(3,), seeds=2, epochs=1, limit_train=512, limit_test=256,
-            data_dir=str(SHARED_MNIST), out=str(out), framework=framework, skip_parity=framework == "torch").as_row()
+            data_dir=str(SHARED_MNIST), out=str(out), framework=framework,
+            skip_parity=framework == "torch").for_device(jax.default_backend()).as_row()
         assert row["config"] == json.loads(json.dumps(expected))
         # no private paths: folders outside the working directory by their names
         assert (row["config"]["out"], row["config"]["data_dir"]) == (out.name, SHARED_MNIST.name)
@@ -829,8 +837,12 @@ def check_printed_table(stdout: str, framework: str) -> Path:
     assert lines[header + 2].startswith(f"relu_gn (corrected, {framework}, lr 0.05): ")
     results_line = next(line for line in lines if line.startswith("results: "))
     plot_line = next(line for line in lines if line.startswith("plot: "))
+    fit_line = next(line for line in lines if line.startswith("fit: "))
     path = Path(results_line.split(maxsplit=1)[1])
     assert Path(plot_line.split(maxsplit=1)[1]).read_bytes()[:4] == b"\x89PNG"
+    fits = json.loads(Path(fit_line.split(maxsplit=1)[1]).read_text())
+    assert [(f["lr"], [d["depth"] for d in f["data"]]) for f in fits["fits"]] == [(0.05, [3])]
+    assert fits["design"] == []  # --depths: no adaptive batches
     return path
 
 
