@@ -9,15 +9,17 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import NullLocator
 from matplotlib.transforms import offset_copy
 
 import report_rows
-from flaxdepth import registry
-from report_rows import FRONTIER_VARIANTS, NOT_RUN, PROTOCOLS, STANDARD, boundary_text, setup_text
+from flaxdepth import registry, trainability
+from report_rows import FRONTIER_VARIANTS, NOT_RUN, PROTOCOLS, STANDARD, setup_text
 
 COLOR, MARKER = {"faithful": "tab:blue", "corrected": "tab:orange"}, {"faithful": "o", "corrected": "s"}
 FRONTIER_COLOR = dict(zip(FRONTIER_VARIANTS, ("tab:green", "tab:olive", "tab:purple", "tab:blue", "tab:red")))
@@ -86,45 +88,87 @@ def fig_error_vs_depth(rows: pd.DataFrame, path: Path, pct: float) -> None:
     _save(fig, path, rect=(0, 0.05, 1, 1))
 
 
+def _depth_ticks(ax, lo: float, hi: float) -> None:
+    """Ticks at 3 x 2^n (the search's depths) with plain labels on a log depth axis."""
+    ticks = [3 * 2 ** n for n in range(-1, 12) if lo <= 3 * 2 ** n <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _k50_interval(ax, fit, color: str) -> None:
+    """k50 at P = 0.5 with its 95% interval: solid over the tested depths, dotted where an end lies
+    beyond them (there the prior's range, not the runs, sets it)."""
+    k_lo, k_hi = fit.k50_interval
+    first, last = float(fit.depths[0]), float(fit.depths[-1])
+    inner = (max(k_lo, first), min(k_hi, last))
+    if inner[0] < inner[1]:
+        ax.plot(inner, (0.5, 0.5), color=color, lw=2.4, solid_capstyle="butt", zorder=4)
+    for a, b in ((k_lo, min(first, k_hi)), (max(last, k_lo), k_hi)):
+        if a < b:
+            ax.plot((a, b), (0.5, 0.5), color=color, lw=2.4, ls=(0, (1, 1)), zorder=4)
+    ax.plot((k_lo, k_hi), (0.5, 0.5), ls="", marker="|", ms=9, mew=2, color=color, zorder=4)
+    ax.plot([fit.k50], [0.5], ls="", marker="D", ms=7, color=color, mec="k", zorder=5)
+
+
 def fig_boundaries(verdicts: list[report_rows.Verdict], path: Path) -> None:
-    """Deepest trainable k per variant: the notebook's (grey), flaxdepth's search per protocol (solid),
-    or, with only the pair evaluated, the deepest pair depth where most seeds train (hatched)."""
-    fig = Figure(figsize=(12, 8))
-    ax = fig.subplots()
-    n = len(verdicts)
-    for i, verdict in enumerate(verdicts):
+    """P(trains | k) per notebook variant (a panel each, both protocols in it), log depth axis: the
+    fraction of runs that train at each tested depth with its 95% Jeffreys interval, the curve
+    flaxdepth.trainability fits (posterior median) with its 95% band, and k50 with its 95% interval
+    at P = 0.5. A censored fit (every run trained, or none) has no curve: an arrow points to the side
+    where k50 lies. Grey dotted lines: the notebook's pair."""
+    fig = Figure(figsize=(16, 8.4))
+    axes = fig.subplots(2, 4, sharey=True)
+    for ax, verdict in zip(axes.flat, verdicts):
         v = verdict.variant
-        y, (kt, ku) = n - 1 - i, v.notebook_pair
-        ax.barh(y + 0.27, kt, height=0.25, color="0.6")
-        ax.text(kt + 2, y + 0.27, f"notebook: k={kt} trains, k={ku} fails", va="center", fontsize=7.5)
-        for yy, p in ((y, "faithful"), (y - 0.27, "corrected")):
-            end = 0
-            if p not in verdict.pair:
-                label = "corrected: same as faithful (no BatchNorm)"
-            elif (found := verdict.boundary[p]) is not None:
-                end = found.deepest or 0  # an unfinished search: pale, its boundary may lie deeper
-                ax.barh(yy, end, height=0.25, color=COLOR[p], alpha=1.0 if found.next_depth is None else 0.4)
-                label = f"{p} search: {boundary_text(found)}"
-            else:
-                rates = dict(zip(v.notebook_pair, verdict.pair[p]))
-                end = max((k for k, r in rates.items() if r.runs and 2 * r.trained > r.runs), default=0)
-                ax.barh(yy, end, height=0.25, color="none", edgecolor=COLOR[p], hatch="///")
-                ran = [f"k={k} {r.text}" for k, r in rates.items() if r.runs]
-                label = f"{p}: " + (", ".join(ran) + " (pair only, no search)" if ran else NOT_RUN)
-            ax.text(end + 2, yy, label, va="center", fontsize=7.5, color=COLOR[p])
-    ax.set_yticks(range(n), [verdict.variant.name for verdict in reversed(verdicts)])
-    right = 1.6 * max(verdict.variant.notebook_pair[1] for verdict in verdicts)
-    ax.set(xlabel="deepest trainable depth k", xlim=(0, right),
-           title="Boundaries: notebook vs flaxdepth (a depth trains when most seeds do)")
-    handles = [Rectangle((0, 0), 1, 1, color=c, label=text) for c, text in (
-        ("0.6", "notebook (one unseeded run)"), (COLOR["faithful"], "flaxdepth search, faithful"),
-        (COLOR["corrected"], "flaxdepth search, corrected"))]
-    handles.append(Rectangle((0, 0), 1, 1, color="0.3", alpha=0.4, label="search unfinished: deepest k trained so far"))
-    handles.append(Rectangle((0, 0), 1, 1, fc="none", ec="k", hatch="///",
-                             label="pair only: deepest pair depth where most seeds train"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
+        fits = {p: fit for p, fit in verdict.fit.items() if fit is not None}
+        depths = [int(d) for fit in fits.values() for d in fit.depths] + list(v.notebook_pair)
+        lo, hi = min(depths) / 1.6, max(depths) * 1.6
+        ax.set(xscale="log", xlim=(lo, hi), ylim=(-0.04, 1.04), title=f"{v.name} (lr {v.lr:g})")
+        _depth_ticks(ax, lo, hi)
+        for k in v.notebook_pair:
+            ax.axvline(k, color="0.45", ls=":", lw=1.1)
+        ax.axhline(0.5, color="0.75", lw=0.8)
+        grid = np.geomspace(lo, hi, 90)
+        notes = []
+        for p, fit in fits.items():
+            shift = {"faithful": 1 / 1.035, "corrected": 1.035}[p] if len(fits) > 1 else 1.0
+            fraction = fit.trained / fit.runs
+            f_lo, f_hi = trainability.jeffreys_interval(fit.trained, fit.runs)
+            ax.errorbar(fit.depths * shift, fraction, yerr=[fraction - f_lo, f_hi - fraction], fmt=MARKER[p], ms=4.5,
+                        color=COLOR[p], elinewidth=0.9, capsize=2, alpha=0.75, zorder=3)
+            notes.append((p, report_rows.k50_text(fit)))
+            if fit.censored is None:
+                band = fit.probability(grid)
+                ax.fill_between(grid, band.lo, band.hi, color=COLOR[p], alpha=0.16, lw=0)
+                ax.plot(grid, band.median, color=COLOR[p], lw=1.8)
+                _k50_interval(ax, fit, COLOR[p])
+            else:  # k50 beyond every tested depth: an arrow from the last one that bounds it
+                edge, end = (fit.depths[-1], hi) if fit.censored == "above" else (fit.depths[0], lo)
+                ax.annotate("", xy=(end, 0.5), xytext=(edge, 0.5), zorder=4,
+                            arrowprops=dict(arrowstyle="-|>", color=COLOR[p], lw=2.2, shrinkA=0, shrinkB=0))
+        ax.text(0.03, 0.03, "\n".join(f"{p}: k50 = {text}" if text[0] not in "<>" else f"{p}: k50 {text}"
+                                      for p, text in notes), transform=ax.transAxes, fontsize=8, va="bottom")
+        _not_run(ax, not fits)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("depth k (log scale)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("P(trains)")
+    handles, labels = [], []
+    for p in PROTOCOLS:
+        handles += [Line2D([], [], ls="", marker=MARKER[p], color=COLOR[p]),
+                    (Rectangle((0, 0), 1, 1, color=COLOR[p], alpha=0.16, lw=0), Line2D([], [], color=COLOR[p], lw=1.8))]
+        labels += [f"{p}: fraction of runs that train (95% Jeffreys interval)",
+                   f"{p}: fitted P(trains), median and 95% band"]
+    handles += [Line2D([], [], ls="", marker="D", mfc="0.5", mec="k"), Line2D([], [], color="0.45", ls=":")]
+    labels += ["k50 (P = 0.5), its 95% interval (dotted: beyond the tested depths)",
+               "notebook's pair: deepest trainable / shallowest failing k"]
+    fig.legend(handles=handles, labels=labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    fig.suptitle("P(trains) against depth (flaxdepth.trainability): per-depth fractions, fitted curves and k50; "
+                 "arrow: every run trained (k50 deeper) or none did (k50 shallower)")
+    # fixed margins: tight_layout's extra draw of eight log axes would double the figure's time
+    fig.subplots_adjust(left=0.045, right=0.99, bottom=0.145, top=0.91, wspace=0.06, hspace=0.24)
+    fig.savefig(path, dpi=DPI)
 
 
 def fig_epoch_curves(rows: pd.DataFrame, path: Path, pct: float) -> None:

@@ -14,14 +14,16 @@ import pandas as pd
 import report_rows
 from flaxdepth import registry, theory
 from report_rows import (FRONTIER_ENTRY, FRONTIER_GPU, FRONTIER_INIT, FRONTIER_VARIANTS, MNIST_IMAGES, NOT_RUN,
-                         STANDARD, Selection, Verdict, boundary_text, pick, rate)
+                         STANDARD, Selection, Verdict, boundary_text, depth_number, k50_marked, k50_text, pick, rate)
 
 INTRO = """\
 The notebook trains each CNN variant once, unseeded, and reports a pair of depths k: the deepest
 that trains (under {pct}% error after {epochs} epochs) and the next one that does not. flaxdepth trains
 every depth with several seeds, under two protocols: *faithful* keeps the notebook's quirk
 (BatchNorm in eval mode from epoch 2 on), *corrected* calls `model.train()` every epoch (the two
-differ only for variants with BatchNorm). A depth counts as trainable when most seeds train."""
+differ only for variants with BatchNorm). A depth counts as trainable when most seeds train; beside
+that vote, every run of a variant and protocol enters a fitted probability of training against depth,
+P(trains | k), whose k50 (the depth where it is 0.5) comes with a 95% credible interval."""
 QUIRK = ("{name} at k={k} (faithful): {c}/{n} seeds reach {first} test error after epoch 1, then "
          "{later} after the later epochs. Corrected protocol at this depth: {corr}.")
 #: How the report names the rows of each --precision other than the default.
@@ -29,6 +31,21 @@ PRECISION_NAMES = {"highest": "in float32 (`--precision highest`)",
                    "tf32": "with TF32-rounded convolution operands (`--precision tf32`)"}
 #: The lines of README.md between which `write_findings` puts `findings_table`.
 FINDINGS_MARKERS = ("<!-- findings:start -->", "<!-- findings:end -->")
+#: What the verdict table's k50 column says, below the table.
+K50_CAPTION = (
+    "*k50 [95%]*: the depth where P(trains | k) = 0.5 on the curve `flaxdepth.trainability` fits to every run of "
+    "the row's variant and protocol in the table's setup (a decreasing sigmoid of log2 k with lapse, guess and "
+    "beta-binomial overdispersion per depth, fitted as a grid posterior): its posterior median and 95% equal-tailed "
+    "credible interval (`python -m flaxdepth.trainability experiments/results/FILE` prints the same fit per results "
+    "file and device); figure `boundaries.png` draws the curves. An end marked > (<) lies beyond the deepest (below "
+    "the shallowest) depth tested: there the data do not bound k50, the curve's extrapolation and the k50 prior's "
+    "range (half an octave beyond the tested depths) set that end, which a wider prior or deeper runs would move. "
+    "*> K: every run trained* (*< K: no run trained*): the runs bound k50 on one side only, and no interval is given.")
+#: README's line under its findings table.
+FINDINGS_K50_NOTE = (
+    "k50 [95%]: the depth where the fitted P(trains | k) is 0.5 (`flaxdepth.trainability`, every run of the "
+    "protocol), with its 95% credible interval; an end marked > or < lies outside the tested depths, where the "
+    "runs do not bound it.")
 #: The notes the text links, relative to REPORT.md.
 COLLAPSE_WHY = "notes/elu_bn_eval_mode_why.md"
 COLLAPSE_NOTE = "notes/elu_bn_eval_mode_collapse.md"
@@ -54,7 +71,7 @@ def report(selection: Selection, results_link: str, figures: Path) -> str:
         "... until most seeds fail, then bisection) replayed on the recorded depths: deepest k it found to train / "
         "shallowest k it found not to; *unfinished* where it needs a depth not yet trained. *torch vs jax*: "
         "torch_ref runs against jax runs of the same device, protocol, depth and seed (same initial weights and "
-        "batch order); max diff over per-epoch train and test errors.",
+        "batch order); max diff over per-epoch train and test errors. " + K50_CAPTION,
         "![final error against depth](figures/error_vs_depth.png)", "![boundaries](figures/boundaries.png)",
         "## Interpretation", interpretation(s),
         "![per-epoch test error](figures/epoch_curves.png)",
@@ -91,28 +108,34 @@ def verdict_table(verdicts: list[Verdict], all_rows: pd.DataFrame) -> str:
     """The markdown table: one row per variant in registry order."""
     lines = ["| variant | lr | notebook: trainable k / untrainable k | faithful at trainable k | faithful at "
              "untrainable k | corrected at trainable k | corrected at untrainable k | flaxdepth boundary, "
-             "faithful | flaxdepth boundary, corrected | torch vs jax |", "|" + " --- |" * 10]
+             "faithful | k50 [95%], faithful | flaxdepth boundary, corrected | k50 [95%], corrected | torch vs jax |",
+             "|" + " --- |" * 12]
     for verdict in verdicts:
         v = verdict.variant
         cells = [v.name, f"{v.lr:g}", pair_text(v)]
         cells += [r.text for r in verdict.pair["faithful"]]
         cells += [r.text for r in verdict.pair["corrected"]] if v.batchnorm else ["same (no BatchNorm)"] * 2
-        cells += [boundary_text(verdict.boundary["faithful"]),
-                  boundary_text(verdict.boundary["corrected"]) if v.batchnorm else "same"]
+        cells += [boundary_text(verdict.boundary["faithful"]), k50_text(verdict.fit["faithful"])]
+        cells += ([boundary_text(verdict.boundary["corrected"]), k50_text(verdict.fit["corrected"])] if v.batchnorm
+                  else ["same"] * 2)
         lines.append("| " + " | ".join(cells + [torch_agreement(all_rows, v.name)]) + " |")
     return "\n".join(lines)
 
 
 def findings_table(verdicts: list[Verdict]) -> str:
-    """README.md's findings: per notebook variant its pair and flaxdepth's boundary under each
-    protocol, from the verdicts of REPORT.md's table."""
-    lines = ["| variant | notebook (one run) | faithful protocol | corrected protocol |", "|" + " --- |" * 4]
+    """README.md's findings: per notebook variant its pair, and under each protocol flaxdepth's
+    boundary and the fitted k50 with its interval, from the verdicts of REPORT.md's table; a line
+    on k50 below."""
+    lines = ["| variant | notebook (one run) | faithful: boundary | faithful: k50 [95%] | corrected: boundary | "
+             "corrected: k50 [95%] |", "|" + " --- |" * 6]
     for verdict in verdicts:
         v = verdict.variant
-        corrected = boundary_text(verdict.boundary["corrected"], short=True) if v.batchnorm else "same (no BatchNorm)"
-        lines.append(f"| {v.name} | {pair_text(v)} | {boundary_text(verdict.boundary['faithful'], short=True)} | "
-                     f"{corrected} |")
-    return "\n".join(lines)
+        cells = [v.name, pair_text(v)]
+        for p in report_rows.PROTOCOLS:
+            cells += ([boundary_text(verdict.boundary[p], short=True), k50_text(verdict.fit[p])] if p in verdict.pair
+                      else ["same (no BatchNorm)", "same"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", FINDINGS_K50_NOTE])
 
 
 def findings_block(text: str) -> str:
@@ -185,11 +208,43 @@ def pair_finding(rows: pd.DataFrame, verdict: Verdict, protocol: str) -> str | N
     notes += [f"its own search puts the boundary at {search}"] if search != NOT_RUN else []
     beyond = [] if not (found and found.shallowest) else [
         f"k={depth} ({r.text})" for depth, r in report_rows.trainable_beyond(rows, v.name, protocol, found.shallowest)]
-    notes += [f"yet {', '.join(beyond)} beyond that first failure train{'s' * (len(beyond) == 1)}: the "
-              "boundary is not sharp"] if beyond else []
+    notes += [f"yet {', '.join(beyond)} beyond that first failure train{'s' * (len(beyond) == 1)}: "
+              + fall_text(verdict.fit[protocol])] if beyond else []
     verdict_text = "differs from the notebook: " + "; ".join(differs) if differs else "agrees with the notebook"
     return (f"- **{v.name}** ({protocol}; k={kt}: {at}, k={ku}: {au}) {verdict_text}"
             + "".join(f"; {s}" for s in notes) + ".")
+
+
+def _tested(k: float, depths) -> str:
+    """A fitted depth, '<3' or '>51' outside the tested depths (as `python -m flaxdepth.trainability`
+    prints the depth where P = 0.9)."""
+    return f"<{depths[0]}" if k < depths[0] else f">{depths[-1]}" if k > depths[-1] else depth_number(k)
+
+
+def fall_text(fit) -> str:
+    """How the fitted P(trains | k) falls with depth: from 0.9 at k = X [lo, hi] to 0.5 at k50 = Y
+    [lo, hi], where the curve reaches 0.9 (else how likely it does), with 95% credible intervals."""
+    if fit.censored:
+        return f"the fitted k50 {k50_text(fit)}"
+    depths = fit.depths
+    if all(fit.k50_beyond_tested):
+        return (f"the fitted curve does not place the fall: k50 = {k50_text(fit)} (95% credible interval) reaches "
+                f"past the tested k = {depths[0]}-{depths[-1]} on both sides, so these runs bound it on neither")
+    k90 = fit.k_at(0.9)
+    marked = k50_marked(fit)
+    if k90.probability < 0.5:
+        start = f"the fitted P(trains) reaches 0.9 with probability {k90.probability:.2f} only and is 0.5"
+    elif k90.interval[1] < depths[0]:
+        start = f"the fitted P(trains) is under 0.9 already at the shallowest tested depth, k = {depths[0]}, and 0.5"
+    else:
+        depth, lo, hi = (_tested(k, depths) for k in (k90.depth, *k90.interval))
+        at = "k " if depth[0] in "<>" else "k = "
+        start = f"the fitted P(trains) falls from 0.9 at {at}{depth} [{lo}, {hi}] to 0.5"
+        marked |= any(text[0] in "<>" for text in (depth, lo, hi))
+    notes = ["95% credible intervals"]
+    if marked:
+        notes.append(f"< and >: outside the tested k = {depths[0]}-{depths[-1]}")
+    return f"{start} at k50 = {k50_text(fit)} ({'; '.join(notes)})"
 
 
 def percent_range(values) -> str:

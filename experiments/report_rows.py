@@ -1,7 +1,8 @@
 """What experiments/report.py reads and computes: the committed runs (`flaxdepth.load_results`),
 the rows of each table (the notebook's setup, the declared variants, the depth frontier per setup
 and lr rule), the verdicts and boundaries (`flaxdepth.search.boundary_search` replayed on the
-recorded depths) and the theory's predictions beside them. No text beyond a cell's, no drawing.
+recorded depths), the fitted P(trains | depth) and its k50 (`flaxdepth.trainability`) and the
+theory's predictions beside them. No text beyond a cell's, no drawing.
 
 A run is a row of a pandas DataFrame (`load`); functions that select runs take such a frame and
 return a part of it, with its index, so that a selection can be matched back to the runs read."""
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import pandas as pd
 
 import flaxdepth
-from flaxdepth import registry, theory
+from flaxdepth import registry, theory, trainability
 from flaxdepth.config import SweepConfig
 from flaxdepth.search import boundary_search
 
@@ -159,7 +160,7 @@ def sgd_steps(config: dict) -> int:
     return math.ceil(images / config["batch_size"]) * config["epochs"]
 
 
-# Boundaries and verdicts at the notebook's pairs
+# The boundary search replayed
 
 class Boundary(NamedTuple):
     deepest: int | None  # deepest k found to train (most seeds), None if none
@@ -213,11 +214,57 @@ def boundary_text(b: Boundary | None, short: bool = False) -> str:
     return f"{text} so far" + ("" if short else f" (search unfinished, next k={b.next_depth})")
 
 
+# P(trains | depth): flaxdepth.trainability's fit
+
+def depth_counts(runs: pd.DataFrame) -> tuple[list[int], list[int], list[int]]:
+    """(depths, trained, runs) per depth of a frame of runs, sorted by depth: a run trains when its
+    `trainable` holds (finite and final error under the row's own threshold), so at the rows'
+    threshold these are `flaxdepth.trainability.counts`' first three."""
+    at = runs.groupby("depth")["trainable"].agg(["sum", "size"])
+    return [int(d) for d in at.index], [int(t) for t in at["sum"]], [int(n) for n in at["size"]]
+
+
+def trainability_fit(rows: pd.DataFrame, variant: str, protocol: str) -> trainability.Fit | None:
+    """P(trains | depth) fitted (flaxdepth.trainability.fit, its default k50 prior over the tested
+    depths, as `python -m flaxdepth.trainability` fits a results file) to every jax run of one
+    variant and protocol in `rows` (every device pooled, as the verdicts pool them); None without runs."""
+    runs = pick(rows, variant, protocol)
+    return trainability.fit(*depth_counts(runs)) if len(runs) else None
+
+
+def depth_number(k: float) -> str:
+    """A fitted depth as `python -m flaxdepth.trainability` prints it: whole from 10 on, else to a tenth."""
+    return f"{k:.0f}" if k >= 10 else f"{k:.1f}"
+
+
+def k50_text(fit: trainability.Fit | None) -> str:
+    """'57 [35, 71]': k50 and its 95% credible interval; an end beyond the tested depths marked
+    ('57 [35, >71]': above the deepest, '<' below the shallowest: there the data do not bound k50,
+    the prior's range does); '> 96: every run trained' / '< 3: no run trained' for a censored fit
+    (the data bound k50 on one side only); 'not run' for None."""
+    if fit is None:
+        return NOT_RUN
+    if fit.censored == "above":
+        return f"> {fit.depths[-1]}: every run trained"
+    if fit.censored == "below":
+        return f"< {fit.depths[0]}: no run trained"
+    (lo, hi), (below, above) = fit.k50_interval, fit.k50_beyond_tested
+    return f"{depth_number(fit.k50)} [{'<' * below}{depth_number(lo)}, {'>' * above}{depth_number(hi)}]"
+
+
+def k50_marked(fit: trainability.Fit | None) -> bool:
+    """Whether `k50_text` marks an interval end beyond the tested depths."""
+    return fit is not None and fit.censored is None and any(fit.k50_beyond_tested)
+
+
+# The verdicts
+
 class Verdict(NamedTuple):
     """One notebook variant's verdicts, per protocol that differs (corrected only with BatchNorm)."""
     variant: registry.Variant
     pair: dict[str, tuple[Rate, Rate]]  # protocol -> seeds that train at the notebook's pair
     boundary: dict[str, Boundary | None]  # protocol -> the replayed search (None: no search run)
+    fit: dict[str, trainability.Fit | None]  # protocol -> P(trains | depth) of its runs (None: no runs)
 
 
 def verdicts(rows: pd.DataFrame) -> list[Verdict]:
@@ -228,7 +275,8 @@ def verdicts(rows: pd.DataFrame) -> list[Verdict]:
         protocols = PROTOCOLS[:1 + v.batchnorm]
         found.append(Verdict(v, {p: tuple(rate(pick(rows, v.name, p, depth=k)) for k in v.notebook_pair)
                                  for p in protocols},
-                             {p: boundary(rows, v.name, p) for p in protocols}))
+                             {p: boundary(rows, v.name, p) for p in protocols},
+                             {p: trainability_fit(rows, v.name, p) for p in protocols}))
     return found
 
 

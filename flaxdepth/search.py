@@ -20,7 +20,7 @@ from flaxdepth import data, registry, run_outputs, train, trainability
 from flaxdepth.config import ROW_SCHEMA, ConfigError, SweepConfig, environment
 from flaxdepth.data import Dataset
 from flaxdepth.options import AUTO, EngineOptions
-from flaxdepth.results import ResultsFile, figure, final_error, rows_frame
+from flaxdepth.results import ResultsFile, atomic_write, figure, final_error, rows_frame
 
 @dataclasses.dataclass
 class DepthOutcome:
@@ -381,7 +381,8 @@ class Sweep:
         report = SweepReport(self.config, self.outcomes, path, path.with_suffix(".png"), self.env["device"], design)
         if self.writer:
             save_plot(report)
-            report.fit_path.write_text(json.dumps(report.fits_json(), indent=1) + "\n")
+            fits = json.dumps(report.fits_json(), indent=1) + "\n"
+            atomic_write(report.fit_path, lambda f: f.write(fits), "w")
         return report
 
 

@@ -132,7 +132,7 @@ def test_two_processes_write_one_results_file_equal_to_one_process(one_device, t
     # appears on every process's stdout).
     assert "elu_bn (corrected, jax, lr 0.05)" in first[0].stdout and "elu_bn" not in first[1].stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        RESULTS_NAME, RESULTS_NAME.replace(".jsonl", ".png"),
+        RESULTS_NAME.replace(".jsonl", ".fit.json"), RESULTS_NAME, RESULTS_NAME.replace(".jsonl", ".png"),
         RESULTS_NAME.replace(".jsonl", ".weights")]  # (the hidden files are filelock's)
     assert len(list((out / RESULTS_NAME.replace(".jsonl", ".weights")).iterdir())) == 2 * 3  # written once
 

@@ -91,12 +91,14 @@ def test_report_from_synthetic_results(report, results, tmp_path):
     tanh = table_row(text, "tanh")
     assert tanh[:5] == ["tanh", "0.05", "6 / 9", "3/3 seeds", "1/3 seeds"]
     assert tanh[5:8] == ["same (no BatchNorm)", "same (no BatchNorm)", "k=6 / k=9"]  # a search: 3, 6, 12, 9
-    assert tanh[8] == "same"
-    assert tanh[9] == ("k=6 on gpu: verdicts agree 1/1, max diff 1.00 pp; "
-                       "k=9 on cpu: verdicts agree 1/2, max diff 80.00 pp")
+    assert tanh[8] == "8.3 [5.3, >12]"  # 3/3, 3/3, 1/3, 0/3 at k = 3, 6, 9, 12: the upper end past k=12
+    assert tanh[9:11] == ["same", "same"]
+    assert tanh[11] == ("k=6 on gpu: verdicts agree 1/1, max diff 1.00 pp; "
+                        "k=9 on cpu: verdicts agree 1/2, max diff 80.00 pp")
 
-    elu_bn = table_row(text, "elu_bn")
-    assert elu_bn[3:10] == ["0/1 seeds", "not run", "1/1 seeds", "not run", "not run", "not run", "not run"]
+    elu_bn = table_row(text, "elu_bn")  # one run a protocol, at k=63: k50 censored on one side
+    assert elu_bn[3:12] == ["0/1 seeds", "not run", "1/1 seeds", "not run", "not run", "< 63: no run trained",
+                            "not run", "> 63: every run trained", "not run"]
     assert table_row(text, "elu")[3:5] == ["not run", "not run"]  # the smoke-test row is not tabulated
     assert set(table_row(text, "resnet")[3:]) == {"not run"}
 
@@ -174,6 +176,66 @@ def test_corrected_protocol_training_at_both_depths_is_called_out(report, tmp_pa
     assert text.count("is no depth limit") == 1  # said of the corrected protocol only
 
 
+def test_k50_column_gives_the_fitted_interval_or_the_censored_bound(rows, markdown, tmp_path):
+    """The k50 [95%] cells, from synthetic rows: a clear transition (3/3 seeds train at k = 3, 6,
+    none at 9, 12) gives k50 with an interval between the tested depths, unmarked; every run
+    trained (elu_bn, corrected) or none (faithful) gives the bound the runs set; the cells are
+    flaxdepth.trainability's fit of the same counts, in REPORT.md and README's table alike."""
+    from flaxdepth import trainability
+
+    folder = tmp_path / "results"
+    write(folder, "tanh_jax_faithful_e3_b256_mnist.jsonl",
+          [row("tanh", k, s, GOOD if k < 9 else BAD, GOOD if k < 9 else BAD) for k in (3, 6, 9, 12) for s in range(3)])
+    write(folder, "elu_bn_jax_corrected_e3_b256_mnist.jsonl",
+          [row("elu_bn", k, s, GOOD, GOOD, protocol="corrected") for k in (3, 6, 12, 24, 48, 96) for s in range(3)])
+    write(folder, "elu_bn_jax_faithful_e3_b256_mnist.jsonl",
+          [row("elu_bn", k, s, [0.2, 0.9, 0.9], COLLAPSE_TEST) for k in (3, 63) for s in range(3)])
+    selection = rows.select(folder)  # REPORT.md's text and README's table, without drawing the figures
+    text, findings = markdown.report(selection, "../results", tmp_path), markdown.findings_table(selection.verdicts)
+
+    fit = trainability.fit([3, 6, 9, 12], [3, 3, 0, 0], [3, 3, 3, 3])
+    cell = table_row(text, "tanh")[8]
+    assert cell == rows.k50_text(fit) and "<" not in cell and ">" not in cell
+    k50, lo, hi = (float(x) for x in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
+    assert 3 <= lo < 6 <= k50 <= 9 < hi <= 12  # between the tested depths, around the transition
+    assert (k50, lo, hi) == tuple(round(x, 1) for x in (fit.k50, *fit.k50_interval))
+    assert table_row(text, "tanh")[7] == "k=6 / k=9"  # the majority vote's boundary beside it
+
+    elu_bn = table_row(text, "elu_bn")
+    assert elu_bn[7:11] == ["none trains / k=3", "< 3: no run trained", "k=96 / none fails so far (search "
+                            "unfinished, next k=192)", "> 96: every run trained"]
+    assert "*k50 [95%]*: the depth where P(trains | k) = 0.5" in text and "An end marked > (<) lies beyond" in text
+    assert ("| elu_bn | 63 / 66 | none trains / 3 | < 3: no run trained | 96 / none fails so far | > 96: every run "
+            "trained |") in findings
+    assert f"| tanh | 6 / 9 | 6 / 9 | {cell} | same (no BatchNorm) | same |" in findings
+
+
+def test_k50_text_marks_the_ends_beyond_the_tested_depths(rows):
+    from flaxdepth import trainability
+
+    fit = trainability.fit([3, 6, 9, 12], [3, 3, 1, 0], [3, 3, 3, 3])  # the fall reaches past k=12
+    assert fit.k50_beyond_tested == (False, True)
+    lo, hi = fit.k50_interval
+    assert rows.k50_text(fit) == f"{fit.k50:.1f} [{lo:.1f}, >{hi:.0f}]" and rows.k50_marked(fit)
+    assert rows.k50_text(None) == "not run"
+    assert rows.k50_text(trainability.fit([3, 6], [3, 3], [3, 3])) == "> 6: every run trained"
+    assert rows.k50_text(trainability.fit([6, 3], [0, 0], [2, 3])) == "< 3: no run trained"
+
+
+def test_fall_text_says_how_the_fitted_curve_falls_or_that_the_runs_do_not_place_it(rows, markdown):
+    from flaxdepth import trainability
+
+    fit = trainability.fit([3, 6, 12, 24, 48], [3, 3, 3, 0, 0], [3] * 5)
+    depth, lo, hi = (rows.depth_number(k) for k in (fit.k_at(0.9).depth, *fit.k_at(0.9).interval))
+    assert markdown.fall_text(fit) == (
+        f"the fitted P(trains) falls from 0.9 at k = {depth} [{lo}, {hi}] to 0.5 at k50 = {rows.k50_text(fit)} (95% "
+        "credible intervals"
+        + ("; < and >: outside the tested k = 3-48)" if rows.k50_marked(fit) else ")"))
+    odd = trainability.fit([3, 105], [0, 2], [3, 3])  # none trains at k=3, 2/3 at k=105: no decreasing curve fits
+    assert odd.k50_beyond_tested == (True, True)
+    assert markdown.fall_text(odd).startswith(f"the fitted curve does not place the fall: k50 = {rows.k50_text(odd)} ")
+
+
 def test_boundary_is_the_search_replayed_on_the_recorded_depths(rows, tmp_path):
     """tanh_newinit as measured: the search stops at 45 / 48 although the pair's k=51 trains too
     (not asked by the search); elu's search is unfinished (12 trains, 24 was never trained)."""
@@ -209,7 +271,9 @@ def test_boundary_needs_a_search_and_follows_the_deepest_max_depth(rows, tmp_pat
     assert rows.boundary(runs, "elu", "faithful") == (12, None, 24)
 
 
-def test_depths_training_past_the_first_failure_and_the_shallowest_collapse_are_reported(report, tmp_path):
+def test_depths_training_past_the_first_failure_and_the_shallowest_collapse_are_reported(report, rows, tmp_path):
+    from flaxdepth import trainability
+
     folder = tmp_path / "results"
     newinit = {3: GOOD, 6: GOOD, 12: GOOD, 24: GOOD, 36: GOOD, 42: GOOD, 45: GOOD, 48: BAD, 51: GOOD}
     write(folder, "tanh_newinit_jax_faithful_e3_b256_mnist.jsonl",
@@ -218,8 +282,17 @@ def test_depths_training_past_the_first_failure_and_the_shallowest_collapse_are_
           [row("elu_bn", 3, s, [0.1, 0.9, 0.9], [0.025 + 0.003 * s, 0.902, 0.902]) for s in range(3)])
     assert report.main(["--results", str(folder), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "REPORT.md").read_text()
-    assert ("its own search puts the boundary at k=45 / k=48; yet k=51 (3/3 seeds) beyond that first failure "
-            "trains: the boundary is not sharp.") in text
+    # the reading says how the fitted P(trains) falls, with the numbers of the fit of these runs
+    fit = trainability.fit(list(newinit), [3 * (e is GOOD) for e in newinit.values()], [3] * len(newinit))
+    k90 = fit.k_at(0.9)
+    assert fit.censored is None and k90.probability >= 0.5 and k90.interval[1] >= 3
+    found = re.search(r"its own search puts the boundary at k=45 / k=48; yet k=51 \(3/3 seeds\) beyond that first "
+                      r"failure trains: the fitted P\(trains\) falls from 0\.9 at k = (\S+) \[(\S+), (\S+)\] "
+                      r"to 0\.5 at k50 = (\S+ \[\S+, \S+\]) \(95% credible intervals[;)]", text)
+    assert found, text[text.index("tanh_newinit** (faithful"):][:800]
+    assert found.group(4) == rows.k50_text(fit) == table_row(text, "tanh_newinit")[8]
+    assert found.group(1) == rows.depth_number(k90.depth)
+    assert "not sharp" not in text
     assert ("elu_bn at k=3 (faithful): 3/3 seeds reach 2.5-3.1% test error after epoch 1, then 90.2% after the "
             "later epochs. Corrected protocol at this depth: not run.") in text
     assert "none trains / k=3" in table_row(text, "elu_bn")[7]
@@ -364,13 +437,16 @@ def test_findings_table_goes_between_the_readme_markers(report, markdown, result
     arguments = ["--results", str(results), "--out", str(tmp_path / "out"), "--readme", str(readme)]
     assert report.main(arguments) == 0
     text = readme.read_text()
-    assert text.startswith(above + "| variant | notebook (one run) | faithful protocol | corrected protocol |\n")
-    assert text.endswith(" |\n" + below) and "| stale |" not in text
-    assert "| tanh | 6 / 9 | 6 / 9 | same (no BatchNorm) |" in text
-    assert "| elu_bn | 63 / 66 | not run | not run |" in text  # no search: no rows at k=3
+    assert text.startswith(above + "| variant | notebook (one run) | faithful: boundary | faithful: k50 [95%] | "
+                           "corrected: boundary | corrected: k50 [95%] |\n")
+    assert text.endswith(" |\n\n" + markdown.FINDINGS_K50_NOTE + "\n" + below) and "| stale |" not in text
+    assert "| tanh | 6 / 9 | 6 / 9 | 8.3 [5.3, >12] | same (no BatchNorm) | same |" in text
+    # no search (no rows at k=3), yet a fit of the one run per protocol
+    assert "| elu_bn | 63 / 66 | not run | < 63: no run trained | not run | > 63: every run trained |" in text
     report_text = (tmp_path / "out" / "REPORT.md").read_text()
-    assert table_row(report_text, "tanh")[7] == "k=6 / k=9" and table_row(report_text, "elu_bn")[7:9] == [
-        "not run", "not run"]
+    assert table_row(report_text, "tanh")[7:9] == ["k=6 / k=9", "8.3 [5.3, >12]"]
+    assert table_row(report_text, "elu_bn")[7:11] == ["not run", "< 63: no run trained", "not run",
+                                                      "> 63: every run trained"]
     assert report.main(arguments) == 0 and readme.read_text() == text
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="findings:start"):
@@ -383,4 +459,5 @@ def test_readme_findings_table_is_what_the_committed_results_give(rows, markdown
     selection = rows.select(REPO / "experiments" / "results")
     expected = markdown.findings_table(selection.verdicts)
     assert markdown.findings_block((REPO / "README.md").read_text()) == expected
-    assert len(expected.splitlines()) == 2 + len(selection.verdicts) <= 12
+    table = expected.split("\n\n")[0].splitlines()
+    assert len(table) == 2 + len(selection.verdicts) <= 12 and expected.endswith(markdown.FINDINGS_K50_NOTE)
