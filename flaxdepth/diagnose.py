@@ -336,8 +336,9 @@ def _log10(values) -> np.ndarray:
         return np.where(np.isfinite(array) & (array > 0), np.log10(np.where(array > 0, array, 1)), np.nan)
 
 
-def plot_heatmaps(diagnostics: dict, path: Path) -> None:
-    """Conv layer x recorded step: log10 activation variance and log10 output-gradient norm."""
+def heatmaps_figure(diagnostics: dict):
+    """Conv layer x recorded step: log10 activation variance and log10 output-gradient norm, as a
+    matplotlib Figure (which Jupyter shows); `write` saves it as heatmaps.png."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
     from matplotlib.ticker import MaxNLocator
@@ -368,12 +369,13 @@ def plot_heatmaps(diagnostics: dict, path: Path) -> None:
     fig.suptitle(f"{c['variant']} k={c['depth']}, {diagnostics['protocol']} protocol, {c['framework']}, seed {c['seed']}; "
                  f"{diagnostics['probe']}; gray: zero or not finite", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_signal_propagation(diagnostics: dict, path: Path) -> None:
+def signal_propagation_figure(diagnostics: dict):
     """Brock et al.'s signal-propagation plot at initialization: per layer, the average channel
-    squared mean and variance of the output and the residual branch's variance, log scale."""
+    squared mean and variance of the output and the residual branch's variance, log scale; a
+    matplotlib Figure (`write` saves it as signal_propagation.png)."""
     from matplotlib.figure import Figure
 
     layers = diagnostics["steps"][0]["layers"]
@@ -401,7 +403,7 @@ def plot_signal_propagation(diagnostics: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def write(diagnostics: dict, out: Path) -> dict[str, Path]:
@@ -410,8 +412,8 @@ def write(diagnostics: dict, out: Path) -> dict[str, Path]:
     paths = {"json": out / "diagnostics.json", "heatmaps": out / "heatmaps.png",
              "signal_propagation": out / "signal_propagation.png"}
     paths["json"].write_text(json.dumps(diagnostics, indent=1, allow_nan=False) + "\n")
-    plot_heatmaps(diagnostics, paths["heatmaps"])
-    plot_signal_propagation(diagnostics, paths["signal_propagation"])
+    heatmaps_figure(diagnostics).savefig(paths["heatmaps"], dpi=110)
+    signal_propagation_figure(diagnostics).savefig(paths["signal_propagation"], dpi=120)
     return paths
 
 

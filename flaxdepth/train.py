@@ -43,9 +43,9 @@ def replica_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def cpu_device_count(replicas: int, cores: int | None = None) -> int:
-    """How many CPU devices to split `replicas` over. One program keeps only about 1.5 of 2 cores
-    busy, so programs running side by side train more models per second, but 6 programs on 2 cores
-    were slower than 3 (benchmarks/BENCHMARKS.md). So: one device per
+    """How many CPU devices to split `replicas` over. One program does not keep every core busy, so
+    programs running side by side train more models per second, but three programs a core were
+    slower than one and a half (benchmarks/BENCHMARKS.md). So: one device per
     replica up to the core count; beyond, the fewest devices (at most 2 per core) that divide the
     replicas evenly, so that no padding replica is trained; else one per core."""
     cores = cores or usable_cores()

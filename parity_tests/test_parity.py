@@ -133,9 +133,9 @@ TRAJECTORY_CASES = numerical_cases([c for c in NUMERICAL_CASES if c.values[1] !=
 #: tolerance is max(rtol, CHAOS_FACTOR x the divergence between two torch runs whose initial
 #: weights differ by one rounding unit): what the dynamics make of rounding alone. Where training
 #: does not amplify (shallow nets) that divergence is tiny and rtol rules. 300, not 100: the two
-#: frameworks' rounding differs at every step, the noise run's only at the start, and on an
-#: AVX-512 machine (torch 2.13.0, jax 0.10.2) tanh_bn_oldinit k=33 in float64 reached 107x that
-#: divergence at step 5 (6.2e-10).
+#: frameworks' rounding differs at every step, the noise run's only at the start, and a measured
+#: float64 trajectory came within a factor of 3 of 300 times it (benchmarks/BENCHMARKS.md,
+#: "Parity tolerances").
 CHAOS_FACTOR = 300
 #: Once two torch runs a rounding unit apart differ by this much, the trajectory is no longer
 #: determined to float precision (resnet_nobn's activations near overflow): comparison stops.

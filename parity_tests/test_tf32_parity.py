@@ -4,12 +4,11 @@ real batch, in both BatchNorm modes.
 
 TF32 makes the frameworks' float32 rounding differences (other summation orders) larger: an operand
 one float32 rounding unit away can round to the neighbouring TF32 value, a change of 2^-11 relative.
-So the tolerance is not float32's. Measured on a 2-core x86 CPU (torch 2.13, jax 0.10.2), elu_bn
-k=6, 256 MNIST images, relative error of all gradients together: flaxdepth against torch_ref
-7.9e-5 (train mode) and 2.5e-5 (eval mode); torch_ref against itself with its weights moved by one
-float32 rounding unit 6.8e-5 and 2.4e-5, the same size: TF32's amplified rounding alone. The TF32
-rounding itself changes the gradients by 5.5e-4 to 6.5e-4, so a framework that did not round, or
-rounded other operands, misses TF32_RTOL by a factor of 3 or more.
+So the tolerance is not float32's: flaxdepth against torch_ref differs as much as torch_ref against
+itself with its weights moved by one float32 rounding unit (TF32's amplified rounding alone), and
+the TF32 rounding itself changes the gradients by several times TF32_RTOL, so a framework that did
+not round, or rounded other operands, misses it (the measured figures: benchmarks/BENCHMARKS.md,
+"Parity tolerances").
 """
 
 from __future__ import annotations

@@ -95,6 +95,10 @@ def test_a_run_writes_its_diagnostics_and_figures(framework, tiny_runs):
             assert list(layer["param_grad_norms"]) == ["conv_weight", "conv_bias"]
     for figure in ("heatmaps.png", "signal_propagation.png"):
         assert (out / figure).read_bytes().startswith(PNG_MAGIC)
+    from matplotlib.figure import Figure  # the same drawings for a notebook
+
+    assert len(diagnose.heatmaps_figure(result).axes) == 4  # two heatmaps and their colour bars
+    assert isinstance(diagnose.signal_propagation_figure(result), Figure)
 
 
 @pytest.mark.slow
