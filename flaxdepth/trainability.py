@@ -28,8 +28,8 @@ The grid: lapse and guess get 5 cells of equal prior mass each (nodes at the cel
 crowded near 0 as the prior is), eta 4 equal-width cells carrying their prior masses (so a node
 reaches strong overdispersion, nu ~ 1.7); log2 k50 and log s get a coarse pass over the whole prior
 (48 x 12 nodes), then a fine grid (48 x 16) over the box that holds all but 1e-5 of the coarse
-posterior: 76,800 points. Deterministic; a fit takes a few tens of milliseconds, next_depth over
-~50 candidates about 50 ms at batches of 3 runs (the time grows as (runs + 1)^2).
+posterior: 76,800 points. Deterministic; a fit and a choice of the next depth take well under a
+second (next_depth's time grows as (runs + 1)^2; benchmarks/BENCHMARKS.md).
 
 k50's interval is equal-tailed; where an end lies outside the tested depths the data do not bound
 it there (Fit.k50_beyond_tested), and when every run trained, or none did, the data bound k50 on

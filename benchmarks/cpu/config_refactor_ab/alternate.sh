@@ -1,5 +1,5 @@
 #!/bin/bash
-# Alternating processes: the code before this change (527aa3c) and after, same venv, same machine.
+# Alternating processes of two code versions (/tmp/cold/clone at 527aa3c, /work/main at c19f46c), same venv, same machine.
 . /tmp/cold/venv/bin/activate
 export FLAXDEPTH_DATA=/work/shared/mnist
 for round in 1 2; do
