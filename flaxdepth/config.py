@@ -143,10 +143,14 @@ class SweepConfig:
     save_weights: bool = False  # each run's final weights beside the results file (flaxdepth.run_outputs)
     diagnostics: bool = False  # a per-layer summary at init and at the end in each row (flaxdepth.run_outputs)
     probe_size: int = 64  # the diagnostics' probe batch: the first probe_size test images (each run measures twice)
-    run: RunConfig = dataclasses.field(init=False, repr=False, compare=False)
+    # What the runs train, made from the fields above; carried by dataclasses.replace, so that a
+    # spec given as an object (not registered) survives a replaced field.
+    run: RunConfig | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        run = RunConfig(self.variant, **{name: getattr(self, name) for name in RUN_FIELDS})
+        name = self.variant.name if isinstance(self.variant, registry.Variant) else self.variant
+        spec = self.run.spec if self.run is not None and self.run.variant == name else self.variant
+        run = RunConfig(spec, **{field: getattr(self, field) for field in RUN_FIELDS})
         object.__setattr__(self, "run", run)
         object.__setattr__(self, "variant", run.variant)  # the name, in rows and file names
         for name in ("lrs", "depths"):
@@ -235,7 +239,7 @@ class SweepConfig:
     def as_row(self) -> dict:
         """The configuration as stored in a results row: paths as given when relative, else as
         seen from the working directory or by their last component, never a machine's private path."""
-        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "run"}
         row["engine"] = self.engine.as_dict()
         row["out"] = portable_path(self.out)
         row["data_dir"] = None if self.data_dir is None else portable_path(self.data_dir)

@@ -132,7 +132,7 @@ def committed_sweep_files() -> list[Path]:
 def config_of(row: dict, out: Path) -> SweepConfig:
     """The SweepConfig a committed row was written by, as far as its stored configuration says."""
     stored = row["config"]
-    fields = {f.name for f in dataclasses.fields(SweepConfig) if f.init}
+    fields = {f.name for f in dataclasses.fields(SweepConfig) if f.name != "run"}
     given = {key: value for key, value in stored.items() if key in fields}
     for key in ("lrs", "depths"):
         given[key] = None if given.get(key) is None else tuple(given[key])
@@ -176,6 +176,11 @@ def test_sweep_config_keeps_run_config_defaults():
     assert {name: sweep_fields[name] for name in RUN_FIELDS} == {name: run_fields[name] for name in RUN_FIELDS}
     made = SweepConfig(variant="elu", epochs=2, limit_train=10)
     assert made.run == RunConfig("elu", epochs=2, limit_train=10) and made.spec is registry.get_variant("elu")
+    # a spec object that is not registered keeps its fields through dataclasses.replace
+    mine = registry.Variant("unregistered_relu", "relu", init="he")
+    replaced = dataclasses.replace(SweepConfig(variant=mine), epochs=1).for_device("cpu")
+    assert replaced.spec is mine and replaced.variant == "unregistered_relu" and replaced.run.epochs == 1
+    assert "run" not in replaced.as_row() and replaced.as_row()["variant"] == "unregistered_relu"
 
 
 # ------------------------------------------------------------------------------ the adaptive search
