@@ -153,9 +153,9 @@ class SweepConfig:
         run = RunConfig(spec, **{field: getattr(self, field) for field in RUN_FIELDS})
         object.__setattr__(self, "run", run)
         object.__setattr__(self, "variant", run.variant)  # the name, in rows and file names
-        for name in ("lrs", "depths"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for key in ("lrs", "depths"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, tuple(getattr(self, key)))
 
     def for_device(self, platform: str) -> "SweepConfig":
         """The configuration with `seeds` and `max_runs` resolved for a JAX platform ("cpu", "gpu", ...)."""
