@@ -183,8 +183,13 @@ def _draw_fit(ax, depths, trained, runs, interval, fit, color: str, label: str) 
         ax.plot(grid, band.median, color=color, lw=1.5)
         ax.fill_between(grid, band.lo, band.hi, color=color, alpha=0.2, label=f"fitted P, 95% band {label}".strip())
         k_lo, k_hi = fit.k50_interval
-        ax.axvline(fit.k50, color=color, ls="--", lw=1, label=f"k50 = {fit.k50:.0f} [{k_lo:.0f}, {k_hi:.0f}]")
+        ax.axvline(fit.k50, color=color, ls="--", lw=1, label=f"k50 = {fit.k50:.3g} [{k_lo:.3g}, {k_hi:.3g}] (95%)")
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.set_xticks(depths)  # the tested depths, as plain numbers
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("depth k (log scale)")
     ax.set_ylabel("P(trains)")
