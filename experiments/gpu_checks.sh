@@ -57,7 +57,7 @@ fi
 
 if [ -z "${SKIP_EXP:-}" ]; then
     EXP_SWEEPS=${EXP_SWEEPS:-pairs-faithful pairs-corrected torch-agreement precision-highest precision-highest-torch \
-        search-faithful search-corrected}
+        search-faithful search-corrected adaptive-faithful adaptive-corrected}
     EXP_VARIANTS=${EXP_VARIANTS:-tanh resnet_nobn tanh_newinit elu tanh_bn_oldinit elu_bn elu_multihead resnet}
     RESULTS=.gpu_results  # seeded once per machine; .seeded marks the time of the seed
     [ -d $RESULTS ] || { cp -rp experiments/results $RESULTS && touch $RESULTS/.seeded; }
