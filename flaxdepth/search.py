@@ -428,7 +428,10 @@ def adaptive_search(sweep: Sweep) -> list[dict]:
         if fit.censored is None and high / low <= c.target_ratio:
             break
         reach = min(top, 2 * max(seeds_at))
-        batch(trainability.next_depth(fit, list(range(3, reach + 1, 3)), c.seeds))
+        # A batch larger than next_depth can weigh (its predictive polynomial loses digits beyond
+        # MAX_BATCH_RUNS runs) goes where its first MAX_BATCH_RUNS runs are expected to tell most.
+        planned = min(c.seeds, trainability.MAX_BATCH_RUNS)
+        batch(trainability.next_depth(fit, list(range(3, reach + 1, 3)), planned))
     return design
 
 

@@ -221,6 +221,16 @@ def test_the_adaptive_search_brackets_then_samples_where_k50_is(tmp_path, seeded
     assert "k50 = " in report.table()
 
 
+def test_batches_larger_than_the_design_computes_go_where_their_first_runs_tell_most(tmp_path, seeded_boundary):
+    """An accelerator's default batch (16 seeds) passes trainability.MAX_BATCH_RUNS."""
+    from flaxdepth import trainability
+
+    assert 16 > trainability.MAX_BATCH_RUNS
+    report = flaxdepth.run_sweep(adaptive(tmp_path, seeds=16, max_runs=96), synthetic(), log=lambda line: None)
+    assert [batch["depth"] for batch in report.design[:5]] == [3, 6, 12, 24, 48] and len(report.design) > 5
+    assert all(len(batch["seeds"]) == 16 for batch in report.design)
+
+
 def test_the_adaptive_search_resumes_where_it_stood(tmp_path, seeded_boundary):
     """The design is a function of the rows: a sweep stopped early (a smaller budget) and run again
     trains only what the whole sweep would have trained after it, to the same design."""
