@@ -16,12 +16,11 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
