@@ -178,7 +178,7 @@ def _draw_fit(ax, depths, trained, runs, interval, fit, color: str, label: str) 
     ax.errorbar(depths, share, yerr=[share - lo, hi - share], fmt="o", color=color, ms=4, capsize=2,
                 label=f"fraction trained {label}".strip())
     if not fit.censored:
-        grid = np.geomspace(max(1.5, depths.min() / 2), depths.max() * 2, 200)
+        grid = np.geomspace(max(1.5, depths.min() / 2), depths.max() * 2, 60)  # smooth at this size; each point costs
         band = fit.probability(grid)
         ax.plot(grid, band.median, color=color, lw=1.5)
         ax.fill_between(grid, band.lo, band.hi, color=color, alpha=0.2, label=f"fitted P, 95% band {label}".strip())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -57,9 +58,10 @@ class SweepReport:
         """trainability.counts of this lr's runs: (depths, trained, runs, diverged)."""
         return trainability.counts([row for row in self.rows() if row["lr"] == lr], self.config.threshold)
 
+    @functools.cached_property
     def fits(self) -> dict[float, trainability.Fit]:
         """P(trains | depth) fitted per lr to this sweep's runs, the k50 prior over the depths a
-        search may visit (3 to max_depth)."""
+        search may visit (3 to max_depth); fitted once (the table, figure and JSON read it)."""
         top = max(self.config.max_depth, *self.outcomes)
         return {lr: trainability.fit(*self.counts(lr)[:3], depth_range=(3, top)) for lr in self.config.learning_rates}
 
@@ -67,7 +69,7 @@ class SweepReport:
         return {"variant": self.config.variant, "protocol": self.config.protocol, "framework": self.config.framework,
                 "device": self.device, "threshold": self.config.threshold, "design": self.design,
                 "fits": [{"lr": lr, "diverged": self.counts(lr)[3].tolist(), **fit.to_json()}
-                         for lr, fit in self.fits().items()]}
+                         for lr, fit in self.fits.items()]}
 
     def rows(self) -> list[dict]:
         """Every run's row, depth by depth."""
@@ -84,7 +86,7 @@ class SweepReport:
         title = f"{c.variant}: {c.protocol} protocol, {c.framework}, {c.epochs} epochs" + (
             f" ({self.device})" if self.device else "")
         drawn = {}
-        for lr, fit in self.fits().items():
+        for lr, fit in self.fits.items():
             depths, trained, runs, _ = self.counts(lr)
             drawn[lr] = depths, trained, runs, trainability.jeffreys_interval(trained, runs), fit
         return figure(self.rows(), title, c.threshold, {lr: self.boundary(lr) for lr in c.learning_rates}, drawn)
@@ -129,7 +131,7 @@ class SweepReport:
                              + f"  {outcome.trainable_count(lr)}/{runs}")
         deepest, shallowest = self.boundary()
         lines.append(self.boundary_sentence(deepest, shallowest))
-        for lr, fit in self.fits().items():
+        for lr, fit in self.fits.items():
             lines.append(f"P(trains | depth), lr {lr:g} (trained: finite and error < {self.config.threshold:g}):")
             lines += trainability.fit_lines(self.counts(lr), fit)
         return "\n".join(lines)

@@ -213,7 +213,7 @@ def test_the_adaptive_search_brackets_then_samples_where_k50_is(tmp_path, seeded
     # a depth tried again gets the next seeds, so its runs stay independent
     again = [batch for batch in report.design if batch["depth"] == report.design[-1]["depth"]]
     assert [seed for batch in again for seed in batch["seeds"]] == list(range(3 * len(again)))
-    fit = report.fits()[0.05]
+    fit = report.fits[0.05]
     low, high = fit.k50_interval
     assert 21 <= low <= fit.k50 <= high <= 40
     saved = json.loads(report.fit_path.read_text())

@@ -165,10 +165,15 @@ def test_two_sweeps_in_two_workers_then_nothing_left_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs, env_without_device_count):
+def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs, env_without_device_count, run_module,
+                                                                     tmp_path):
     """The main process (and, alike, each worker) splits its share of the cores, cores // jobs, into
-    devices for the sweeps' 3 seeds; checked where the parity check would start JAX (stopped there)."""
+    devices for the plan's largest batch (the adaptive entries' 32 seeds); checked where the parity
+    check would start JAX (stopped there)."""
     from flaxdepth import train
+
+    largest = max(config.runs_per_depth for _, config in run_module.plan(ENTRIES, None, None, tmp_path, None))
+    assert largest == 32
 
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the project's MNIST copy is absent ({SHARED_MNIST})")
@@ -185,7 +190,7 @@ def test_run_asks_for_its_share_of_the_cpu_devices_before_jax_starts(jobs, env_w
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_without_device_count,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == train.cpu_device_count(3, max(1, train.usable_cores() // jobs))
+    assert int(proc.stdout) == train.cpu_device_count(largest, max(1, train.usable_cores() // jobs))
 
 
 @pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no MNIST copy")
